@@ -1,0 +1,1 @@
+"""FireEdit in JAX/Flax."""

@@ -1,0 +1,1 @@
+"""fireedit_jax.models."""

@@ -1,0 +1,35 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="fireedit_jax",
+    version="0.1.0",
+    description="FireEdit (region-aware VLM-guided instruction image editing) in JAX/Flax",
+    packages=find_packages(include=["fireedit_jax", "fireedit_jax.*"]),
+    python_requires=">=3.11",
+    install_requires=[
+        "jax>=0.10",
+        "flax>=0.12",
+        "optax",
+        "orbax-checkpoint",
+        "ml_collections",
+        "numpy",
+        "pillow",
+        "safetensors",
+        "tqdm",
+        "transformers",  # tokenizers only at run time
+        "tokenizers",
+    ],
+    extras_require={
+        # torch is pinned: it must match torchvision (RoIAlign reference) and lpips.
+        "convert": ["torch==2.14.1", "diffusers", "transformers"],
+        "test": [
+            "torch==2.14.1",
+            "torchvision==0.29.1",
+            "diffusers",
+            "transformers",
+            "pytest",
+            "chex",
+        ],
+    },
+    entry_points={"console_scripts": ["fireedit-jax=fireedit_jax.cli:main"]},
+)
