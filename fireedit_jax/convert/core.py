@@ -148,6 +148,7 @@ def convert(
     ignore, fresh = tuple(ignore), tuple(fresh)
     want = flat_shapes(expected)
     got: dict[Path, np.ndarray] = {}
+    source_of: dict[Path, str] = {}
     layers: dict[Path, dict[int, np.ndarray]] = {}
     unknown = []
     for key, value in state.items():
@@ -162,8 +163,10 @@ def convert(
         stacked = stack(path) if stack else None
         if stacked is not None:
             layers.setdefault(stacked[0], {})[stacked[1]] = array
+            source_of[stacked[0]] = key
         else:
             got[path] = array
+            source_of[path] = key
     problems = []
     for path, per_layer in layers.items():
         n = want[path][0] if path in want else max(per_layer) + 1
@@ -181,7 +184,10 @@ def convert(
         problems.append("parameters with no source key: " + ", ".join("/".join(p) for p in sorted(missing)))
     extra = [p for p in got if p not in want]
     if extra:
-        problems.append("converted names the model does not have: " + ", ".join("/".join(p) for p in sorted(extra)))
+        problems.append(
+            "checkpoint keys the model does not have: "
+            + ", ".join(f"{source_of[p]} (as {'/'.join(p)})" for p in sorted(extra))
+        )
     shapes = [
         f"{'/'.join(p)} (checkpoint {got[p].shape}, model {want[p]})"
         for p in sorted(got)
