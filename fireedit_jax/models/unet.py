@@ -1,0 +1,451 @@
+"""The Stable Diffusion 1.x UNet (diffusers' UNet2DConditionModel), with decoupled cross-attention.
+
+Shapes: B batch, H/W feature-map height/width, C channels, T = H·W image tokens,
+S context (text) tokens, V visual tokens, D context width, N heads, Hd head dim.
+Feature maps are NHWC.
+
+FireEdit makes every cross-attention decoupled (IP-Adapter style):
+  Z' = Attn(Q, K1(context), V1(context)) + λ·Attn(Q, K2(visual), V2(visual)), then to_out,
+with bias-free K2/V2 (`to_k_ip`, `to_v_ip`) that exist only when `config.decoupled`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fireedit_jax.nn.attention import dot_product_attention
+from fireedit_jax.nn.embeddings import TimestepMLP, sinusoidal_embedding
+from fireedit_jax.nn.linear import conv, dense
+from fireedit_jax.nn.mlp import GEGLUFeedForward
+from fireedit_jax.nn.norms import GroupNorm, LayerNorm
+
+Dtype = Any
+
+CROSS_DOWN, PLAIN_DOWN = "CrossAttnDownBlock2D", "DownBlock2D"
+CROSS_UP, PLAIN_UP = "CrossAttnUpBlock2D", "UpBlock2D"
+CROSS_MID = "UNetMidBlock2DCrossAttn"
+
+ACTIVATION_AXES = ("activation_batch", None, None, "activation_embed")
+
+# diffusers UNet2DConditionModel fields we do not model, with the only value we accept.
+_FIXED_DIFFUSERS_FIELDS = {
+    "center_input_sample": False,
+    "mid_block_type": CROSS_MID,
+    "only_cross_attention": False,
+    "downsample_padding": 1,
+    "mid_block_scale_factor": 1,
+    "dropout": 0.0,
+    "act_fn": "silu",
+    "encoder_hid_dim": None,
+    "encoder_hid_dim_type": None,
+    "num_attention_heads": None,
+    "dual_cross_attention": False,
+    "class_embed_type": None,
+    "addition_embed_type": None,
+    "addition_time_embed_dim": None,
+    "num_class_embeds": None,
+    "resnet_time_scale_shift": "default",
+    "resnet_skip_time_act": False,
+    "resnet_out_scale_factor": 1.0,
+    "time_embedding_type": "positional",
+    "time_embedding_dim": None,
+    "time_embedding_act_fn": None,
+    "timestep_post_act": None,
+    "time_cond_proj_dim": None,
+    "conv_in_kernel": 3,
+    "conv_out_kernel": 3,
+    "projection_class_embeddings_input_dim": None,
+    "attention_type": "default",
+    "class_embeddings_concat": False,
+    "mid_block_only_cross_attention": None,
+    "cross_attention_norm": None,
+    "reverse_transformer_layers_per_block": None,
+}
+# Fields that change nothing here: the nominal sample size; upcast_attention (our
+# attention already takes scores and softmax in float32); the add-embedding heads
+# (unused without an add-embedding).
+_INERT_DIFFUSERS_FIELDS = ("sample_size", "upcast_attention", "addition_embed_type_num_heads")
+
+
+def _per_level(value, levels: int, name: str) -> tuple:
+    values = (value,) * levels if isinstance(value, int) else tuple(value)
+    if len(values) != levels:
+        raise ValueError(f"{name} has {len(values)} entries for {levels} levels: {values}")
+    return values
+
+
+@dataclasses.dataclass(frozen=True)
+class UNetConfig:
+    """Dimensions of an SD1.x UNet; defaults are Stable Diffusion 1.5's.
+
+    Per-level fields take an int (every level) or one value per level, listed
+    from the highest resolution down; the up path uses them reversed, the mid
+    block uses the last. `num_heads` is a head COUNT: diffusers' SD1.x configs
+    store it under the misnamed `attention_head_dim`.
+    """
+
+    in_channels: int = 4
+    out_channels: int = 4
+    block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280)
+    layers_per_block: int | tuple[int, ...] = 2
+    down_block_types: tuple[str, ...] = (CROSS_DOWN, CROSS_DOWN, CROSS_DOWN, PLAIN_DOWN)
+    up_block_types: tuple[str, ...] = (PLAIN_UP, CROSS_UP, CROSS_UP, CROSS_UP)
+    num_heads: int | tuple[int, ...] = 8
+    cross_attention_dim: int = 768
+    transformer_layers_per_block: int | tuple[int, ...] = 1
+    use_linear_projection: bool = False  # False: 1×1 conv proj_in/proj_out (SD1.5)
+    norm_num_groups: int = 32
+    norm_eps: float = 1e-5
+    flip_sin_to_cos: bool = True
+    freq_shift: float = 0.0
+    remat: bool = False  # rematerialise each resnet / transformer block in the backward pass
+    decoupled: bool = False  # add the visual branch (to_k_ip, to_v_ip) to every cross-attention
+    visual_scale: float = 1.0  # λ
+
+    def __post_init__(self):
+        levels = len(self.block_out_channels)
+        set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
+        set_("block_out_channels", tuple(self.block_out_channels))
+        for name in ("layers_per_block", "num_heads", "transformer_layers_per_block"):
+            set_(name, _per_level(getattr(self, name), levels, name))
+        for name, allowed in (("down_block_types", (CROSS_DOWN, PLAIN_DOWN)), ("up_block_types", (CROSS_UP, PLAIN_UP))):
+            types = _per_level(getattr(self, name), levels, name)
+            unknown = [t for t in types if t not in allowed]
+            if unknown:
+                raise ValueError(f"{name}: unsupported block types {unknown}; supported: {allowed}")
+            set_(name, types)
+        for level, (channels, heads) in enumerate(zip(self.block_out_channels, self.num_heads)):
+            if channels % heads or channels % self.norm_num_groups:
+                raise ValueError(
+                    f"level {level}: {channels} channels must divide into {heads} heads "
+                    f"and {self.norm_num_groups} norm groups"
+                )
+
+    @property
+    def time_embed_dim(self) -> int:
+        return 4 * self.block_out_channels[0]
+
+    @classmethod
+    def sd15(cls, in_channels: int = 8, **overrides) -> UNetConfig:
+        """Stable Diffusion 1.5; in_channels=8 is InstructPix2Pix (noisy latent ‖ image latent)."""
+        return cls(in_channels=in_channels, **overrides)
+
+    @classmethod
+    def from_diffusers(cls, config: Mapping[str, Any], **ours) -> UNetConfig:
+        """From a diffusers UNet2DConditionModel config dict (its config.json).
+
+        Raises ValueError naming every field set to something this UNet does not
+        implement. `ours` sets our own fields (remat, decoupled, visual_scale).
+        """
+        config = {k: v for k, v in config.items() if not k.startswith("_")}
+        problems = [
+            f"{k}={config[k]!r} (supported: {v!r})"
+            for k, v in _FIXED_DIFFUSERS_FIELDS.items()
+            if k in config and _normalise(config[k]) != v
+        ]
+        cross_dim = config.get("cross_attention_dim", cls.cross_attention_dim)
+        if not isinstance(cross_dim, int):
+            if len(set(cross_dim)) != 1:
+                problems.append(f"cross_attention_dim={cross_dim!r} (one width for every level)")
+            cross_dim = cross_dim[0]
+        if config.get("norm_num_groups", 32) is None:
+            problems.append("norm_num_groups=None (GroupNorm is required)")
+        names = {f.name for f in dataclasses.fields(cls)}
+        known = names | set(_FIXED_DIFFUSERS_FIELDS) | set(_INERT_DIFFUSERS_FIELDS) | {"attention_head_dim"}
+        problems += [f"{k} (unknown field)" for k in sorted(set(config) - known)]
+        if problems:
+            raise ValueError("unsupported UNet2DConditionModel config: " + "; ".join(problems))
+        kwargs = {k: _normalise(v) for k, v in config.items() if k in names}
+        kwargs["cross_attention_dim"] = cross_dim
+        if "attention_head_dim" in config:
+            kwargs["num_heads"] = _normalise(config["attention_head_dim"])
+        return cls(**kwargs, **ours)
+
+
+def _normalise(value):
+    """JSON lists → tuples, so configs compare and hash."""
+    if isinstance(value, list):
+        return tuple(_normalise(v) for v in value)
+    return value
+
+
+def _constrain(x):
+    return nn.with_logical_constraint(x, ACTIVATION_AXES)
+
+
+def _maybe_remat(module_cls, config: UNetConfig):
+    return nn.remat(module_cls) if config.remat else module_cls
+
+
+def upsample_nearest(x, size: tuple[int, int]):
+    """x: float[B, h, w, C] → float[B, H, W, C], as torch nearest interpolation (index = ⌊i·h/H⌋)."""
+    h, w = x.shape[1:3]
+    if size == (2 * h, 2 * w):
+        return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+    rows = np.minimum(np.floor(np.arange(size[0]) * np.float32(h / size[0])).astype(int), h - 1)
+    cols = np.minimum(np.floor(np.arange(size[1]) * np.float32(w / size[1])).astype(int), w - 1)
+    return x[:, rows][:, :, cols]
+
+
+class ResnetBlock(nn.Module):
+    """GroupNorm, SiLU, 3×3 conv, + time projection, GroupNorm, SiLU, 3×3 conv, + (1×1 conv) shortcut."""
+
+    config: UNetConfig
+    out_channels: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, temb):
+        """x: float[B, H, W, Cin]; temb: float[B, 4·C0] → float[B, H, W, out_channels]."""
+        cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        norm = lambda name: GroupNorm(cfg.norm_num_groups, cfg.norm_eps, name=name, **kw)  # noqa: E731
+        h = conv(self.out_channels, name="conv1", **kw)(nn.silu(norm("norm1")(x)))
+        t = dense(self.out_channels, ("embed", "conv_out"), name="time_emb_proj", **kw)(nn.silu(temb))
+        h = h + t[:, None, None, :]
+        h = conv(self.out_channels, name="conv2", **kw)(nn.silu(norm("norm2")(h)))
+        if x.shape[-1] != self.out_channels:
+            x = conv(self.out_channels, 1, padding=0, name="conv_shortcut", **kw)(x)
+        return _constrain(x + h)
+
+
+class Attention(nn.Module):
+    """Multi-head attention with bias-free q/k/v and a biased output projection.
+
+    Self-attention when `context` is None. With `decoupled`, a second key/value
+    pair (to_k_ip, to_v_ip) attends to `visual` and is added λ-weighted before to_out.
+    """
+
+    heads: int
+    decoupled: bool = False
+    visual_scale: float = 1.0
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    attention: str | None = None
+
+    @nn.compact
+    def __call__(self, x, context=None, visual=None):
+        """x: float[B, T, C]; context: float[B, S, D] | None; visual: float[B, V, D] | None → float[B, T, C]."""
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        width = x.shape[-1]
+        context = x if context is None else context
+
+        def project(name, inputs):  # → float[B, L, N, Hd]
+            y = dense(width, ("embed", "heads"), use_bias=False, name=name, **kw)(inputs)
+            return y.reshape(*y.shape[:2], self.heads, width // self.heads)
+
+        def attend(q, k, v):
+            return dot_product_attention(q, k, v, implementation=self.attention)
+
+        q = project("to_q", x)
+        out = attend(q, project("to_k", context), project("to_v", context))
+        if self.decoupled:
+            if visual is None and self.is_initializing():
+                visual = jnp.zeros((x.shape[0], 1, context.shape[-1]), x.dtype)  # creates to_k_ip/to_v_ip
+            if visual is not None:
+                ip = attend(q, project("to_k_ip", visual), project("to_v_ip", visual))
+                out = out + jnp.asarray(self.visual_scale, out.dtype) * ip
+        elif visual is not None:
+            raise ValueError("visual tokens given to a UNet without the decoupled branch (config.decoupled=False)")
+        out = out.reshape(*x.shape[:2], width)
+        return dense(width, ("heads", "embed"), name="to_out", **kw)(out)
+
+
+class TransformerBlock(nn.Module):
+    """Pre-LN self-attention, cross-attention (decoupled if configured), GEGLU feed-forward."""
+
+    config: UNetConfig
+    heads: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    attention: str | None = None
+
+    @nn.compact
+    def __call__(self, x, context, visual):
+        """x: float[B, T, C]; context: float[B, S, D]; visual: float[B, V, D] | None → float[B, T, C]."""
+        cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        attn = lambda name, decoupled: Attention(  # noqa: E731
+            self.heads, decoupled, cfg.visual_scale, attention=self.attention, name=name, **kw
+        )
+        x = x + attn("attn1", False)(LayerNorm(name="norm1", **kw)(x))
+        x = x + attn("attn2", cfg.decoupled)(LayerNorm(name="norm2", **kw)(x), context, visual)
+        return x + GEGLUFeedForward(name="ff", **kw)(LayerNorm(name="norm3", **kw)(x))
+
+
+class SpatialTransformer(nn.Module):
+    """diffusers' Transformer2DModel on continuous input: GroupNorm, proj_in, blocks, proj_out, + input."""
+
+    config: UNetConfig
+    heads: int
+    num_layers: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    attention: str | None = None
+
+    @nn.compact
+    def __call__(self, x, context, visual):
+        """x: float[B, H, W, C]; context: float[B, S, D]; visual: float[B, V, D] | None → float[B, H, W, C]."""
+        cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        b, height, width, channels = x.shape
+
+        def project(name, y):  # a 1×1 conv and a Linear are the same map on NHWC
+            if cfg.use_linear_projection:
+                return dense(channels, ("conv_in", "conv_out"), name=name, **kw)(y)
+            return conv(channels, 1, padding=0, name=name, **kw)(y)
+
+        h = project("proj_in", GroupNorm(cfg.norm_num_groups, 1e-6, name="norm", **kw)(x))
+        h = h.reshape(b, height * width, channels)
+        for i in range(self.num_layers):
+            h = TransformerBlock(cfg, self.heads, attention=self.attention, name=f"transformer_blocks_{i}", **kw)(
+                h, context, visual
+            )
+        h = project("proj_out", h.reshape(b, height, width, channels))
+        return _constrain(x + h)
+
+
+class DownBlock(nn.Module):
+    """One resolution level of the encoder: (resnet [, transformer]) × layers, then a strided conv."""
+
+    config: UNetConfig
+    level: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    attention: str | None = None
+
+    @nn.compact
+    def __call__(self, x, temb, context, visual):
+        """Returns the output and the skip tensors for the decoder, highest resolution first."""
+        cfg, i, kw = self.config, self.level, dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        channels = cfg.block_out_channels[i]
+        skips = []
+        for j in range(cfg.layers_per_block[i]):
+            x = _maybe_remat(ResnetBlock, cfg)(cfg, channels, name=f"resnets_{j}", **kw)(x, temb)
+            if cfg.down_block_types[i] == CROSS_DOWN:
+                x = _maybe_remat(SpatialTransformer, cfg)(
+                    cfg, cfg.num_heads[i], cfg.transformer_layers_per_block[i],
+                    attention=self.attention, name=f"attentions_{j}", **kw,
+                )(x, context, visual)
+            skips.append(x)
+        if i < len(cfg.block_out_channels) - 1:
+            x = conv(channels, strides=2, name="downsampler", **kw)(x)
+            skips.append(x)
+        return x, skips
+
+
+class MidBlock(nn.Module):
+    """resnet, transformer, resnet at the lowest resolution."""
+
+    config: UNetConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    attention: str | None = None
+
+    @nn.compact
+    def __call__(self, x, temb, context, visual):
+        cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        channels = cfg.block_out_channels[-1]
+        x = _maybe_remat(ResnetBlock, cfg)(cfg, channels, name="resnets_0", **kw)(x, temb)
+        x = _maybe_remat(SpatialTransformer, cfg)(
+            cfg, cfg.num_heads[-1], cfg.transformer_layers_per_block[-1],
+            attention=self.attention, name="attentions_0", **kw,
+        )(x, context, visual)
+        return _maybe_remat(ResnetBlock, cfg)(cfg, channels, name="resnets_1", **kw)(x, temb)
+
+
+class UpBlock(nn.Module):
+    """One decoder level (`index` 0 = lowest resolution): (concat skip, resnet [, transformer]) × (layers + 1), upsample."""
+
+    config: UNetConfig
+    index: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    attention: str | None = None
+
+    @nn.compact
+    def __call__(self, x, skips, temb, context, visual, upsample_size=None):
+        """skips: this level's encoder tensors, consumed last first; upsample_size: (H, W) or None."""
+        cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        level = len(cfg.block_out_channels) - 1 - self.index  # the encoder level at this resolution
+        channels = cfg.block_out_channels[level]
+        for j, skip in enumerate(reversed(skips)):
+            x = jnp.concatenate([x, skip], axis=-1)
+            x = _maybe_remat(ResnetBlock, cfg)(cfg, channels, name=f"resnets_{j}", **kw)(x, temb)
+            if cfg.up_block_types[self.index] == CROSS_UP:
+                x = _maybe_remat(SpatialTransformer, cfg)(
+                    cfg, cfg.num_heads[level], cfg.transformer_layers_per_block[level],
+                    attention=self.attention, name=f"attentions_{j}", **kw,
+                )(x, context, visual)
+        if upsample_size is not None:
+            x = conv(channels, name="upsampler", **kw)(upsample_nearest(x, upsample_size))
+        return x
+
+
+class UNet(nn.Module):
+    """ε-prediction UNet of Stable Diffusion 1.x (InstructPix2Pix with in_channels=8)."""
+
+    config: UNetConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    attention: str | None = None
+
+    @nn.compact
+    def __call__(self, sample, timesteps, context, visual=None):
+        """Predicts the noise.
+
+        Args:
+          sample: float[B, H, W, Cin] (for IP2P: noisy latent ‖ image latent).
+          timesteps: float[B] (or a scalar), in the scheduler's 0..1000 range.
+          context: float[B, S, D] text conditioning (D = cross_attention_dim).
+          visual: float[B, V, D] visual tokens for the decoupled branch, or None.
+        Returns:
+          float[B, H, W, Cout].
+        """
+        cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        blocks = dict(attention=self.attention, **kw)
+        levels = len(cfg.block_out_channels)
+        timesteps = jnp.broadcast_to(jnp.asarray(timesteps, jnp.float32), sample.shape[:1])
+        temb = sinusoidal_embedding(
+            timesteps, cfg.block_out_channels[0], flip_sin_to_cos=cfg.flip_sin_to_cos, freq_shift=cfg.freq_shift
+        )
+        temb = TimestepMLP(cfg.time_embed_dim, name="time_embedding", **kw)(temb.astype(self.dtype))
+        context = context.astype(self.dtype)
+        visual = None if visual is None else visual.astype(self.dtype)
+
+        x = _constrain(conv(cfg.block_out_channels[0], name="conv_in", **kw)(sample.astype(self.dtype)))
+        skips = [x]
+        for i in range(levels):
+            x, level_skips = DownBlock(cfg, i, name=f"down_blocks_{i}", **blocks)(x, temb, context, visual)
+            skips += level_skips
+        x = MidBlock(cfg, name="mid_block", **blocks)(x, temb, context, visual)
+        for u in range(levels):
+            n = cfg.layers_per_block[levels - 1 - u] + 1
+            skips, level_skips = skips[:-n], skips[-n:]
+            # Upsample to the next skip's size, so odd sizes round-trip as in diffusers.
+            size = tuple(skips[-1].shape[1:3]) if u < levels - 1 else None
+            x = UpBlock(cfg, u, name=f"up_blocks_{u}", **blocks)(x, level_skips, temb, context, visual, size)
+        x = nn.silu(GroupNorm(cfg.norm_num_groups, cfg.norm_eps, name="conv_norm_out", **kw)(x))
+        return conv(cfg.out_channels, name="conv_out", **kw)(x)
+
+
+def init_visual_from_text(params):
+    """Copies every cross-attention's to_k/to_v kernel into to_k_ip/to_v_ip (IP-Adapter's init).
+
+    Creates the visual leaves where they are absent (converted checkpoints), so
+    `init_visual_from_text(convert_unet(...))` is a complete decoupled UNet. Works
+    on plain and on logically boxed trees.
+    """
+    if not isinstance(params, Mapping):
+        return params
+    out = {k: init_visual_from_text(v) for k, v in params.items()}
+    if "attn2" in out:
+        attn = dict(out["attn2"])
+        for text, visual in (("to_k", "to_k_ip"), ("to_v", "to_v_ip")):
+            attn[visual] = {"kernel": jax.tree.map(jnp.array, attn[text]["kernel"])}
+        out["attn2"] = attn
+    return out

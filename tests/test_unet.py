@@ -1,0 +1,234 @@
+"""SD1.x UNet: parity with diffusers, decoupled cross-attention, strict conversion, golden tree, remat."""
+
+import json
+import math
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from diffusers import UNet2DConditionModel
+from golden import check_golden, describe
+
+from fireedit_jax.convert import core
+from fireedit_jax.convert.unet import abstract_params, convert_unet, verify_unet
+from fireedit_jax.models.unet import Attention, UNet, UNetConfig, init_visual_from_text
+
+# Two tiny IP2P-shaped (8 input channels) diffusers UNets that differ in levels, head
+# counts, layers per block, projection kind and transformer depth.
+TINY = {
+    "conv_proj": dict(
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        attention_head_dim=(2, 4),  # diffusers' name for the head count
+        norm_num_groups=8,
+        cross_attention_dim=32,
+    ),
+    "linear_proj": dict(
+        block_out_channels=(16, 32, 32),
+        layers_per_block=2,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        attention_head_dim=(1, 2, 4),
+        transformer_layers_per_block=(1, 2, 1),
+        use_linear_projection=True,
+        norm_num_groups=8,
+        cross_attention_dim=24,
+    ),
+}
+# linear_proj runs at an odd latent size (10 → 5 → 3 → 5 → 10): the upsampler then follows the skip sizes.
+LATENT_SIZE = {"conv_proj": 8, "linear_proj": 10}
+
+
+def _torch_unet(name, seed=0):
+    torch.manual_seed(seed)
+    model = UNet2DConditionModel(in_channels=8, out_channels=4, **TINY[name]).eval()
+    with torch.no_grad():  # move every norm and bias off its 1/0 init, so a swapped mapping shows
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+def _saved(model, directory, safe=True):
+    model.save_pretrained(directory, safe_serialization=safe)
+    with open(directory / "config.json") as f:
+        return core.load_state_dict(str(directory)), UNetConfig.from_diffusers(json.load(f))
+
+
+@pytest.fixture(scope="module")
+def conv_proj(tmp_path_factory):
+    """(torch model, state dict, our config, converted params) of the first tiny UNet."""
+    model = _torch_unet("conv_proj")
+    state, config = _saved(model, tmp_path_factory.mktemp("conv_proj"))
+    return model, state, config, convert_unet(state, config)
+
+
+def _inputs(config, size, batch=2, seed=0):
+    rng = np.random.default_rng(seed)
+    return (
+        rng.normal(size=(batch, size, size, config.in_channels)).astype(np.float32),
+        rng.uniform(0, 1000, size=batch).astype(np.float32),
+        rng.normal(size=(batch, 7, config.cross_attention_dim)).astype(np.float32),
+    )
+
+
+# ------------------------------------------------------------------ parity with diffusers
+
+
+def test_parity_conv_projection(conv_proj, highest_precision):
+    model, _, config, params = conv_proj
+    assert config.num_heads == (2, 4) and not config.use_linear_projection
+    err = verify_unet(model, params, config, size=LATENT_SIZE["conv_proj"])
+    print(f"conv_proj max abs err {err:.2e}")
+    assert err <= 1e-4
+
+
+def test_parity_linear_projection_odd_size(tmp_path, highest_precision):
+    model = _torch_unet("linear_proj", seed=1)
+    state, config = _saved(model, tmp_path)
+    assert config.transformer_layers_per_block == (1, 2, 1) and config.use_linear_projection
+    params = convert_unet(state, config)
+    err = verify_unet(model, params, config, size=LATENT_SIZE["linear_proj"])
+    print(f"linear_proj max abs err {err:.2e}")
+    assert err <= 1e-4
+
+
+def test_parity_from_pickle(conv_proj, tmp_path, highest_precision):
+    model, _, config, from_safetensors = conv_proj
+    state, _ = _saved(model, tmp_path, safe=False)
+    assert (tmp_path / "diffusion_pytorch_model.bin").exists()
+    params = convert_unet(state, config)
+    jax.tree.map(np.testing.assert_array_equal, params, from_safetensors)
+    assert verify_unet(model, params, config, size=LATENT_SIZE["conv_proj"]) <= 1e-4
+
+
+# ------------------------------------------------------------------ decoupled cross-attention
+
+
+def _naive_attention(q, k, v, heads):
+    """float[B, T, C] × float[B, S, C] → float[B, T, C], per head, in float64."""
+    split = lambda x: x.reshape(*x.shape[:2], heads, -1).astype(np.float64)  # noqa: E731
+    q, k, v = split(q), split(k), split(v)
+    scores = np.einsum("btnh,bsnh->bnts", q, k) / math.sqrt(q.shape[-1])
+    probs = np.exp(scores - scores.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    out = np.einsum("bnts,bsnh->btnh", probs, v)
+    return out.reshape(*out.shape[:2], -1)
+
+
+@pytest.fixture(scope="module")
+def attention_case():
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(2, 12, 16)).astype(np.float32)
+    context = rng.normal(size=(2, 5, 24)).astype(np.float32)
+    visual = rng.normal(size=(2, 3, 24)).astype(np.float32)
+    params = Attention(heads=4, decoupled=True).init(jax.random.key(0), x, context, visual)
+    params = flax.core.unfreeze(flax.linen.meta.unbox(params))
+    params["params"]["to_out"]["bias"] = jnp.asarray(rng.normal(size=16), jnp.float32)
+    plain = {"params": {k: v for k, v in params["params"].items() if not k.endswith("_ip")}}
+    return x, context, visual, params, plain
+
+
+def test_decoupled_without_visual_or_with_zero_scale_is_plain_attention(attention_case, highest_precision):
+    x, context, visual, params, plain = attention_case
+    want = np.asarray(Attention(heads=4).apply(plain, x, context))
+    np.testing.assert_array_equal(Attention(heads=4, decoupled=True).apply(params, x, context), want)
+    zero = Attention(heads=4, decoupled=True, visual_scale=0.0).apply(params, x, context, visual)
+    np.testing.assert_array_equal(zero, want)
+    one = Attention(heads=4, decoupled=True, visual_scale=1.0).apply(params, x, context, visual)
+    assert np.max(np.abs(np.asarray(one) - want)) > 1e-2  # the branch does contribute
+
+
+def test_decoupled_from_text_weights_scales_the_text_branch(attention_case, highest_precision):
+    """K2/V2 = K1/V1 and visual = context: Z' = (1 + λ)·Attn(Q, K1, V1), then to_out."""
+    x, context, _, params, _ = attention_case
+    params = {"params": init_visual_from_text({"attn2": params["params"]})["attn2"]}
+    p = jax.tree.map(np.asarray, params["params"])
+    np.testing.assert_array_equal(p["to_k_ip"]["kernel"], p["to_k"]["kernel"])
+    scale = 0.7
+    text = _naive_attention(x @ p["to_q"]["kernel"], context @ p["to_k"]["kernel"], context @ p["to_v"]["kernel"], 4)
+    want = ((1 + scale) * text) @ p["to_out"]["kernel"] + p["to_out"]["bias"]
+    got = Attention(heads=4, decoupled=True, visual_scale=scale).apply(params, x, context, context)
+    np.testing.assert_allclose(np.asarray(got), want, atol=1e-5)
+
+
+def test_decoupled_unet_equals_plain_unet_without_visual(conv_proj, highest_precision):
+    _, _, config, params = conv_proj
+    decoupled = UNetConfig(**{**config.__dict__, "decoupled": True})
+    both = init_visual_from_text(params)
+    assert set(flax.traverse_util.flatten_dict(both)) == set(core.flat_shapes(abstract_params(decoupled)))
+    sample, t, context = _inputs(config, LATENT_SIZE["conv_proj"])
+    plain = jax.jit(UNet(config).apply)(params, sample, t, context)
+    apply = jax.jit(UNet(decoupled).apply)
+    np.testing.assert_array_equal(apply(both, sample, t, context), plain)
+    visual = np.random.default_rng(1).normal(size=(2, 4, config.cross_attention_dim)).astype(np.float32)
+    with_visual = np.asarray(apply(both, sample, t, context, visual))
+    assert np.isfinite(with_visual).all() and np.max(np.abs(with_visual - plain)) > 1e-3
+    with pytest.raises(ValueError, match="decoupled"):
+        UNet(config).apply(params, sample, t, context, visual)
+
+
+# ------------------------------------------------------------------ strict conversion
+
+
+@pytest.mark.parametrize(
+    "edit,needle",
+    [
+        (lambda s: s.pop("mid_block.attentions.0.transformer_blocks.0.attn2.to_k.weight"),
+         "params/mid_block/attentions_0/transformer_blocks_0/attn2/to_k/kernel"),
+        (lambda s: s.update({"down_blocks.0.resnets.7.conv1.weight": np.zeros((32, 32, 3, 3), np.float32)}),
+         "down_blocks.0.resnets.7.conv1.weight"),
+        (lambda s: s.update({"up_blocks.1.resnets.0.time_emb_proj.weight": np.zeros((32, 100), np.float32)}),
+         "params/up_blocks_1/resnets_0/time_emb_proj/kernel (checkpoint (100, 32), model (128, 32))"),
+    ],
+    ids=["missing", "unexpected", "misshapen"],
+)
+def test_conversion_errors_name_the_key(conv_proj, edit, needle):
+    state = dict(conv_proj[1])
+    edit(state)
+    with pytest.raises(core.ConversionError) as err:
+        convert_unet(state, conv_proj[2])
+    assert needle in str(err.value)
+
+
+def test_decoupled_conversion_leaves_visual_branch_fresh(conv_proj):
+    _, state, config, params = conv_proj
+    converted = convert_unet(state, UNetConfig(**{**config.__dict__, "decoupled": True}))
+    jax.tree.map(np.testing.assert_array_equal, converted, params)
+
+
+def test_from_diffusers_names_unsupported_fields():
+    config = dict(TINY["conv_proj"], class_embed_type="timestep", dropout=0.1, brand_new_option=3)
+    with pytest.raises(ValueError) as err:
+        UNetConfig.from_diffusers(config)
+    for name in ("class_embed_type", "dropout", "brand_new_option"):
+        assert name in str(err.value)
+
+
+# ------------------------------------------------------------------ full size and remat
+
+
+def test_sd15_ip2p_golden_tree():
+    boxed = abstract_params(UNetConfig.sd15(in_channels=8))
+    assert check_golden("unet_sd15_ip2p", boxed)["total_params"] == 859_532_484
+    # The visual branch adds 2 × 768 × C per cross-attention: 5 at each of 320, 640, 1280 and the mid block's 1280.
+    decoupled = describe(abstract_params(UNetConfig.sd15(in_channels=8, decoupled=True)))["total_params"]
+    assert decoupled - 859_532_484 == 2 * 768 * (5 * (320 + 640 + 1280) + 1280)
+
+
+def test_remat_matches(conv_proj, highest_precision):
+    _, _, config, params = conv_proj
+    sample, t, context = _inputs(config, LATENT_SIZE["conv_proj"], seed=2)
+
+    def loss_and_grad(cfg):
+        loss = lambda p: jnp.mean(UNet(cfg).apply(p, sample, t, context) ** 2)  # noqa: E731
+        return jax.jit(jax.value_and_grad(loss))(params)
+
+    loss, grads = loss_and_grad(config)
+    loss_remat, grads_remat = loss_and_grad(UNetConfig(**{**config.__dict__, "remat": True}))
+    np.testing.assert_allclose(loss_remat, loss, rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5), grads_remat, grads)
