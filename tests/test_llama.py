@@ -165,7 +165,24 @@ def test_every_layout_converts_to_identical_params(reference, tmp_path):
         assert got.keys() == want.keys(), name
         for path in want:
             np.testing.assert_array_equal(got[path], want[path], err_msg=f"{name}: {path}")
-    assert verify_llama(llava, params, config) <= 1e-4
+    assert verify_llama(str(llava_dir), params, config) <= 1e-4  # loads the saved Llava itself
+
+
+def test_tied_embeddings_share_the_table_and_the_new_rows(tmp_path, highest_precision):
+    torch.manual_seed(1)
+    model = transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(**{**TINY, "num_hidden_layers": 1, "tie_word_embeddings": True})
+    ).eval()
+    model.save_pretrained(tmp_path)
+    with open(tmp_path / "config.json") as f:
+        config = LlamaConfig.from_hf(json.load(f), num_new_tokens=NUM_NEW)
+    params = load_llama(str(tmp_path), config)
+    assert config.tie_word_embeddings and {"lm_head", "new_lm_head"}.isdisjoint(params["params"])
+    assert verify_llama(model, params, config) <= 1e-4
+    logits = Llama(config).apply(params, IDS).logits
+    new_rows = params["params"]["new_embed"]
+    np.testing.assert_allclose(np.asarray(logits[..., -NUM_NEW:]), np.asarray(logits[..., -1:]).repeat(NUM_NEW, -1))
+    assert np.allclose(new_rows, params["params"]["embed_tokens"].mean(0), atol=1e-7)
 
 
 def test_bfloat16_storage_keeps_adapters_and_new_rows_float32(reference):

@@ -266,7 +266,9 @@ class Llama(nn.Module):
                 "lm_head", partitioned(nn.initializers.normal(0.02), ("embed", "vocab")), (d, v), self.param_dtype
             )
         if e:
-            self.new_embed = self.param("new_embed", partitioned(_mean_rows_init(0), (None, "embed")), (e, d), self.embed_tokens)
+            self.new_embed = self.param(
+                "new_embed", partitioned(_mean_rows_init(0), (None, "embed")), (e, d), self.embed_tokens
+            )
             if not cfg.tie_word_embeddings:
                 self.new_lm_head = self.param(
                     "new_lm_head", partitioned(_mean_rows_init(1), ("embed", None)), (d, e), self.lm_head
