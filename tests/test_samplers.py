@@ -193,3 +193,15 @@ def test_make_sampler_errors():
     sampler = make_sampler("EulerAncestralDiscreteScheduler", config, 10)
     with pytest.raises(ValueError, match="stochastic"):
         sampler.step(np.zeros((1, 2, 2, 4), np.float32), 0, np.zeros((1, 2, 2, 4), np.float32))
+
+
+def test_saved_defaults_do_not_carry_over_between_schedulers():
+    """A saved Euler config lists its default spacing in `_use_default_values`; DDIM must not inherit it."""
+    from diffusers import DDIMScheduler, EulerAncestralDiscreteScheduler
+
+    saved = dict(EulerAncestralDiscreteScheduler(steps_offset=1).config)
+    assert "timestep_spacing" in saved["_use_default_values"]
+    theirs = DDIMScheduler.from_config(saved)
+    theirs.set_timesteps(5)
+    ours = make_sampler("ddim", SchedulerConfig.from_diffusers(saved), 5)
+    np.testing.assert_array_equal(np.asarray(ours.timesteps), theirs.timesteps.numpy())

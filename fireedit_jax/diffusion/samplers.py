@@ -24,7 +24,7 @@ import numpy as np
 from fireedit_jax.diffusion.schedules import SchedulerConfig, alphas_cumprod
 
 # Our names, and the diffusers class names that a scheduler_config.json carries.
-_KINDS = {
+SAMPLERS = {
     "ddim": "ddim",
     "DDIMScheduler": "ddim",
     "euler_ancestral": "euler_ancestral",
@@ -151,9 +151,9 @@ def make_sampler(name: str, config: SchedulerConfig, num_steps: int, *, eta: flo
 
     eta: DDIM's noise weight (0 deterministic DDIM, 1 DDPM-like); Euler-ancestral has none.
     """
-    if name not in _KINDS:
-        raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(map(repr, _KINDS))}")
-    kind = _KINDS[name]
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(map(repr, SAMPLERS))}")
+    kind = SAMPLERS[name]
     if not 1 <= num_steps <= config.num_train_timesteps:
         raise ValueError(f"num_steps must be in [1, {config.num_train_timesteps}], got {num_steps}")
     if eta < 0 or (eta and kind != "ddim"):

@@ -103,7 +103,10 @@ class SchedulerConfig:
         Missing keys take diffusers' constructor defaults. Bookkeeping keys and options
         of other schedulers that DDIM / Euler-ancestral ignore are skipped; any key that
         would change sampling in a way not implemented here raises ValueError naming it.
+        Keys listed in `_use_default_values` count as missing, as in diffusers' `from_config`
+        (so an Euler config's saved default spacing does not become DDIM's).
         """
+        config = {k: v for k, v in config.items() if k not in config.get("_use_default_values", ())}
         unsupported = {
             key: value
             for key, value in config.items()

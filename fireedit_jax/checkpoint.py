@@ -1,0 +1,88 @@
+"""Inference checkpoints: one directory that `Editor.from_pretrained` needs nothing beside.
+
+    DIR/config.json   the ml_collections config (model dimensions, scheduler, ...)
+    DIR/params/       the parameter tree (Orbax)
+    DIR/tokenizer/    tokenizer files (optional)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import flax
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that is missing, incomplete or does not match its config."""
+
+
+def save(directory: str, params, config: ml_collections.ConfigDict, tokenizer_dir: str | None = None) -> None:
+    directory = os.path.abspath(directory)
+    os.makedirs(directory, exist_ok=True)
+    if os.path.exists(os.path.join(directory, "params")):
+        shutil.rmtree(os.path.join(directory, "params"))
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(os.path.join(directory, "params"), params)
+    checkpointer.wait_until_finished()
+    with open(os.path.join(directory, "config.json"), "w") as f:
+        f.write(config.to_json(indent=1))
+    if tokenizer_dir is not None:
+        shutil.copytree(tokenizer_dir, os.path.join(directory, "tokenizer"), dirs_exist_ok=True)
+
+
+def load_config(directory: str) -> ml_collections.ConfigDict:
+    if not os.path.isdir(directory):
+        raise CheckpointError(f"checkpoint directory {directory!r} does not exist")
+    path = os.path.join(directory, "config.json")
+    if not os.path.exists(path):
+        raise CheckpointError(
+            f"{directory!r} is not a fireedit_jax checkpoint: it has no config.json "
+            "(convert weights with `fireedit-jax convert`)"
+        )
+    with open(path) as f:
+        return ml_collections.ConfigDict(json.load(f))
+
+
+def load_params(directory: str, expected):
+    """Restores the params and checks them against `expected` (the config's abstract tree)."""
+    path = os.path.abspath(os.path.join(directory, "params"))
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{directory!r} has no params/ directory: the checkpoint is incomplete")
+    params = ocp.StandardCheckpointer().restore(path)
+    differences = tree_differences(params, expected)
+    if differences:
+        raise CheckpointError(
+            f"the parameters in {directory!r} do not match its config.json:\n  " + "\n  ".join(differences)
+        )
+    return params
+
+
+def tree_differences(got, want) -> list[str]:
+    """Human-readable differences between two param trees (paths and shapes)."""
+
+    def shapes(tree):
+        flat = flax.traverse_util.flatten_dict(flax.linen.meta.unbox(tree))
+        return {"/".join(map(str, k)): tuple(v.shape) for k, v in flat.items()}
+
+    got, want = shapes(got), shapes(want)
+    out = [f"missing: {k}" for k in sorted(want.keys() - got.keys())]
+    out += [f"unexpected: {k}" for k in sorted(got.keys() - want.keys())]
+    out += [f"shape of {k}: checkpoint {got[k]}, config {want[k]}" for k in sorted(got.keys() & want.keys()) if got[k] != want[k]]
+    return out
+
+
+def tokenizer_dir(directory: str) -> str:
+    path = os.path.join(directory, "tokenizer")
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{directory!r} has no tokenizer/ directory")
+    return path
+
+
+def abstract(tree):
+    """ShapeDtypeStructs of a (possibly boxed) param tree."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), flax.linen.meta.unbox(tree))

@@ -1,0 +1,118 @@
+"""Random PyTorch reference models saved in their libraries' own formats.
+
+No weights can be downloaded, so tests, benchmarks and the interim demo build small
+random diffusers / transformers models, save them with `save_pretrained`, and push
+them through the same converters users run on real checkpoints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+
+@dataclasses.dataclass(frozen=True)
+class IP2PSizes:
+    """Dimensions of a random InstructPix2Pix pipeline (SD1.5-shaped, narrower)."""
+
+    unet_channels: tuple[int, ...] = (32, 64)
+    unet_heads: int | tuple[int, ...] = 2
+    layers_per_block: int = 1
+    vae_channels: tuple[int, ...] = (32, 64)
+    text_width: int = 32
+    text_layers: int = 2
+    text_heads: int = 4
+    sample_size: int = 32  # latent side; the pipeline's resolution is this × the VAE factor
+    norm_groups: int = 16
+
+    @classmethod
+    def sd15_shaped(cls) -> IP2PSizes:
+        """SD1.5's block layout (4 levels, 2 layers, cross-attn 768) at a quarter of its width."""
+        return cls(
+            unet_channels=(80, 160, 320, 320), unet_heads=8, layers_per_block=2, vae_channels=(32, 64, 128, 128),
+            text_width=768, text_layers=2, text_heads=12, sample_size=32, norm_groups=16,
+        )  # fmt: skip
+
+
+def clip_tokenizer():
+    """A character-level CLIP tokenizer (byte-level alphabet, no merges) built offline."""
+    from transformers import CLIPTokenizer
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    chars = list(bytes_to_unicode().values())
+    vocab = {c: i for i, c in enumerate(chars)}
+    vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+
+
+def ip2p_pipeline(sizes: IP2PSizes = IP2PSizes(), seed: int = 0):
+    """A random `StableDiffusionInstructPix2PixPipeline` (8-channel UNet, Euler-ancestral as IP2P ships)."""
+    import torch
+    from diffusers import (
+        AutoencoderKL,
+        EulerAncestralDiscreteScheduler,
+        StableDiffusionInstructPix2PixPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    levels = len(sizes.unet_channels)
+    unet = UNet2DConditionModel(
+        sample_size=sizes.sample_size,
+        in_channels=8,
+        out_channels=4,
+        block_out_channels=sizes.unet_channels,
+        layers_per_block=sizes.layers_per_block,
+        down_block_types=("CrossAttnDownBlock2D",) * (levels - 1) + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (levels - 1),
+        attention_head_dim=sizes.unet_heads,
+        cross_attention_dim=sizes.text_width,
+        norm_num_groups=sizes.norm_groups,
+    )
+    vae_levels = len(sizes.vae_channels)
+    vae = AutoencoderKL(
+        block_out_channels=sizes.vae_channels,
+        down_block_types=("DownEncoderBlock2D",) * vae_levels,
+        up_block_types=("UpDecoderBlock2D",) * vae_levels,
+        latent_channels=4,
+        norm_num_groups=sizes.norm_groups,
+        layers_per_block=1,
+    )
+    tokenizer = clip_tokenizer()
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=sizes.text_width,
+            intermediate_size=4 * sizes.text_width,
+            num_hidden_layers=sizes.text_layers,
+            num_attention_heads=sizes.text_heads,
+            max_position_embeddings=77,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    # Random weights: give the UNet's zero-initialised output layers some signal.
+    with torch.no_grad():
+        for module in (unet, vae, text_encoder):
+            for p in module.parameters():
+                if not p.abs().sum():
+                    p.normal_(0, 0.02)
+    scheduler = EulerAncestralDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000, steps_offset=1
+    )
+    return StableDiffusionInstructPix2PixPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )  # fmt: skip
+
+
+def save_ip2p(directory: str, sizes: IP2PSizes = IP2PSizes(), seed: int = 0):
+    """Saves a random IP2P pipeline in diffusers' directory layout; returns the pipeline."""
+    pipeline = ip2p_pipeline(sizes, seed)
+    os.makedirs(directory, exist_ok=True)
+    pipeline.save_pretrained(directory)
+    return pipeline
