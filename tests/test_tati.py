@@ -152,9 +152,8 @@ def test_blocks_ignore_t_at_init_and_depend_on_it_once_modulated(init_params, fo
 
 def test_scalar_timestep_is_shared_by_the_batch(init_params, forward):
     params, x = _perturb_adaln(init_params), _x()
-    np.testing.assert_allclose(
-        np.asarray(forward(params, x, 250.0)), np.asarray(forward(params, x, np.full((2,), 250.0, np.float32))), atol=1e-6
-    )
+    shared = np.asarray(forward(params, x, 250.0))
+    np.testing.assert_allclose(shared, np.asarray(forward(params, x, np.full((2,), 250.0, np.float32))), atol=1e-6)
 
 
 def test_fireedit_golden_tree():

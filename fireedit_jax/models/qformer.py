@@ -192,7 +192,9 @@ class QFormer(nn.Module):
         cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         b = encoder_states.shape[0]
         if encoder_states.shape[-1] != cfg.encoder_width:
-            raise ValueError(f"encoder states are {encoder_states.shape[-1]} wide, the Q-Former expects {cfg.encoder_width}")
+            raise ValueError(
+                f"encoder states are {encoder_states.shape[-1]} wide, the Q-Former expects {cfg.encoder_width}"
+            )
         queries = self.param("query_tokens", partitioned(nn.initializers.normal(0.02), (None, "embed")),
                              (cfg.num_queries, cfg.hidden_size), self.param_dtype)
         x = LayerNorm(cfg.layer_norm_eps, name="embed_norm", **kw)(jnp.broadcast_to(queries, (b, *queries.shape)))
