@@ -35,7 +35,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fireedit_jax.models.qformer import MultiHeadAttention
+from fireedit_jax.nn.multihead import MultiHeadAttention
 from fireedit_jax.nn.linear import dense, partitioned
 from fireedit_jax.nn.norms import LayerNorm
 

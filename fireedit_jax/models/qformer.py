@@ -14,8 +14,6 @@ alternate in structure and are few, so they are unrolled (`layers_0` … `layers
 Dropout (BERT's 0.1) applies to the embeddings and after each sublayer's output
 projection when `deterministic=False` (needs a "dropout" rng); attention-probability
 dropout is not reproduced, since the shared attention kernel has none.
-
-`MultiHeadAttention` here is also the attention of TATI and HVCA (models/tati.py, hvca.py).
 """
 
 from __future__ import annotations
@@ -27,8 +25,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fireedit_jax.nn.attention import dot_product_attention
 from fireedit_jax.nn.linear import dense, partitioned
+from fireedit_jax.nn.multihead import MultiHeadAttention
 from fireedit_jax.nn.norms import LayerNorm
 
 Dtype = Any
@@ -102,36 +100,6 @@ class QFormerConfig:
         if qformer.get("hidden_act", "gelu") != "gelu":
             raise ValueError(f"hidden_act {qformer['hidden_act']!r} not supported: the Q-Former uses exact GELU")
         return cls(**{**fields, **ours})
-
-
-class MultiHeadAttention(nn.Module):
-    """Projections q = x·Wq, k = c·Wk, v = c·Wv (D = x's width), N-head attention, output ·Wo.
-
-    Params `query`, `key`, `value`, `output` (kernels [in, D], biases if `use_bias`).
-    """
-
-    num_heads: int
-    use_bias: bool = True
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-    attention: str | None = None
-
-    @nn.compact
-    def __call__(self, x, context, mask=None):
-        """x: float[B, T, D]; context: float[B, S, C]; mask: bool[B, S] | None (True = attend) → float[B, T, D]."""
-        kw = dict(use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype)
-        width = x.shape[-1]
-        if width % self.num_heads:
-            raise ValueError(f"width {width} does not split into {self.num_heads} heads")
-
-        def project(name, inputs):  # → float[B, L, N, H]
-            y = dense(width, ("embed", "heads"), name=name, **kw)(inputs)
-            return y.reshape(*y.shape[:2], self.num_heads, width // self.num_heads)
-
-        q, k, v = project("query", x), project("key", context), project("value", context)
-        mask = None if mask is None else jnp.asarray(mask, bool)[:, None, None, :]
-        y = dot_product_attention(q, k, v, mask=mask, implementation=self.attention)
-        return dense(width, ("heads", "embed"), name="output", **kw)(y.reshape(*x.shape[:2], width))
 
 
 class QFormerLayer(nn.Module):
