@@ -165,55 +165,9 @@ def normalize_pixels(images):
 # ---------------------------------------------------------------------------- position embeddings
 
 
-def _keys_cubic(t, a: float):
-    t = np.abs(t).astype(np.float32)
-    a = np.float32(a)
-    return np.where(
-        t < 1,
-        ((a + 2) * t - (a + 3)) * t * t + 1,
-        np.where(t < 2, ((a * t - 5 * a) * t + 8 * a) * t - 4 * a, 0.0),
-    ).astype(np.float32)
-
-
-def antialiased_bicubic_matrix(in_size: int, out_size: int) -> np.ndarray:
-    """float32[out, in]: torch bicubic with antialias=True (align_corners=False, size given) along one axis.
-
-    torch's antialiased kernel is PIL's: Keys' cubic with a = −0.5, stretched by the
-    scale when shrinking, truncated at the borders (no clamped taps) and normalised to
-    sum to one — so it differs from plain bicubic even when enlarging.
-    """
-    scale = np.float32(in_size) / np.float32(out_size)
-    support = np.float32(2 * scale if scale >= 1 else 2)
-    stretch = np.float32(1 / scale if scale >= 1 else 1)
-    taps = int(np.ceil(support)) * 2 + 1
-    out = np.arange(out_size)
-    center = (np.float64(scale) * (out + 0.5)).astype(np.float32)
-    first = np.maximum((center + np.float64(0.5) - support).astype(np.int64), 0)
-    last = np.minimum((center + np.float64(0.5) + support).astype(np.int64), in_size)
-    count = np.clip(last - first, 0, taps)
-    tap = np.arange(taps)
-    index = first[:, None] + tap
-    valid = tap < count[:, None]
-    offset = ((index - center[:, None]).astype(np.float32) + np.float64(0.5)) * stretch
-    weights = np.where(valid, _keys_cubic(offset.astype(np.float32), -0.5), 0).astype(np.float32)
-    weights /= weights.sum(-1, keepdims=True)
-    matrix = np.zeros((out_size, in_size), np.float32)
-    rows = np.broadcast_to(out[:, None], index.shape)
-    np.add.at(matrix, (rows[valid], index[valid]), weights[valid])
-    return matrix
-
-
 def interpolate_grid(grid, size: tuple[int, int], antialias: bool):
     """grid: float[g, g, D] → float32[h, w, D], as torch's bicubic interpolate (align_corners=False)."""
-    grid = grid.astype(jnp.float32)
-    if not antialias:
-        return bicubic_resize(grid, size)
-    if grid.shape[:2] == tuple(size):
-        return grid
-    rows = jnp.asarray(antialiased_bicubic_matrix(grid.shape[0], size[0]))
-    cols = jnp.asarray(antialiased_bicubic_matrix(grid.shape[1], size[1]))
-    grid = jnp.einsum("hH,HWc->hWc", rows, grid, precision="highest")
-    return jnp.einsum("wW,hWc->hwc", cols, grid, precision="highest")
+    return bicubic_resize(grid.astype(jnp.float32), size, antialias=antialias)
 
 
 # ---------------------------------------------------------------------------- network

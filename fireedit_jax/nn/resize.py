@@ -13,13 +13,15 @@ import numpy as np
 _A = -0.75  # torch's cubic convolution coefficient
 
 
-def _cubic(t):
+def _cubic(t, a: float = _A):
+    """Keys' cubic convolution kernel."""
     t = np.abs(t).astype(np.float32)
+    a = np.float32(a)
     return np.where(
-        t <= 1,
-        ((_A + 2) * t - (_A + 3)) * t * t + 1,
-        np.where(t < 2, ((_A * t - 5 * _A) * t + 8 * _A) * t - 4 * _A, 0.0),
-    )
+        t < 1,
+        ((a + 2) * t - (a + 3)) * t * t + 1,
+        np.where(t < 2, ((a * t - 5 * a) * t + 8 * a) * t - 4 * a, 0.0),
+    ).astype(np.float32)
 
 
 def bicubic_matrix(in_size: int, out_size: int) -> np.ndarray:
@@ -36,13 +38,42 @@ def bicubic_matrix(in_size: int, out_size: int) -> np.ndarray:
     return matrix
 
 
-def bicubic_resize(x, size: tuple[int, int]):
+def antialiased_bicubic_matrix(in_size: int, out_size: int) -> np.ndarray:
+    """float32[out, in]: torch bicubic with antialias=True (align_corners=False, size given) along one axis.
+
+    torch's antialiased kernel is PIL's: Keys' cubic with a = −0.5, stretched by the
+    scale when shrinking, truncated at the borders (no clamped taps) and normalised to
+    sum to one — so it differs from plain bicubic even when enlarging.
+    """
+    scale = np.float32(in_size) / np.float32(out_size)
+    support = np.float32(2 * scale if scale >= 1 else 2)
+    stretch = np.float32(1 / scale if scale >= 1 else 1)
+    taps = int(np.ceil(support)) * 2 + 1
+    out = np.arange(out_size)
+    center = (np.float64(scale) * (out + 0.5)).astype(np.float32)
+    first = np.maximum((center + np.float64(0.5) - support).astype(np.int64), 0)
+    last = np.minimum((center + np.float64(0.5) + support).astype(np.int64), in_size)
+    count = np.clip(last - first, 0, taps)
+    tap = np.arange(taps)
+    index = first[:, None] + tap
+    valid = tap < count[:, None]
+    offset = ((index - center[:, None]).astype(np.float32) + np.float64(0.5)) * stretch
+    weights = np.where(valid, _cubic(offset.astype(np.float32), -0.5), 0).astype(np.float32)
+    weights /= weights.sum(-1, keepdims=True)
+    matrix = np.zeros((out_size, in_size), np.float32)
+    rows = np.broadcast_to(out[:, None], index.shape)
+    np.add.at(matrix, (rows[valid], index[valid]), weights[valid])
+    return matrix
+
+
+def bicubic_resize(x, size: tuple[int, int], antialias: bool = False):
     """x: float[..., H, W, C] → float[..., h, w, C], as torch bicubic with align_corners=False."""
     h_in, w_in = x.shape[-3], x.shape[-2]
     if (h_in, w_in) == tuple(size):
         return x
-    rows = jnp.asarray(bicubic_matrix(h_in, size[0]), jnp.float32)
-    cols = jnp.asarray(bicubic_matrix(w_in, size[1]), jnp.float32)
+    matrix = antialiased_bicubic_matrix if antialias else bicubic_matrix
+    rows = jnp.asarray(matrix(h_in, size[0]), jnp.float32)
+    cols = jnp.asarray(matrix(w_in, size[1]), jnp.float32)
     y = jnp.einsum("hH,...HWc->...hWc", rows, x.astype(jnp.float32), precision="highest")
     y = jnp.einsum("wW,...hWc->...hwc", cols, y, precision="highest")
     return y.astype(x.dtype)
