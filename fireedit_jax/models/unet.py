@@ -12,6 +12,7 @@ with bias-free K2/V2 (`to_k_ip`, `to_v_ip`) that exist only when `config.decoupl
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Mapping
 
 import flax.linen as nn
@@ -32,6 +33,7 @@ CROSS_UP, PLAIN_UP = "CrossAttnUpBlock2D", "UpBlock2D"
 CROSS_MID = "UNetMidBlock2DCrossAttn"
 
 ACTIVATION_AXES = ("activation_batch", None, None, "activation_embed")
+TRANSFORMER_NORM_EPS = 1e-6  # fixed in diffusers' Transformer2DModel, whatever norm_eps says
 
 # diffusers UNet2DConditionModel fields we do not model, with the only value we accept.
 _FIXED_DIFFUSERS_FIELDS = {
@@ -180,7 +182,12 @@ def _constrain(x):
 
 
 def _maybe_remat(module_cls, config: UNetConfig):
-    return nn.remat(module_cls) if config.remat else module_cls
+    return _remat(module_cls) if config.remat else module_cls
+
+
+@functools.cache
+def _remat(module_cls):
+    return nn.remat(module_cls)
 
 
 def upsample_nearest(x, size: tuple[int, int]):
@@ -188,9 +195,11 @@ def upsample_nearest(x, size: tuple[int, int]):
     h, w = x.shape[1:3]
     if size == (2 * h, 2 * w):
         return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
-    rows = np.minimum(np.floor(np.arange(size[0]) * np.float32(h / size[0])).astype(int), h - 1)
-    cols = np.minimum(np.floor(np.arange(size[1]) * np.float32(w / size[1])).astype(int), w - 1)
-    return x[:, rows][:, :, cols]
+    # torch's float32 source index: min(⌊i · (in / out)⌋, in − 1)
+    index = lambda n_in, n_out: np.minimum(  # noqa: E731
+        np.floor(np.arange(n_out, dtype=np.float32) * np.float32(n_in / n_out)).astype(int), n_in - 1
+    )
+    return x[:, index(h, size[0])][:, :, index(w, size[1])]
 
 
 class ResnetBlock(nn.Module):
@@ -299,7 +308,7 @@ class SpatialTransformer(nn.Module):
                 return dense(channels, ("conv_in", "conv_out"), name=name, **kw)(y)
             return conv(channels, 1, padding=0, name=name, **kw)(y)
 
-        h = project("proj_in", GroupNorm(cfg.norm_num_groups, 1e-6, name="norm", **kw)(x))
+        h = project("proj_in", GroupNorm(cfg.norm_num_groups, TRANSFORMER_NORM_EPS, name="norm", **kw)(x))
         h = h.reshape(b, height * width, channels)
         for i in range(self.num_layers):
             h = TransformerBlock(cfg, self.heads, attention=self.attention, name=f"transformer_blocks_{i}", **kw)(
