@@ -217,7 +217,8 @@ def test_conversion_prefixes_and_config_from_shapes():
     nested = groma_state(TINY, prefix="model.region_encoder.")
     for state in (bare, nested):
         converted = convert_groma(state, TINY)
-        np.testing.assert_array_equal(converted["params"]["out_proj"]["bias"], groma_state(TINY)["region_encoder.roi_align.updims.bias"])
+        want = groma_state(TINY)["region_encoder.roi_align.updims.bias"]
+        np.testing.assert_array_equal(converted["params"]["out_proj"]["bias"], want)
     # Norm groups and patch size are not in the weights: Groma's unless given.
     assert config_from_state(nested, norm_groups=4, patch_size=4) == dataclasses.replace(TINY, groma_compat=True)
 

@@ -138,11 +138,12 @@ def load_groma(path: str, config: RegionEncoderConfig | None = None) -> tuple[di
 
 
 def reference_forward(state: Mapping[str, np.ndarray], config: RegionEncoderConfig, levels, boxes):
-    """Groma's region encoder as its code computes it, in torch, from its own state dict.
+    """Groma's region encoder computed as its code does (torch, NCHW, torchvision's RoIAlign in
+    place of mmcv's, which computes the same), from its own state dict.
 
     levels: float[B, h, w, D] numpy arrays (our layout); boxes: a list of float[R_i, 4]
-    normalised xyxy per image. Returns a list of float[R_i, L] numpy arrays. Quirks follow
-    `config.groma_compat`, as in our model.
+    normalised xyxy per image. Returns a list of float[R_i, L] numpy arrays. Groma's box and
+    stride quirks apply only with `config.groma_compat`, as in our model.
     """
     import torch
     import torch.nn.functional as F
@@ -165,7 +166,8 @@ def reference_forward(state: Mapping[str, np.ndarray], config: RegionEncoderConf
             ys, xs = torch.meshgrid(torch.linspace(-1, 1, x.shape[2]), torch.linspace(-1, 1, x.shape[3]), indexing="ij")
             coords = torch.stack([xs, ys])[None].expand(b, -1, -1, -1)
             x = torch.cat([x, coords], 1)
-            fused.append(F.conv2d(x, weight(f"mlvl_fuse.input_conv.{l}.weight"), weight(f"mlvl_fuse.input_conv.{l}.bias")))
+            conv = f"mlvl_fuse.input_conv.{l}"
+            fused.append(F.conv2d(x, weight(f"{conv}.weight"), weight(f"{conv}.bias")))
         last = len(fused) - 1
         for i in range(config.num_fuse):
             mixed = []
@@ -199,11 +201,11 @@ def reference_forward(state: Mapping[str, np.ndarray], config: RegionEncoderConf
         )  # fmt: skip
         x = F.linear(F.relu(pooled).flatten(1), weight("roi_align.flatten_linear.weight"),
                      weight("roi_align.flatten_linear.bias"))  # fmt: skip
-        pos = seen
+        pos, mlp = seen, "roi_align.pos_embedd"
         for fc, norm in ((0, 2), (3, 5)):
-            pos = F.relu(F.linear(pos, weight(f"roi_align.pos_embedd.{fc}.weight"), weight(f"roi_align.pos_embedd.{fc}.bias")))
-            pos = F.layer_norm(pos, pos.shape[-1:], weight(f"roi_align.pos_embedd.{norm}.weight"),
-                               weight(f"roi_align.pos_embedd.{norm}.bias"), config.norm_eps)  # fmt: skip
+            pos = F.relu(F.linear(pos, weight(f"{mlp}.{fc}.weight"), weight(f"{mlp}.{fc}.bias")))
+            pos = F.layer_norm(pos, pos.shape[-1:], weight(f"{mlp}.{norm}.weight"), weight(f"{mlp}.{norm}.bias"),
+                               config.norm_eps)  # fmt: skip
         out = F.linear(x + pos, weight("roi_align.updims.weight"), weight("roi_align.updims.bias")).numpy()
     return np.split(out, np.cumsum([len(r) for r in rois])[:-1])
 
@@ -227,4 +229,5 @@ def verify_groma(source, params, config: RegionEncoderConfig, seed: int = 0, *, 
     want = reference_forward(state, config, levels, [boxes[0], boxes[1, :1]])
     with jax.default_matmul_precision("highest"):
         got = np.asarray(RegionEncoder(config).apply(params, levels, boxes, mask))
-    return float(max(np.max(np.abs(got[0] - want[0])), np.max(np.abs(got[1, :1] - want[1])), np.max(np.abs(got[1, 1:]))))
+    errors = [np.abs(got[0] - want[0]), np.abs(got[1, :1] - want[1]), np.abs(got[1, 1:])]  # padding must give zeros
+    return float(max(e.max() for e in errors))

@@ -363,6 +363,7 @@ class RegionEncoder(nn.Module):
 
 
 def example_inputs(config: RegionEncoderConfig, batch: int = 1, boxes: int = 2, grid: int = 2):
-    """Zero features and full-image boxes, e.g. for `jax.eval_shape(RegionEncoder(cfg).init, rng, *example_inputs(cfg))`."""
+    """Zero features, whole-image boxes: `jax.eval_shape(RegionEncoder(cfg).init, rng, *example_inputs(cfg))`."""
     levels = tuple(jnp.zeros((batch, grid, grid, config.feature_dim), jnp.float32) for _ in range(config.num_levels))
-    return levels, jnp.tile(jnp.asarray([0.0, 0.0, 1.0, 1.0], jnp.float32), (batch, boxes, 1)), jnp.ones((batch, boxes), bool)
+    whole = jnp.tile(jnp.asarray([0.0, 0.0, 1.0, 1.0], jnp.float32), (batch, boxes, 1))
+    return levels, whole, jnp.ones((batch, boxes), bool)
