@@ -1,0 +1,288 @@
+"""Many edits at once: batches spread over all local devices, per-sample noise, resumable outputs.
+
+`DeviceBatcher` is the engine the benchmark runners (eval/benchmarks.py) share with
+the command line's batch modes here:
+
+  edit_folder   every image of a folder, one instruction         → OUT/<stem>.png
+  edit_jsonl    {"image": path, "instruction": str} per line      → OUT/<stem>.png
+  edit_turns    one image, a list of instructions, each turn
+                editing the previous turn's output                → OUT/<stem>_turn<k>.png
+
+Data parallelism: the batch size is rounded up to a multiple of
+`jax.local_device_count()`, each batch is placed on a 1-D mesh ("data") over the local
+devices with the batch axis sharded, and the params are replicated on that mesh once;
+the Editor's jitted encode / denoise / decode then run sharded (XLA propagates the
+batch sharding). Images are grouped by working size (one compiled loop per size); a
+last, partial batch is padded with copies so shapes never change.
+
+Noise is drawn per sample from (seed, the sample's key), not per batch, so an output
+does not depend on the batch size, the device count, its neighbours or on a resumed
+run: re-running a benchmark reproduces the same images.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import zlib
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+from PIL import Image
+
+from fireedit_jax import images
+from fireedit_jax.diffusion.samplers import make_sampler
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+
+
+class DatasetError(ValueError):
+    """Input data of the wrong layout (missing files or fields); the message names what is missing."""
+
+
+@dataclasses.dataclass(frozen=True)
+class EditSettings:
+    """How every edit of a run is made (recorded with benchmark results)."""
+
+    steps: int = 100
+    image_guidance: float = 1.5
+    text_guidance: float = 7.5
+    seed: int = 0
+    scheduler: str | None = None  # None: the checkpoint's sampler
+
+
+@dataclasses.dataclass
+class EditJob:
+    """One edit. `key` names the sample: it seeds its noise and must be unique within a run."""
+
+    key: str
+    image: Image.Image  # RGB, any size
+    instruction: str
+    payload: Any = None  # handed back with the output (targets, captions, …)
+
+
+def sample_id(key: str) -> int:
+    """A stable 31-bit number for a sample key (folded into the run's PRNG key)."""
+    return zlib.crc32(key.encode("utf-8")) & 0x7FFFFFFF
+
+
+def report(message: str) -> None:
+    """A line on stderr that does not break a running tqdm bar."""
+    from tqdm.auto import tqdm
+
+    tqdm.write(message, file=sys.stderr)
+
+
+class DeviceBatcher:
+    """Edits `EditJob`s in batches over all local devices; see the module docstring.
+
+        batcher = DeviceBatcher(editor, EditSettings(steps=50), batch_size=16)
+        for batch in batcher.run(jobs):          # jobs: any iterable, drawn lazily
+            for job, output in batch:            # output: PIL image at job.image's size
+                ...
+    """
+
+    def __init__(self, editor, settings: EditSettings = EditSettings(), batch_size: int | None = None):
+        devices = jax.local_devices()
+        n = len(devices)
+        self.batch_size = n * max(1, -(-(batch_size or n) // n))  # round up to a multiple of the devices
+        self.editor, self.settings = editor, settings
+        self.mesh = jax.make_mesh((n,), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=devices)
+        self._batch = NamedSharding(self.mesh, P("data"))
+        self._steps_batch = NamedSharding(self.mesh, P(None, "data"))
+        # Replicated once, instead of host params being sent to the devices on every call.
+        editor.params = jax.device_put(editor.params, NamedSharding(self.mesh, P()))
+        self.resolution = int(editor.config.get("resolution", 512))
+        sampler_name = settings.scheduler or editor.config.model.sampler
+        self.stochastic = make_sampler(sampler_name, editor.scheduler_config, settings.steps).stochastic
+        self._latent_shapes: dict[tuple[int, int], tuple[int, ...]] = {}
+        self._draw = jax.jit(self._draw_noise, static_argnums=(2, 3))
+
+    def run(self, jobs: Iterable[EditJob]) -> Iterator[list[tuple[EditJob, Image.Image]]]:
+        """Yields each finished batch as [(job, output)], in completion order."""
+        buckets: dict[tuple[int, int], list[EditJob]] = {}
+        for job in jobs:
+            size = images.working_size(*job.image.size, self.resolution)
+            bucket = buckets.setdefault(size, [])
+            bucket.append(job)
+            if len(bucket) == self.batch_size:
+                yield self._edit(size, buckets.pop(size))
+        for size, bucket in buckets.items():
+            yield self._edit(size, bucket)
+
+    def _edit(self, size: tuple[int, int], jobs: list[EditJob]) -> list[tuple[EditJob, Image.Image]]:
+        padded = jobs + [jobs[-1]] * (self.batch_size - len(jobs))
+        pixels = np.stack([images.to_model_array(images.to_rgb(job.image), size) for job in padded])
+        pixels = jax.device_put(pixels, self._batch)
+        ids = np.asarray([sample_id(job.key) for job in padded], np.uint32)
+        initial, step = self._draw(jax.random.key(self.settings.seed), ids, self._latent_shape(size, pixels),
+                                   self.settings.steps if self.stochastic else 0)
+        s = self.settings
+        edited = self.editor.edit_arrays(
+            pixels, [job.instruction for job in padded], steps=s.steps, image_guidance=s.image_guidance,
+            text_guidance=s.text_guidance, scheduler=s.scheduler, initial_noise=initial, step_noise=step,
+        )  # fmt: skip
+        edited = np.asarray(edited)
+        return [(job, images.from_model_array(edited[i], job.image.size)) for i, job in enumerate(jobs)]
+
+    def _latent_shape(self, size, pixels) -> tuple[int, ...]:
+        if size not in self._latent_shapes:
+            shape = jax.eval_shape(self.editor.model.encode_image, self.editor.params, pixels).shape
+            self._latent_shapes[size] = tuple(shape[1:])
+        return self._latent_shapes[size]
+
+    def _draw_noise(self, key, ids, latent_shape, steps):
+        """float[B, h, w, C] initial noise and float[S, B, h, w, C] step noise (None when S = 0), per sample."""
+
+        def one(i):
+            k = jax.random.fold_in(key, i)
+            initial = jax.random.normal(jax.random.fold_in(k, 0), latent_shape, jnp.float32)
+            step = jax.random.normal(jax.random.fold_in(k, 1), (steps, *latent_shape), jnp.float32) if steps else None
+            return initial, step
+
+        initial, step = jax.vmap(one)(ids)
+        initial = jax.lax.with_sharding_constraint(initial, self._batch)
+        if step is not None:
+            step = jax.lax.with_sharding_constraint(jnp.swapaxes(step, 0, 1), self._steps_batch)
+        return initial, step
+
+
+# ---------------------------------------------------------------- batch modes for the CLI
+
+
+@dataclasses.dataclass
+class BatchResult:
+    """What a batch edit did: files written now, outputs already there (skipped), inputs that failed."""
+
+    written: list[str] = dataclasses.field(default_factory=list)
+    existing: list[str] = dataclasses.field(default_factory=list)
+    failed: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (input, reason)
+
+
+def edit_folder(editor, folder: str, instruction: str, out_dir: str, *, settings: EditSettings = EditSettings(),
+                batch_size: int | None = None, overwrite: bool = False, progress: bool = True) -> BatchResult:
+    """Edits every image file directly in `folder` with one instruction → out_dir/<stem>.png."""
+    if not os.path.isdir(folder):
+        raise DatasetError(f"image folder {folder!r} does not exist")
+    paths = sorted(os.path.join(folder, name) for name in os.listdir(folder) if name.lower().endswith(IMAGE_SUFFIXES))
+    if not paths:
+        raise DatasetError(f"{folder!r} has no image files ({', '.join(IMAGE_SUFFIXES)})")
+    pairs = [(path, instruction, _stem(path)) for path in paths]
+    return _edit_pairs(editor, pairs, out_dir, settings, batch_size, overwrite, progress)
+
+
+def read_jsonl_pairs(path: str) -> list[tuple[str, str, str]]:
+    """(image path, instruction, output stem) per line; relative paths are relative to the JSONL's folder.
+
+    A line may name its output with "output" (a stem); otherwise the image's stem is used,
+    and two lines with one stem (one image, two instructions) are an error naming them.
+    """
+    if not os.path.isfile(path):
+        raise DatasetError(f"JSONL file {path!r} does not exist")
+    base = os.path.dirname(os.path.abspath(path))
+    pairs, problems = [], []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError as err:
+                problems.append(f"line {number}: not JSON ({err.msg})")
+                continue
+            missing = [field for field in ("image", "instruction") if not isinstance(entry, dict) or field not in entry]
+            if missing:
+                problems.append(f"line {number}: missing field(s) {', '.join(missing)}")
+                continue
+            image = os.path.join(base, os.path.expanduser(entry["image"]))
+            stem = entry.get("output") or _stem(image)
+            pairs.append((image, str(entry["instruction"]), os.path.splitext(os.path.basename(stem))[0]))
+    stems: dict[str, list[str]] = {}
+    for image, _, stem in pairs:
+        stems.setdefault(stem, []).append(image)
+    problems += [f"output {stem!r} named by several lines ({', '.join(paths)}): give each an \"output\" stem"
+                 for stem, paths in stems.items() if len(paths) > 1]
+    if problems:
+        raise DatasetError(f"{path}: each line must be {{\"image\": path, \"instruction\": text}}:\n  " + "\n  ".join(problems))
+    if not pairs:
+        raise DatasetError(f"{path} has no edits")
+    return pairs
+
+
+def edit_jsonl(editor, jsonl: str, out_dir: str, *, settings: EditSettings = EditSettings(),
+               batch_size: int | None = None, overwrite: bool = False, progress: bool = True) -> BatchResult:
+    """Edits the {"image", "instruction"} pairs of a JSONL file → out_dir/<stem>.png (see `read_jsonl_pairs`)."""
+    return _edit_pairs(editor, read_jsonl_pairs(jsonl), out_dir, settings, batch_size, overwrite, progress)
+
+
+def edit_turns(editor, image: str | Image.Image, instructions: Sequence[str], out_dir: str, *,
+               settings: EditSettings = EditSettings(), stem: str | None = None,
+               progress: bool = True) -> list[str]:
+    """Multi-turn editing: turn k edits turn k−1's output (as saved, 8-bit) → out_dir/<stem>_turn<k>.png.
+
+    Returns the written paths in turn order. The noise of turn k is keyed by "<stem>/turn<k>".
+    """
+    if not instructions:
+        raise ValueError("no instructions given")
+    stem = stem or (_stem(image) if isinstance(image, (str, os.PathLike)) else "image")
+    current = images.load_image(image)
+    batcher = DeviceBatcher(editor, settings, batch_size=1)
+    os.makedirs(out_dir, exist_ok=True)
+    paths = []
+    with progress_bar(len(instructions), progress, "turn") as bar:
+        for k, instruction in enumerate(instructions, 1):
+            [[(_, output)]] = list(batcher.run([EditJob(f"{stem}/turn{k}", current, instruction)]))
+            path = os.path.join(out_dir, f"{stem}_turn{k}.png")
+            output.save(path)
+            paths.append(path)
+            current = images.load_image(path)  # the next turn sees exactly what was saved
+            bar.update(1)
+    return paths
+
+
+def _stem(path) -> str:
+    return os.path.splitext(os.path.basename(os.fspath(path)))[0]
+
+
+def _edit_pairs(editor, pairs, out_dir, settings, batch_size, overwrite, progress) -> BatchResult:
+    os.makedirs(out_dir, exist_ok=True)
+    result = BatchResult()
+    todo = []
+    for image, instruction, stem in pairs:
+        out = os.path.join(out_dir, stem + ".png")
+        if os.path.exists(out) and not overwrite:
+            result.existing.append(out)
+        else:
+            todo.append((image, instruction, out))
+
+    def jobs():
+        for image, instruction, out in todo:
+            try:
+                yield EditJob(_stem(out), images.load_image(image), instruction, payload=out)
+            except images.ImageError as err:
+                report(f"skipped: {err}")
+                result.failed.append((image, str(err)))
+                bar.update(1)
+
+    batcher = DeviceBatcher(editor, settings, batch_size)
+    with progress_bar(len(todo), progress, "edit") as bar:
+        for batch in batcher.run(jobs()):
+            for job, output in batch:
+                output.save(job.payload)
+                result.written.append(job.payload)
+            bar.update(len(batch))
+    return result
+
+
+def progress_bar(total: int, enabled: bool, unit: str):
+    """A tqdm bar with ETA (a context manager), silent when not `enabled`."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit=unit, disable=not enabled, dynamic_ncols=True)

@@ -1,0 +1,317 @@
+"""Benchmark runners (MagicBrush, Emu Edit) and batch / multi-turn editing, end to end on a tiny random IP2P.
+
+Every edit batch runs sharded over the 8 simulated CPU devices with one shape (8 × 64 × 64,
+2 steps), so the whole file compiles the edit loop once.
+"""
+
+import io
+import json
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+import transformers
+from PIL import Image
+
+from fireedit_jax import images
+from fireedit_jax.convert import reference
+from fireedit_jax.convert.ip2p import convert_ip2p
+from fireedit_jax.eval import preprocess
+from fireedit_jax.eval.batch_edit import DatasetError, EditSettings, edit_jsonl, edit_turns
+from fireedit_jax.eval.benchmarks import RunSettingsError, load_magicbrush, run_emu, run_magicbrush
+from fireedit_jax.eval.scorer import Scorer
+from fireedit_jax.pipeline import Editor
+
+SETTINGS = EditSettings(steps=2)
+SIZE = 64  # the tiny IP2P's resolution: one working size, one compilation
+
+
+def _image(seed: int, size=(SIZE, SIZE)) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), np.uint8))
+
+
+def _png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+CORRUPT = b"\x89PNG\r\n\x1a\n this is not an image"
+IMAGE_STRUCT = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+
+
+@pytest.fixture(scope="module")
+def editor(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ip2p")
+    reference.save_ip2p(str(root / "diffusers"))
+    convert_ip2p(str(root / "diffusers"), str(root / "ckpt"))
+    editor = Editor.from_pretrained(str(root / "ckpt"))
+    calls = []
+    edit_arrays = editor.edit_arrays
+
+    def spy(pixels, instructions, **kwargs):  # records every batch the runners send
+        calls.append((np.asarray(pixels), list(instructions)))
+        return edit_arrays(pixels, instructions, **kwargs)
+
+    editor.edit_arrays = spy
+    editor.calls = calls
+    return editor
+
+
+# MagicBrush's test release: session → turns; 104's input is corrupt.
+SESSIONS = {"101": ["add a hat", "make it night", "add snow"], "102": ["remove the cup"], "103": ["paint it red", "add a dog"],
+            "104": ["add a tree"]}
+
+
+@pytest.fixture(scope="module")
+def magicbrush_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("magicbrush") / "test"
+    sessions, local = {}, {}
+    for n, (session, instructions) in enumerate(SESSIONS.items()):
+        folder = root / "images" / session
+        folder.mkdir(parents=True)
+        names = [f"{session}-input.png"] + [f"{session}-output{k}.png" for k in range(1, len(instructions) + 1)]
+        for i, name in enumerate(names):
+            _image(10 * n + i).save(folder / name)
+        sessions[session] = [{"input": names[k - 1], "mask": f"{session}-mask{k}.png", "output": names[k],
+                              "instruction": text} for k, text in enumerate(instructions, 1)]
+        local[session] = {names[k]: f"caption {session} {k}" for k in range(1, len(names))}
+    (root / "images" / "104" / "104-input.png").write_bytes(CORRUPT)
+    (root / "edit_sessions.json").write_text(json.dumps(sessions))
+    (root / "local_descriptions.json").write_text(json.dumps(local))
+    return root
+
+
+def _lines(path) -> list[dict]:
+    return [json.loads(line) for line in open(path)]
+
+
+def test_magicbrush_single_then_both_resumes(editor, magicbrush_dir, tmp_path):
+    out = tmp_path / "mb"
+    first = run_magicbrush(editor, str(magicbrush_dir), str(out), turns="single", limit=2, settings=SETTINGS,
+                           progress=False)
+    assert first["this_run"]["edits"] == 4 and first["counts"] == {"samples": 4, "finished": 4, "errors": 0}
+    assert sorted(os.listdir(out / "images" / "101")) == ["101_1.png", "101_inde_2.png", "101_inde_3.png"]
+    turn1 = (out / "images" / "101" / "101_1.png").read_bytes()
+
+    calls_before = len(editor.calls)
+    summary = run_magicbrush(editor, str(magicbrush_dir), str(out), turns="both", settings=SETTINGS, progress=False)
+    # resumed: 103's two turns (+104, which fails) independently, then the iterative turns 101/2, 103/2, 101/3
+    assert summary["this_run"]["edits"] == 5 and summary["this_run"]["errors"] == 1
+    assert len(editor.calls) - calls_before == 3  # three waves, one batch each
+    assert (out / "images" / "101" / "101_1.png").read_bytes() == turn1  # finished samples are not redone
+    assert len(_lines(out / "results.jsonl")) == 4 + 6
+    assert summary["counts"] == {"samples": 10, "finished": 9, "errors": 1}
+    assert "104-input.png" in summary["errors"][0]["error"] and summary["errors"][0]["key"] == "104/1"
+    assert summary["results"]["all_turn"]["count"] == 6 and summary["results"]["final_turn"]["count"] == 3
+    assert sorted(os.listdir(out / "images" / "101")) == [
+        "101_1.png", "101_inde_2.png", "101_inde_3.png", "101_iter_2.png", "101_iter_3.png"]
+
+    # an iterative turn edits our previous output, not the ground truth: the batch of wave 3 holds 101_iter_2
+    pixels, instructions = editor.calls[-1]
+    assert instructions[0] == "add snow"
+    previous = images.to_model_array(images.load_image(out / "images" / "101" / "101_iter_2.png"), (SIZE, SIZE))
+    np.testing.assert_array_equal(pixels[0], previous)
+
+    # the recorded L1 is MagicBrush's: output vs ground truth in [0, 1]
+    record = {r["key"]: r for r in _lines(out / "results.jsonl")}["103/iter/2"]
+    got = np.asarray(Image.open(out / record["output"]), np.float32) / 255
+    want = np.asarray(Image.open(magicbrush_dir / "images" / "103" / "103-output2.png"), np.float32) / 255
+    assert record["l1"] == pytest.approx(np.abs(got - want).mean(), abs=1e-6)
+    assert record["l2"] == pytest.approx(np.square(got - want).mean(), abs=1e-6)
+    assert 0.05 < record["l1"] < 0.6
+
+    markdown = (out / "summary.md").read_text()
+    assert "all_turn" in markdown and "final_turn" in markdown and "104/1" in markdown
+    assert "clip_i not computed: no --clip given" in markdown
+    grid = Image.open(out / "grid.png")
+    assert grid.width == 4 * 256 and grid.height > 256
+
+    again = run_magicbrush(editor, str(magicbrush_dir), str(out), turns="both", settings=SETTINGS, progress=False)
+    assert again["this_run"]["edits"] == 0 and again["this_run"]["errors"] == 1  # only the corrupt one is retried
+    with pytest.raises(RunSettingsError, match="steps"):
+        run_magicbrush(editor, str(magicbrush_dir), str(out), settings=EditSettings(steps=3), progress=False)
+
+
+def test_magicbrush_wrong_schema_names_the_fields(magicbrush_dir, tmp_path):
+    broken = tmp_path / "broken"
+    (broken / "images").mkdir(parents=True)
+    sessions = json.loads((magicbrush_dir / "edit_sessions.json").read_text())
+    del sessions["101"][1]["instruction"]
+    del sessions["103"][0]["output"]
+    (broken / "edit_sessions.json").write_text(json.dumps(sessions))
+    with pytest.raises(DatasetError) as err:
+        load_magicbrush(str(broken))
+    assert "session 101 turn 2 lacks instruction" in str(err.value)
+    assert "session 103 turn 1 lacks output" in str(err.value)
+    with pytest.raises(DatasetError, match="neither MagicBrush's release layout"):
+        load_magicbrush(str(tmp_path))
+
+
+def test_magicbrush_parquet_layout(tmp_path):
+    rows = [("7", 2, "second"), ("7", 1, "first"), ("9", 1, "only")]  # out of turn order on purpose
+    table = pa.table({
+        "img_id": [r[0] for r in rows], "turn_index": pa.array([r[1] for r in rows], pa.int32()),
+        "source_img": pa.array([{"bytes": _png(_image(i)), "path": f"s{i}.png"} for i in range(3)], IMAGE_STRUCT),
+        "mask_img": pa.array([{"bytes": _png(_image(9)), "path": "m.png"}] * 3, IMAGE_STRUCT),
+        "instruction": [r[2] for r in rows],
+        "target_img": pa.array([{"bytes": _png(_image(20 + i)), "path": f"t{i}.png"} for i in range(3)], IMAGE_STRUCT),
+    })  # fmt: skip
+    (tmp_path / "data").mkdir()
+    pq.write_table(table, tmp_path / "data" / "dev-00000-of-00001.parquet", row_group_size=2)
+    sessions = load_magicbrush(str(tmp_path), split="dev")
+    assert [[(t.session, t.turn, t.instruction) for t in s] for s in sessions] == [
+        [("7", 1, "first"), ("7", 2, "second")], [("9", 1, "only")]]
+    np.testing.assert_array_equal(np.asarray(sessions[0][0].source()), np.asarray(_image(1)))  # row 1, 2nd group
+    np.testing.assert_array_equal(np.asarray(sessions[1][0].target()), np.asarray(_image(22)))
+    with pytest.raises(DatasetError, match="no train-\\*.parquet"):
+        load_magicbrush(str(tmp_path), split="train")
+    pq.write_table(table.drop_columns(["instruction", "target_img"]), tmp_path / "data" / "dev-00000-of-00001.parquet")
+    with pytest.raises(DatasetError, match="lacks the field\\(s\\) instruction, target_img"):
+        load_magicbrush(str(tmp_path), split="dev")
+
+
+# ---------------------------------------------------------------- Emu Edit with tiny CLIP and DINO encoders
+
+EMU_ROWS = [("add", "add a hat", "a dog", "a dog in a hat"), ("remove", "remove the tree", "a tree", "a field"),
+            ("background", "make it a beach", "a cat", "a cat on a beach"), ("add", "add a moon", "sky", "sky")]
+
+
+def _emu_table(corrupt_row: int | None = None):
+    image_cells = [{"bytes": CORRUPT if i == corrupt_row else _png(_image(40 + i)), "path": None}
+                   for i in range(len(EMU_ROWS))]
+    return pa.table({
+        "instruction": [r[1] for r in EMU_ROWS], "image": pa.array(image_cells, IMAGE_STRUCT),
+        "task": [r[0] for r in EMU_ROWS], "split": ["test"] * len(EMU_ROWS),
+        "idx": pa.array(range(len(EMU_ROWS)), pa.int64()), "hash": [f"h{i}" for i in range(len(EMU_ROWS))],
+        "input_caption": [r[2] for r in EMU_ROWS], "output_caption": [r[3] for r in EMU_ROWS],
+    })  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def encoders(tmp_path_factory):
+    """Tiny random transformers CLIPModel (with tokenizer) and ViTModel directories, and the torch models."""
+    root = tmp_path_factory.mktemp("encoders")
+    torch.manual_seed(0)
+    tokenizer = reference.clip_tokenizer()
+    clip = transformers.CLIPModel(transformers.CLIPConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=77, eos_token_id=tokenizer.eos_token_id,
+                         bos_token_id=tokenizer.bos_token_id, pad_token_id=tokenizer.pad_token_id),
+        vision_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=32, patch_size=8),
+        projection_dim=16)).eval()  # fmt: skip
+    clip.save_pretrained(root / "clip")
+    tokenizer.save_pretrained(root / "clip")
+    dino = transformers.ViTModel(transformers.ViTConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                                                        num_attention_heads=4, image_size=32, patch_size=8),
+                                 add_pooling_layer=False).eval()
+    dino.save_pretrained(root / "dino")
+    return {"clip": clip, "dino": dino, "tokenizer": tokenizer, "root": root}
+
+
+def _cos(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
+
+
+def test_emu_with_clip_and_dino(editor, encoders, tmp_path):
+    data = tmp_path / "emu" / "data"
+    data.mkdir(parents=True)
+    pq.write_table(_emu_table(corrupt_row=1), data / "test-00000-of-00001.parquet", row_group_size=3)
+    pq.write_table(_emu_table().slice(0, 1), data / "validation-00000-of-00001.parquet")
+    scorer = Scorer.from_paths(clip=str(encoders["root"] / "clip"), dino=str(encoders["root"] / "dino"))
+    out = tmp_path / "run"
+    summary = run_emu(editor, str(tmp_path / "emu"), str(out), scorer=scorer, settings=SETTINGS, progress=False)
+
+    assert summary["counts"] == {"samples": 4, "finished": 3, "errors": 1}
+    assert "row 1 'image'" in summary["errors"][0]["error"] and "not a readable image" in summary["errors"][0]["error"]
+    assert sorted(summary["by"]["task"]) == ["add", "background"] and summary["by"]["task"]["add"]["count"] == 2
+    assert summary["identical_captions"] == 1
+    assert set(summary["scorer"]["metrics"]) == {"l1", "l2", "clip_i", "clip_t", "clip_t_oracle", "clip_dir", "dino"}
+    assert "CLIP" in summary["scorer"]["models"]["clip"] and summary["scorer"]["skipped"] == {"lpips": "no --lpips-trunk given"}
+    assert sorted(os.listdir(out / "images")) == ["0.png", "2.png", "3.png"]
+
+    # the metrics of one sample against transformers' own towers
+    record = {r["key"]: r for r in _lines(out / "results.jsonl")}["test/0"]
+    source, output = _image(40), Image.open(out / "images" / "0.png").convert("RGB")
+    clip, tokenizer = encoders["clip"], encoders["tokenizer"]
+    with torch.no_grad():
+        def image_embeds(image):
+            pixels = torch.from_numpy(preprocess.clip_pixels(image, 32)).permute(2, 0, 1)[None]
+            return clip.visual_projection(clip.vision_model(pixel_values=pixels).pooler_output)[0].numpy()
+
+        def text_embeds(text):
+            tokens = tokenizer([text], padding="max_length", max_length=77, return_tensors="pt")
+            pooled = clip.text_model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask).pooler_output
+            return clip.text_projection(pooled)[0].numpy()
+
+        def dino_features(image):
+            pixels = torch.from_numpy(preprocess.dino_pixels(image)).permute(2, 0, 1)[None]
+            return encoders["dino"](pixel_values=pixels, interpolate_pos_encoding=True).last_hidden_state[0, 0].numpy()
+
+        i0, i1, t0, t1 = image_embeds(source), image_embeds(output), text_embeds("a dog"), text_embeds("a dog in a hat")
+        d0, d1 = dino_features(source), dino_features(output)
+    unit = lambda v: v / np.linalg.norm(v)  # noqa: E731
+    assert record["clip_i"] == pytest.approx(_cos(i1, i0), abs=1e-4)
+    assert record["clip_t"] == pytest.approx(_cos(i1, t1), abs=1e-4)
+    assert record["clip_dir"] == pytest.approx(_cos(unit(i1) - unit(i0), unit(t1) - unit(t0)), abs=1e-4)
+    assert record["dino"] == pytest.approx(_cos(d1, d0), abs=1e-4)
+    assert record["dino"] < 0.9999  # the edit changed the image: the comparison is not vacuous
+    assert "CLIP-out" in (out / "summary.md").read_text()
+
+    # encoders changed (none now): the saved outputs are re-scored, nothing is edited again
+    calls_before = len(editor.calls)
+    rescored = run_emu(editor, str(tmp_path / "emu"), str(out), settings=SETTINGS, progress=False)
+    assert len(editor.calls) == calls_before and rescored["this_run"]["edits"] == 0
+    assert "clip_i" not in rescored["results"]["all"] and rescored["results"]["all"]["count"] == 3
+    assert rescored["results"]["all"]["l1"] == pytest.approx(summary["results"]["all"]["l1"], abs=1e-7)
+
+
+def test_emu_wrong_schema_names_the_fields(tmp_path):
+    pq.write_table(_emu_table().drop_columns(["task", "output_caption"]), tmp_path / "test-00000-of-00001.parquet")
+    with pytest.raises(DatasetError, match="lacks the field\\(s\\) task, output_caption of the Emu Edit layout"):
+        run_emu(None, str(tmp_path), str(tmp_path / "out"))
+
+
+# ---------------------------------------------------------------- batch and multi-turn editing
+
+
+def test_batch_edit_jsonl(editor, tmp_path):
+    _image(1, (60, 70)).save(tmp_path / "a.png")  # odd size: same 64×64 working size, restored on output
+    _image(2).convert("L").save(tmp_path / "b.jpg")
+    (tmp_path / "bad.png").write_bytes(CORRUPT)
+    lines = [{"image": "a.png", "instruction": "add snow"}, {"image": str(tmp_path / "b.jpg"), "instruction": "x"},
+             {"image": "a.png", "instruction": "make it night", "output": "a_night"},
+             {"image": "bad.png", "instruction": "y"}]
+    (tmp_path / "edits.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    result = edit_jsonl(editor, str(tmp_path / "edits.jsonl"), str(tmp_path / "out"), settings=SETTINGS,
+                        progress=False)
+    assert sorted(os.listdir(tmp_path / "out")) == ["a.png", "a_night.png", "b.png"]
+    assert Image.open(tmp_path / "out" / "a.png").size == (60, 70) and Image.open(tmp_path / "out" / "b.png").mode == "RGB"
+    assert len(result.written) == 3 and result.failed[0][0].endswith("bad.png")
+    again = edit_jsonl(editor, str(tmp_path / "edits.jsonl"), str(tmp_path / "out"), progress=False, settings=SETTINGS)
+    assert not again.written and len(again.existing) == 3
+
+    lines[2].pop("output")
+    lines[1].pop("instruction")
+    (tmp_path / "edits.jsonl").write_text("\n".join(json.dumps(line) for line in lines))
+    with pytest.raises(DatasetError) as err:
+        edit_jsonl(editor, str(tmp_path / "edits.jsonl"), str(tmp_path / "out2"))
+    assert "line 2: missing field(s) instruction" in str(err.value) and "output 'a' named by several lines" in str(err.value)
+
+
+def test_multi_turn_edits_the_previous_output(editor, tmp_path):
+    _image(5).save(tmp_path / "photo.png")
+    calls_before = len(editor.calls)
+    paths = edit_turns(editor, str(tmp_path / "photo.png"), ["add a hat", "make it night"], str(tmp_path / "out"),
+                       settings=SETTINGS, progress=False)
+    assert [os.path.basename(p) for p in paths] == ["photo_turn1.png", "photo_turn2.png"]
+    (first, _), (second, instructions) = editor.calls[calls_before:]
+    np.testing.assert_array_equal(first[0], images.to_model_array(_image(5), (SIZE, SIZE)))
+    np.testing.assert_array_equal(second[0], images.to_model_array(images.load_image(paths[0]), (SIZE, SIZE)))
+    assert instructions[0] == "make it night"
+    assert np.abs(np.asarray(Image.open(paths[1]), np.int16) - np.asarray(Image.open(paths[0]), np.int16)).max() > 10
