@@ -26,9 +26,9 @@ def _cubic(t, a: float = _A):
 
 def bicubic_matrix(in_size: int, out_size: int) -> np.ndarray:
     """float32[out, in]: torch bicubic (align_corners=False, size given) along one axis."""
-    # torch computes source coordinates and weights in float32; so do we, to the bit.
+    # torch computes scale·(i + ½) − ½ in float32 with one rounding (FMA); float64 is exact here.
     scale = np.float32(in_size) / np.float32(out_size)
-    src = scale * (np.arange(out_size, dtype=np.float32) + np.float32(0.5)) - np.float32(0.5)
+    src = (np.float64(scale) * (np.arange(out_size, dtype=np.float64) + 0.5) - 0.5).astype(np.float32)
     base = np.floor(src)
     frac = (src - base).astype(np.float32)
     matrix = np.zeros((out_size, in_size), np.float32)
