@@ -19,6 +19,7 @@ from PIL import Image
 from fireedit_jax import images
 from fireedit_jax.convert import reference
 from fireedit_jax.convert.ip2p import convert_ip2p
+from fireedit_jax.data import proposals
 from fireedit_jax.eval import preprocess
 from fireedit_jax.eval.batch_edit import DatasetError, EditSettings, edit_jsonl, edit_turns
 from fireedit_jax.eval.benchmarks import RunSettingsError, load_magicbrush, run_emu, run_magicbrush
@@ -53,7 +54,7 @@ def editor(tmp_path_factory):
     edit_arrays = editor.edit_arrays
 
     def spy(pixels, instructions, **kwargs):  # records every batch the runners send
-        calls.append((np.asarray(pixels), list(instructions)))
+        calls.append((np.asarray(pixels), list(instructions), kwargs.get("boxes")))
         return edit_arrays(pixels, instructions, **kwargs)
 
     editor.edit_arrays = spy
@@ -62,8 +63,8 @@ def editor(tmp_path_factory):
 
 
 # MagicBrush's test release: session → turns; 104's input is corrupt.
-SESSIONS = {"101": ["add a hat", "make it night", "add snow"], "102": ["remove the cup"], "103": ["paint it red", "add a dog"],
-            "104": ["add a tree"]}
+SESSIONS = {"101": ["add a hat", "make it night", "add snow"], "102": ["remove the cup"],
+            "103": ["paint it red", "add a dog"], "104": ["add a tree"]}
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +112,7 @@ def test_magicbrush_single_then_both_resumes(editor, magicbrush_dir, tmp_path):
         "101_1.png", "101_inde_2.png", "101_inde_3.png", "101_iter_2.png", "101_iter_3.png"]
 
     # an iterative turn edits our previous output, not the ground truth: the batch of wave 3 holds 101_iter_2
-    pixels, instructions = editor.calls[-1]
+    pixels, instructions, _ = editor.calls[-1]
     assert instructions[0] == "add snow"
     previous = images.to_model_array(images.load_image(out / "images" / "101" / "101_iter_2.png"), (SIZE, SIZE))
     np.testing.assert_array_equal(pixels[0], previous)
@@ -232,7 +233,8 @@ def test_emu_with_clip_and_dino(editor, encoders, tmp_path):
     assert sorted(summary["by"]["task"]) == ["add", "background"] and summary["by"]["task"]["add"]["count"] == 2
     assert summary["identical_captions"] == 1
     assert set(summary["scorer"]["metrics"]) == {"l1", "l2", "clip_i", "clip_t", "clip_t_oracle", "clip_dir", "dino"}
-    assert "CLIP" in summary["scorer"]["models"]["clip"] and summary["scorer"]["skipped"] == {"lpips": "no --lpips-trunk given"}
+    assert "CLIP" in summary["scorer"]["models"]["clip"]
+    assert summary["scorer"]["skipped"] == {"lpips": "no --lpips-trunk given"}
     assert sorted(os.listdir(out / "images")) == ["0.png", "2.png", "3.png"]
 
     # the metrics of one sample against transformers' own towers
@@ -280,28 +282,46 @@ def test_emu_wrong_schema_names_the_fields(tmp_path):
 # ---------------------------------------------------------------- batch and multi-turn editing
 
 
-def test_batch_edit_jsonl(editor, tmp_path):
+def test_batch_edit_jsonl(editor, tmp_path, monkeypatch):
     _image(1, (60, 70)).save(tmp_path / "a.png")  # odd size: same 64×64 working size, restored on output
     _image(2).convert("L").save(tmp_path / "b.jpg")
     (tmp_path / "bad.png").write_bytes(CORRUPT)
-    lines = [{"image": "a.png", "instruction": "add snow"}, {"image": str(tmp_path / "b.jpg"), "instruction": "x"},
+    lines = [{"image": "a.png", "instruction": "add snow", "boxes": [[0.1, 0.2, 0.5, 0.6]]},
+             {"image": str(tmp_path / "b.jpg"), "instruction": "x"},
              {"image": "a.png", "instruction": "make it night", "output": "a_night"},
              {"image": "bad.png", "instruction": "y"}]
     (tmp_path / "edits.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    proposed = []
+
+    def propose(detector_dir, batch):  # a stand-in detector: one box per image it is asked about
+        proposed.append((detector_dir, [im.size for im in batch]))
+        return [np.asarray([[0.0, 0.0, 0.5, 0.5]], np.float32) for _ in batch]
+
+    monkeypatch.setattr(proposals, "propose", propose)
     result = edit_jsonl(editor, str(tmp_path / "edits.jsonl"), str(tmp_path / "out"), settings=SETTINGS,
-                        progress=False)
+                        proposer="detector-dir", progress=False)
+    # a line's own boxes win; the others' are proposed, in one detector call per batch
+    assert proposed == [("detector-dir", [(64, 64), (60, 70)])]
+    boxes = editor.calls[-1][2]
+    np.testing.assert_array_equal(boxes[0], np.float32([[0.1, 0.2, 0.5, 0.6]]))
+    np.testing.assert_array_equal(boxes[1], [[0.0, 0.0, 0.5, 0.5]])
+    assert len(boxes) == 8
     assert sorted(os.listdir(tmp_path / "out")) == ["a.png", "a_night.png", "b.png"]
-    assert Image.open(tmp_path / "out" / "a.png").size == (60, 70) and Image.open(tmp_path / "out" / "b.png").mode == "RGB"
+    assert Image.open(tmp_path / "out" / "a.png").size == (60, 70)
+    assert Image.open(tmp_path / "out" / "b.png").mode == "RGB"
     assert len(result.written) == 3 and result.failed[0][0].endswith("bad.png")
     again = edit_jsonl(editor, str(tmp_path / "edits.jsonl"), str(tmp_path / "out"), progress=False, settings=SETTINGS)
     assert not again.written and len(again.existing) == 3
 
     lines[2].pop("output")
     lines[1].pop("instruction")
+    lines[3]["boxes"] = [[0.5, 0.5, 0.4, 0.9]]
     (tmp_path / "edits.jsonl").write_text("\n".join(json.dumps(line) for line in lines))
     with pytest.raises(DatasetError) as err:
         edit_jsonl(editor, str(tmp_path / "edits.jsonl"), str(tmp_path / "out2"))
-    assert "line 2: missing field(s) instruction" in str(err.value) and "output 'a' named by several lines" in str(err.value)
+    assert "line 2: missing field(s) instruction" in str(err.value)
+    assert "output 'a' named by several lines" in str(err.value)
+    assert "box 0 for line 4 [0.5, 0.5, 0.4, 0.9] has zero area" in str(err.value)
 
 
 def test_multi_turn_edits_the_previous_output(editor, tmp_path):
@@ -310,7 +330,7 @@ def test_multi_turn_edits_the_previous_output(editor, tmp_path):
     paths = edit_turns(editor, str(tmp_path / "photo.png"), ["add a hat", "make it night"], str(tmp_path / "out"),
                        settings=SETTINGS, progress=False)
     assert [os.path.basename(p) for p in paths] == ["photo_turn1.png", "photo_turn2.png"]
-    (first, _), (second, instructions) = editor.calls[calls_before:]
+    (first, _, _), (second, instructions, _) = editor.calls[calls_before:]
     np.testing.assert_array_equal(first[0], images.to_model_array(_image(5), (SIZE, SIZE)))
     np.testing.assert_array_equal(second[0], images.to_model_array(images.load_image(paths[0]), (SIZE, SIZE)))
     assert instructions[0] == "make it night"

@@ -18,6 +18,10 @@ last, partial batch is padded with copies so shapes never change.
 Noise is drawn per sample from (seed, the sample's key), not per batch, so an output
 does not depend on the batch size, the device count, its neighbours or on a resumed
 run: re-running a benchmark reproduces the same images.
+
+FireEdit's region boxes: a job may carry its own (a JSONL line's "boxes"); otherwise a
+proposer (an offline Deformable DETR directory, data/proposals.py) is run once per batch
+on the batch's inputs; with neither, no region tokens. IP2P checkpoints ignore boxes.
 """
 
 from __future__ import annotations
@@ -27,8 +31,8 @@ import json
 import os
 import sys
 import zlib
-from collections.abc import Iterable, Iterator, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -41,6 +45,18 @@ from fireedit_jax import images
 from fireedit_jax.diffusion.samplers import make_sampler
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+
+
+Proposer = Callable[[list[Image.Image]], list[np.ndarray]]  # images → boxes float[R_i, 4] each
+
+
+def detector_proposer(detector_dir: str | None) -> Proposer | None:
+    """Region proposals from an offline Deformable DETR directory (data/proposals.py), or None."""
+    if detector_dir is None:
+        return None
+    from fireedit_jax.data.proposals import propose
+
+    return lambda batch: propose(detector_dir, batch)
 
 
 class DatasetError(ValueError):
@@ -66,6 +82,7 @@ class EditJob:
     image: Image.Image  # RGB, any size
     instruction: str
     payload: Any = None  # handed back with the output (targets, captions, …)
+    boxes: np.ndarray | None = None  # float[R, 4] normalised xyxy region proposals (FireEdit); None: none / proposed
 
 
 def sample_id(key: str) -> int:
@@ -89,11 +106,12 @@ class DeviceBatcher:
                 ...
     """
 
-    def __init__(self, editor, settings: EditSettings = EditSettings(), batch_size: int | None = None):
+    def __init__(self, editor, settings: EditSettings = EditSettings(), batch_size: int | None = None,
+                 propose: Proposer | None = None):
         devices = jax.local_devices()
         n = len(devices)
         self.batch_size = n * max(1, -(-(batch_size or n) // n))  # round up to a multiple of the devices
-        self.editor, self.settings = editor, settings
+        self.editor, self.settings, self.propose = editor, settings, propose
         self.mesh = jax.make_mesh((n,), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=devices)
         self._batch = NamedSharding(self.mesh, P("data"))
         self._steps_batch = NamedSharding(self.mesh, P(None, "data"))
@@ -118,7 +136,12 @@ class DeviceBatcher:
             yield self._edit(size, bucket)
 
     def _edit(self, size: tuple[int, int], jobs: list[EditJob]) -> list[tuple[EditJob, Image.Image]]:
+        unboxed = [job for job in jobs if job.boxes is None]
+        if self.propose is not None and unboxed:  # one detector pass per batch
+            for job, boxes in zip(unboxed, self.propose([job.image for job in unboxed])):
+                job.boxes = boxes
         padded = jobs + [jobs[-1]] * (self.batch_size - len(jobs))
+        boxes = {"boxes": [job.boxes for job in padded]} if any(job.boxes is not None for job in jobs) else {}
         pixels = np.stack([images.to_model_array(images.to_rgb(job.image), size) for job in padded])
         pixels = jax.device_put(pixels, self._batch)
         ids = np.asarray([sample_id(job.key) for job in padded], np.uint32)
@@ -127,7 +150,7 @@ class DeviceBatcher:
         s = self.settings
         edited = self.editor.edit_arrays(
             pixels, [job.instruction for job in padded], steps=s.steps, image_guidance=s.image_guidance,
-            text_guidance=s.text_guidance, scheduler=s.scheduler, initial_noise=initial, step_noise=step,
+            text_guidance=s.text_guidance, scheduler=s.scheduler, initial_noise=initial, step_noise=step, **boxes,
         )  # fmt: skip
         edited = np.asarray(edited)
         return [(job, images.from_model_array(edited[i], job.image.size)) for i, job in enumerate(jobs)]
@@ -166,28 +189,46 @@ class BatchResult:
     failed: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (input, reason)
 
 
+class BatchItem(NamedTuple):
+    """One edit of a batch mode: input image path, instruction, output stem, optional boxes float[R, 4]."""
+
+    image: str
+    instruction: str
+    stem: str
+    boxes: np.ndarray | None = None
+
+
 def edit_folder(editor, folder: str, instruction: str, out_dir: str, *, settings: EditSettings = EditSettings(),
-                batch_size: int | None = None, overwrite: bool = False, progress: bool = True) -> BatchResult:
-    """Edits every image file directly in `folder` with one instruction → out_dir/<stem>.png."""
+                batch_size: int | None = None, overwrite: bool = False, proposer: str | None = None,
+                progress: bool = True) -> BatchResult:
+    """Edits every image file directly in `folder` with one instruction → out_dir/<stem>.png.
+
+    Outputs already there are kept (the run resumes) unless `overwrite`. proposer: a
+    Deformable DETR directory for FireEdit's region proposals (see data/proposals.py).
+    """
     if not os.path.isdir(folder):
         raise DatasetError(f"image folder {folder!r} does not exist")
     paths = sorted(os.path.join(folder, name) for name in os.listdir(folder) if name.lower().endswith(IMAGE_SUFFIXES))
     if not paths:
         raise DatasetError(f"{folder!r} has no image files ({', '.join(IMAGE_SUFFIXES)})")
-    pairs = [(path, instruction, _stem(path)) for path in paths]
-    return _edit_pairs(editor, pairs, out_dir, settings, batch_size, overwrite, progress)
+    items = [BatchItem(path, instruction, _stem(path)) for path in paths]
+    return _edit_items(editor, items, out_dir, settings, batch_size, overwrite, proposer, progress)
 
 
-def read_jsonl_pairs(path: str) -> list[tuple[str, str, str]]:
-    """(image path, instruction, output stem) per line; relative paths are relative to the JSONL's folder.
+def read_jsonl(path: str) -> list[BatchItem]:
+    """The edits of a JSONL file, one {"image": path, "instruction": text} per line.
 
-    A line may name its output with "output" (a stem); otherwise the image's stem is used,
-    and two lines with one stem (one image, two instructions) are an error naming them.
+    Relative image paths are relative to the JSONL's folder. Optional fields: "output"
+    (the output's stem; default the image's) and "boxes" ([[x1, y1, x2, y2], ...]
+    normalised, FireEdit's regions). Two lines with one output stem (one image, two
+    instructions) are an error naming them; so is a line without a required field.
     """
+    from fireedit_jax.data.proposals import BoxError, validate_boxes
+
     if not os.path.isfile(path):
         raise DatasetError(f"JSONL file {path!r} does not exist")
     base = os.path.dirname(os.path.abspath(path))
-    pairs, problems = [], []
+    items, problems = [], []
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
@@ -202,38 +243,49 @@ def read_jsonl_pairs(path: str) -> list[tuple[str, str, str]]:
                 problems.append(f"line {number}: missing field(s) {', '.join(missing)}")
                 continue
             image = os.path.join(base, os.path.expanduser(entry["image"]))
-            stem = entry.get("output") or _stem(image)
-            pairs.append((image, str(entry["instruction"]), os.path.splitext(os.path.basename(stem))[0]))
+            try:
+                boxes = validate_boxes(entry["boxes"], None, source=f"line {number}") if "boxes" in entry else None
+            except BoxError as err:
+                problems.append(str(err))
+                continue
+            stem = _stem(entry.get("output") or image)
+            items.append(BatchItem(image, str(entry["instruction"]), stem, boxes))
     stems: dict[str, list[str]] = {}
-    for image, _, stem in pairs:
-        stems.setdefault(stem, []).append(image)
+    for item in items:
+        stems.setdefault(item.stem, []).append(item.image)
     problems += [f"output {stem!r} named by several lines ({', '.join(paths)}): give each an \"output\" stem"
                  for stem, paths in stems.items() if len(paths) > 1]
     if problems:
-        raise DatasetError(f"{path}: each line must be {{\"image\": path, \"instruction\": text}}:\n  " + "\n  ".join(problems))
-    if not pairs:
+        shape = '{"image": path, "instruction": text}'
+        raise DatasetError(f"{path}: each line must be {shape}:\n  " + "\n  ".join(problems))
+    if not items:
         raise DatasetError(f"{path} has no edits")
-    return pairs
+    return items
 
 
 def edit_jsonl(editor, jsonl: str, out_dir: str, *, settings: EditSettings = EditSettings(),
-               batch_size: int | None = None, overwrite: bool = False, progress: bool = True) -> BatchResult:
-    """Edits the {"image", "instruction"} pairs of a JSONL file → out_dir/<stem>.png (see `read_jsonl_pairs`)."""
-    return _edit_pairs(editor, read_jsonl_pairs(jsonl), out_dir, settings, batch_size, overwrite, progress)
+               batch_size: int | None = None, overwrite: bool = False, proposer: str | None = None,
+               progress: bool = True) -> BatchResult:
+    """Edits the lines of a JSONL file (see `read_jsonl`) → out_dir/<stem>.png; otherwise as `edit_folder`.
+
+    A line's own "boxes" take precedence over the proposer's.
+    """
+    return _edit_items(editor, read_jsonl(jsonl), out_dir, settings, batch_size, overwrite, proposer, progress)
 
 
 def edit_turns(editor, image: str | Image.Image, instructions: Sequence[str], out_dir: str, *,
-               settings: EditSettings = EditSettings(), stem: str | None = None,
+               settings: EditSettings = EditSettings(), stem: str | None = None, proposer: str | None = None,
                progress: bool = True) -> list[str]:
     """Multi-turn editing: turn k edits turn k−1's output (as saved, 8-bit) → out_dir/<stem>_turn<k>.png.
 
-    Returns the written paths in turn order. The noise of turn k is keyed by "<stem>/turn<k>".
+    Returns the written paths in turn order. The noise of turn k is keyed by "<stem>/turn<k>";
+    with a proposer, each turn's regions are proposed on that turn's input.
     """
     if not instructions:
         raise ValueError("no instructions given")
     stem = stem or (_stem(image) if isinstance(image, (str, os.PathLike)) else "image")
     current = images.load_image(image)
-    batcher = DeviceBatcher(editor, settings, batch_size=1)
+    batcher = DeviceBatcher(editor, settings, batch_size=1, propose=detector_proposer(proposer))
     os.makedirs(out_dir, exist_ok=True)
     paths = []
     with progress_bar(len(instructions), progress, "turn") as bar:
@@ -251,27 +303,28 @@ def _stem(path) -> str:
     return os.path.splitext(os.path.basename(os.fspath(path)))[0]
 
 
-def _edit_pairs(editor, pairs, out_dir, settings, batch_size, overwrite, progress) -> BatchResult:
+def _edit_items(editor, items: Sequence[BatchItem], out_dir, settings, batch_size, overwrite, proposer,
+                progress) -> BatchResult:
     os.makedirs(out_dir, exist_ok=True)
     result = BatchResult()
     todo = []
-    for image, instruction, stem in pairs:
-        out = os.path.join(out_dir, stem + ".png")
+    for item in items:
+        out = os.path.join(out_dir, item.stem + ".png")
         if os.path.exists(out) and not overwrite:
             result.existing.append(out)
         else:
-            todo.append((image, instruction, out))
+            todo.append((item, out))
 
     def jobs():
-        for image, instruction, out in todo:
+        for item, out in todo:
             try:
-                yield EditJob(_stem(out), images.load_image(image), instruction, payload=out)
+                yield EditJob(item.stem, images.load_image(item.image), item.instruction, payload=out, boxes=item.boxes)
             except images.ImageError as err:
                 report(f"skipped: {err}")
-                result.failed.append((image, str(err)))
+                result.failed.append((item.image, str(err)))
                 bar.update(1)
 
-    batcher = DeviceBatcher(editor, settings, batch_size)
+    batcher = DeviceBatcher(editor, settings, batch_size, propose=detector_proposer(proposer))
     with progress_bar(len(todo), progress, "edit") as bar:
         for batch in batcher.run(jobs()):
             for job, output in batch:

@@ -40,6 +40,9 @@ Outputs follow MagicBrush's naming, so its `image_eval.py --generated_path OUT/i
 runs on them too: OUT/images/<id>/<id>_1.png, <id>_inde_<k>.png, <id>_iter_<k>.png.
 Emu Edit outputs: OUT/images/<idx>.png.
 
+A sample whose image cannot be read is reported, skipped and counted in the summary (as
+are the iterative turns that would continue it).
+
 OUT/results.jsonl holds one line per finished (or failed) sample; a re-run skips the
 finished ones, retries failed ones, and re-scores saved outputs when the metric encoders
 changed. OUT/run.json records the settings; resuming with other edit settings or data is
@@ -62,7 +65,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
 
 from fireedit_jax import images
-from fireedit_jax.eval.batch_edit import DatasetError, DeviceBatcher, EditJob, EditSettings, progress_bar, report
+from fireedit_jax.eval.batch_edit import (DatasetError, DeviceBatcher, EditJob, EditSettings, detector_proposer,
+                                          progress_bar, report)
 from fireedit_jax.eval.metrics import aggregate
 from fireedit_jax.eval.scorer import ALL_METRICS, Scorer
 
@@ -90,7 +94,9 @@ def decode_image(value, name: str) -> Image.Image:
         with Image.open(io.BytesIO(data)) as opened:
             opened.load()
             return images.to_rgb(opened.copy())
-    except (UnidentifiedImageError, OSError) as err:
+    except UnidentifiedImageError:
+        raise images.ImageError(f"{name} is not a readable image (unknown format)") from None
+    except OSError as err:
         raise images.ImageError(f"{name} is not a readable image ({err})") from None
 
 
@@ -202,8 +208,9 @@ def _magicbrush_release(root: str, captions: str) -> list[list[MagicBrushTurn]]:
         out.append(entries)
     if problems:
         more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
-        raise DatasetError(f"{root}/edit_sessions.json: each turn needs the fields {', '.join(MAGICBRUSH_SESSION_FIELDS)}"
-                           f": " + "; ".join(problems[:5]) + more)
+        fields = ", ".join(MAGICBRUSH_SESSION_FIELDS)
+        raise DatasetError(f"{root}/edit_sessions.json: each turn needs the fields {fields}: "
+                           + "; ".join(problems[:5]) + more)
     return out
 
 
@@ -268,16 +275,16 @@ class _Spec:
 
 
 class ResultLog:
-    """OUT/results.jsonl (the last line per key wins) and OUT/run.json (settings)."""
+    """OUT/results.jsonl (the last line per key wins) and OUT/run.json (settings and scorer)."""
 
     def __init__(self, out_dir: str, settings: dict, scorer_description: dict):
-        self.out_dir = out_dir
+        self.out_dir, self.settings = out_dir, settings
         os.makedirs(out_dir, exist_ok=True)
         self.path = os.path.join(out_dir, "results.jsonl")
-        run_path = os.path.join(out_dir, "run.json")
+        self._run_path = os.path.join(out_dir, "run.json")
         self.rescore = False
-        if os.path.isfile(run_path):
-            with open(run_path) as f:
+        if os.path.isfile(self._run_path):
+            with open(self._run_path) as f:
                 previous = json.load(f)
             differences = [f"{name}: {previous['settings'].get(name)!r} then, {value!r} now"
                            for name, value in settings.items() if previous["settings"].get(name) != value]
@@ -285,8 +292,8 @@ class ResultLog:
                 raise RunSettingsError(f"{out_dir!r} holds results made with other settings ("
                                        + "; ".join(differences) + "): use a new output directory")
             self.rescore = previous.get("scorer") != scorer_description
-        with open(run_path, "w") as f:
-            json.dump({"settings": settings, "scorer": scorer_description}, f, indent=1)
+        if not self.rescore:
+            self.write_run(scorer_description)
         self.records: dict[str, dict] = {}
         if os.path.isfile(self.path):
             with open(self.path) as f:
@@ -295,14 +302,26 @@ class ResultLog:
                         record = json.loads(line)
                         self.records[record["key"]] = record
 
+    def write_run(self, scorer_description: dict) -> None:
+        """Records the settings and the scorer (after a re-scoring has finished, so an interrupted one resumes)."""
+        with open(self._run_path, "w") as f:
+            json.dump({"settings": self.settings, "scorer": scorer_description}, f, indent=1)
+
     def done(self, key: str) -> bool:
         record = self.records.get(key)
-        return record is not None and "error" not in record and os.path.isfile(os.path.join(self.out_dir, record["output"]))
+        if record is None or "error" in record:
+            return False
+        return os.path.isfile(os.path.join(self.out_dir, record["output"]))
 
     def add(self, record: dict) -> None:
         self.records[record["key"]] = record
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
+
+
+def _load_source(log: ResultLog, specs: dict[str, _Spec], spec: _Spec) -> Image.Image:
+    """The image a spec edits: its input, or (iterative turns) our saved output of the turn before."""
+    return spec.source() if spec.source else images.load_image(os.path.join(log.out_dir, specs[spec.after].output))
 
 
 def _score(scorer: Scorer, specs: Sequence[_Spec], outputs, references, versus_source: bool) -> list[dict]:
@@ -314,18 +333,19 @@ def _score(scorer: Scorer, specs: Sequence[_Spec], outputs, references, versus_s
 
 
 def _run_specs(editor, waves: Sequence[Sequence[_Spec]], log: ResultLog, scorer: Scorer, settings: EditSettings,
-               batch_size: int | None, progress: bool, versus_source: bool) -> dict:
+               batch_size: int | None, proposer: str | None, progress: bool, versus_source: bool) -> dict:
     """Edits and scores every unfinished spec, wave after wave (a wave may edit the previous one's outputs)."""
     out_dir = log.out_dir
     by_key = {s.key: s for wave in waves for s in wave}
     if log.rescore:
         _rescore(log, [s for s in by_key.values() if log.done(s.key)], scorer, versus_source)
+        log.write_run(scorer.describe())
     pending = [[s for s in wave if not log.done(s.key)] for wave in waves]
     total = sum(map(len, pending))
     stats = {"edits": 0, "errors": 0, "seconds": 0.0}
     if not total:
         return stats
-    batcher = DeviceBatcher(editor, settings, batch_size)
+    batcher = DeviceBatcher(editor, settings, batch_size, propose=detector_proposer(proposer))
     start = time.perf_counter()
     with progress_bar(total, progress, "edit") as bar:
 
@@ -341,7 +361,7 @@ def _run_specs(editor, waves: Sequence[Sequence[_Spec]], log: ResultLog, scorer:
                     fail(spec, f"the turn it continues ({spec.after}) has no output")
                     continue
                 try:
-                    source = spec.source() if spec.source else images.load_image(os.path.join(out_dir, by_key[spec.after].output))
+                    source = _load_source(log, by_key, spec)
                     reference = source if versus_source else spec.reference()
                 except images.ImageError as err:
                     fail(spec, str(err))
@@ -408,12 +428,15 @@ def _magicbrush_spec(turn: MagicBrushTurn, mode: str) -> _Spec:
 
 def run_magicbrush(editor, data_dir: str, out_dir: str, *, scorer: Scorer | None = None, split: str = "test",
                    turns: str = "single", limit: int | None = None, batch_size: int | None = None,
-                   settings: EditSettings = EditSettings(), captions: str = "local", grid_size: int = 8,
-                   progress: bool = True) -> dict:
+                   settings: EditSettings = EditSettings(), captions: str = "local", proposer: str | None = None,
+                   grid_size: int = 8, progress: bool = True) -> dict:
     """Runs MagicBrush; returns the summary (also written to out_dir). See the module docstring.
 
     limit: the first N edit sessions (all their turns). captions: "local" or "global"
-    descriptions for CLIP-T (release layout only).
+    descriptions for CLIP-T (release layout only). proposer: a Deformable DETR directory
+    proposing FireEdit's regions on each edit's input (data/proposals.py); None: no regions.
+    batch_size: edits per batch, rounded up to a multiple of the local devices (default:
+    one per device). grid_size: rows of grid.png.
     """
     if turns not in TURNS:
         raise ValueError(f"turns={turns!r}: one of {', '.join(TURNS)}")
@@ -426,29 +449,30 @@ def run_magicbrush(editor, data_dir: str, out_dir: str, *, scorer: Scorer | None
     iterative = []
     if turns != "single":
         depth = max((len(s) for s in sessions), default=0)
-        iterative = [[_magicbrush_spec(s[k - 1], "iterative") for s in sessions if len(s) >= k] for k in range(2, depth + 1)]
+        iterative = [[_magicbrush_spec(s[k - 1], "iterative") for s in sessions if len(s) >= k]
+                     for k in range(2, depth + 1)]
     run_settings = {"benchmark": "magicbrush", "data": os.path.abspath(data_dir), "split": split,
-                    "captions": captions, **dataclasses.asdict(settings)}
+                    "captions": captions, **_common_settings(settings, proposer)}
     log = ResultLog(out_dir, run_settings, scorer.describe())
-    this_run = _run_specs(editor, [independent, *iterative], log, scorer, settings, batch_size, progress,
+    this_run = _run_specs(editor, [independent, *iterative], log, scorer, settings, batch_size, proposer, progress,
                           versus_source=False)
 
-    records = [log.records[s.key] for s in independent + [s for wave in iterative for s in wave] if s.key in log.records]
+    specs = {s.key: s for wave in [independent, *iterative] for s in wave}
+    records = [log.records[key] for key in specs if key in log.records]
     finished = [r for r in records if "error" not in r]
     results, by_turn = {}, {}
     if turns != "multi":
         results["all_turn"] = _mean([r for r in finished if r["mode"] == "independent"])
-        by_turn["independent"] = aggregate([r for r in finished if r["mode"] == "independent"], by="turn",
+        by_turn["turn/independent"] = aggregate([r for r in finished if r["mode"] == "independent"], by="turn",
                                            metrics=_metric_names(finished))
     if turns != "single":
         last = {s[-1].session: _magicbrush_key(s[-1].session, s[-1].turn, "iterative") for s in sessions if s}
         results["final_turn"] = _mean([r for r in finished if last.get(r["session"]) == r["key"]])
-        by_turn["iterative"] = aggregate([r for r in finished if r["mode"] == "iterative" or r["turn"] == 1],
+        by_turn["turn/iterative"] = aggregate([r for r in finished if r["mode"] == "iterative" or r["turn"] == 1],
                                          by="turn", metrics=_metric_names(finished))
     has_captions = any(t.caption for s in sessions for t in s)
-    summary = _summary("magicbrush", run_settings, scorer, log, records, results, {"turn": by_turn}, this_run,
+    summary = _summary("magicbrush", run_settings, scorer, records, results, by_turn, this_run,
                        sessions=len(sessions), captions=f"{captions}_descriptions.json" if has_captions else None)
-    specs = {s.key: s for s in independent + [s for wave in iterative for s in wave]}
     _write_outputs(out_dir, summary, _grid_rows(log, specs, finished, grid_size, versus_source=False))
     return summary
 
@@ -458,29 +482,35 @@ def run_magicbrush(editor, data_dir: str, out_dir: str, *, scorer: Scorer | None
 
 def run_emu(editor, data_dir: str, out_dir: str, *, scorer: Scorer | None = None, split: str = "test",
             limit: int | None = None, batch_size: int | None = None, settings: EditSettings = EditSettings(),
-            grid_size: int = 8, progress: bool = True) -> dict:
-    """Runs Emu Edit; returns the summary (also written to out_dir). limit: the first N rows."""
+            proposer: str | None = None, grid_size: int = 8, progress: bool = True) -> dict:
+    """Runs Emu Edit; returns the summary (also written to out_dir). limit: the first N rows; the rest
+    as `run_magicbrush`."""
     scorer = scorer or Scorer()
     samples = load_emu(data_dir, split=split)[:limit]
     specs = [_Spec(key=f"{split}/{s.idx}", output=os.path.join("images", f"{s.idx}.png"), instruction=s.instruction,
                    source=s.image, reference=s.image, caption=s.output_caption, source_caption=s.input_caption,
                    labels={"benchmark": "emu_edit", "idx": s.idx, "task": s.task}) for s in samples]
     run_settings = {"benchmark": "emu_edit", "data": os.path.abspath(data_dir), "split": split,
-                    **dataclasses.asdict(settings)}
+                    **_common_settings(settings, proposer)}
     log = ResultLog(out_dir, run_settings, scorer.describe())
-    this_run = _run_specs(editor, [specs], log, scorer, settings, batch_size, progress, versus_source=True)
+    this_run = _run_specs(editor, [specs], log, scorer, settings, batch_size, proposer, progress, versus_source=True)
 
     records = [log.records[s.key] for s in specs if s.key in log.records]
     finished = [r for r in records if "error" not in r]
     identical = sum(1 for s in samples if s.input_caption == s.output_caption)
-    summary = _summary("emu_edit", run_settings, scorer, log, records, {"all": _mean(finished)},
+    summary = _summary("emu_edit", run_settings, scorer, records, {"all": _mean(finished)},
                        {"task": aggregate(finished, by="task", metrics=_metric_names(finished))}, this_run,
                        identical_captions=identical)
-    _write_outputs(out_dir, summary, _grid_rows(log, {s.key: s for s in specs}, finished, grid_size, versus_source=True))
+    grid = _grid_rows(log, {s.key: s for s in specs}, finished, grid_size, versus_source=True)
+    _write_outputs(out_dir, summary, grid)
     return summary
 
 
 # ------------------------------------------------------------------ summaries
+
+
+def _common_settings(settings: EditSettings, proposer: str | None) -> dict:
+    return {**dataclasses.asdict(settings), "proposer": os.path.abspath(proposer) if proposer else None}
 
 
 def _metric_names(records: Sequence[dict]) -> list[str]:
@@ -492,7 +522,7 @@ def _mean(records: Sequence[dict]) -> dict:
     return aggregate(records, metrics=_metric_names(records))
 
 
-def _summary(benchmark, run_settings, scorer, log, records, results, breakdowns, this_run, **extra) -> dict:
+def _summary(benchmark, run_settings, scorer, records, results, breakdowns, this_run, **extra) -> dict:
     errors = [{"key": r["key"], "error": r["error"]} for r in records if "error" in r]
     return {
         "benchmark": benchmark,
@@ -529,10 +559,11 @@ def markdown(summary: dict) -> str:
               f"{s['settings']['steps']} steps, s_I {s['settings']['image_guidance']}, "
               f"s_T {s['settings']['text_guidance']}, seed {s['settings']['seed']}.", ""]
     lines += _table("Results", s["results"])
-    for by, groups in s["by"].items():
-        for name, rows in (groups.items() if by == "turn" else [("", groups)]):
-            lines += _table(f"By {by}" + (f" ({name})" if name else ""), {str(k): v for k, v in rows.items()})
+    for by, rows in s["by"].items():
+        lines += _table(f"By {by}", {str(k): v for k, v in rows.items()})
     lines += ["### Metrics", ""]
+    if "captions" in s:
+        lines.append(f"- CLIP-T captions: {s['captions'] or 'none in the data (no CLIP-T)'}")
     lines += [f"- {name}: {description}" for name, description in s["scorer"]["models"].items()]
     lines += [f"- {metric} not computed: {why}" for metric, why in s["scorer"]["skipped"].items()]
     if s["benchmark"] == "emu_edit":
@@ -544,7 +575,7 @@ def markdown(summary: dict) -> str:
 
 
 def _grid_rows(log, specs, finished, grid_size, versus_source):
-    """Up to grid_size finished edits, evenly spread: (input, instruction, output, target or None)."""
+    """Up to grid_size finished edits, evenly spread: (input, "key: instruction", output, target or None)."""
     if not finished or grid_size <= 0:
         return []
     picks = [finished[i] for i in np.unique(np.linspace(0, len(finished) - 1, grid_size).round().astype(int))]
@@ -552,12 +583,12 @@ def _grid_rows(log, specs, finished, grid_size, versus_source):
     for record in picks:
         spec = specs[record["key"]]
         try:
-            source = spec.source() if spec.source else images.load_image(os.path.join(log.out_dir, specs[spec.after].output))
+            source = _load_source(log, specs, spec)
             target = None if versus_source else spec.reference()
             output = images.load_image(os.path.join(log.out_dir, spec.output))
         except images.ImageError:
             continue
-        rows.append((source, spec.instruction, output, target))
+        rows.append((source, f"{record['key']}: {spec.instruction}", output, target))
     return rows
 
 
@@ -575,8 +606,9 @@ def write_grid(path: str, rows, cell: int = 256) -> None:
             if image is None:
                 draw.text((c * cell + 8, top + cell // 2), "(no target)", fill="gray", font=font)
                 continue
-            thumb = image.copy()
-            thumb.thumbnail((cell, cell))
+            scale = cell / max(image.size)  # fit the cell, small images enlarged
+            thumb = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
+                                 Image.BICUBIC)
             grid.paste(thumb, (c * cell + (cell - thumb.width) // 2, top + (cell - thumb.height) // 2))
         draw.multiline_text((cell + 8, top + 8), _wrap(instruction, draw, font, cell - 16), fill="black", font=font)
     grid.save(path)

@@ -71,10 +71,12 @@ class ClipEncoder:
 
         config_path = os.path.join(directory, "config.json")
         if not os.path.isfile(config_path):
-            raise FileNotFoundError(f"--clip {directory!r}: no config.json (expected a transformers CLIPModel directory)")
+            raise FileNotFoundError(f"--clip {directory!r}: no config.json "
+                                    "(expected a transformers CLIPModel directory)")
         hf = _read_json(config_path)
         if "text_config" not in hf or "vision_config" not in hf:
-            raise ValueError(f"--clip {directory!r} is not a CLIPModel directory (its config has no text/vision towers)")
+            raise ValueError(f"--clip {directory!r} is not a CLIPModel directory "
+                             "(its config has no text and vision towers)")
         self.text_config = CLIPTextConfig.from_hf(hf, with_projection=True)
         self.vision_config = CLIPVisionConfig.from_hf(hf, with_projection=True)
         self.text_params = load_clip_text(directory, self.text_config)
@@ -127,7 +129,8 @@ class DinoEncoder:
         self._fn = jax.jit(lambda pixels: model.apply(self.params, pixels).class_token)
         self.batch_size = batch_size
         c = self.config
-        self.description = f"DINO {path} (ViT {c.num_layers}×{c.hidden_size}, patch {c.patch_size}; Resize 256, crop 224)"
+        self.description = (f"DINO {path} (ViT {c.num_layers}×{c.hidden_size}, patch {c.patch_size}; "
+                            "Resize 256, crop 224)")
 
     def images(self, images) -> np.ndarray:
         return _batched(self._fn, np.stack([preprocess.dino_pixels(im) for im in images]), self.batch_size)
@@ -151,7 +154,8 @@ class LpipsScorer:
 
         heads = heads or bundled_lpips_heads(net)
         if heads is None:
-            raise FileNotFoundError(f"LPIPS needs the linear heads for {net!r}: install the lpips package or pass their path")
+            raise FileNotFoundError(f"LPIPS needs the linear heads for {net!r}: "
+                                    "install the lpips package or pass their path")
         for what, path in (("trunk", trunk), ("heads", heads)):
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"LPIPS {what} weights {path!r} do not exist")
@@ -188,9 +192,10 @@ class Scorer:
         computed = ["l1", "l2"]
         skipped = {}
         models = {}
-        for name, encoder, names, flag in (("lpips", self.lpips, ("lpips",), "--lpips-trunk"),
-                                           ("clip", self.clip, ("clip_i", "clip_t", "clip_t_oracle", "clip_dir"), "--clip"),
-                                           ("dino", self.dino, ("dino",), "--dino")):
+        encoders = (("lpips", self.lpips, ("lpips",), "--lpips-trunk"),
+                    ("clip", self.clip, ("clip_i", "clip_t", "clip_t_oracle", "clip_dir"), "--clip"),
+                    ("dino", self.dino, ("dino",), "--dino"))
+        for name, encoder, names, flag in encoders:
             if encoder is None:
                 skipped.update({metric: f"no {flag} given" for metric in names})
             else:
@@ -221,7 +226,8 @@ class Scorer:
             if self.lpips is not None:
                 record["lpips"] = self.lpips.distance(generated, ref)
         if self.dino is not None:
-            for record, value in zip(records, metrics.dino_score(self.dino.images(outputs), self.dino.images(references))):
+            values = metrics.dino_score(self.dino.images(outputs), self.dino.images(references))
+            for record, value in zip(records, values):
                 record["dino"] = float(value)
         if self.clip is not None:
             self._clip_metrics(records, outputs, references, captions, sources, source_captions, oracle)
