@@ -12,6 +12,9 @@ import numpy as np
 from PIL import Image
 
 from fireedit_jax import checkpoint, images
+from fireedit_jax.data import tokenizer as llm_tokenizer
+from fireedit_jax.data.proposals import validate_boxes
+from fireedit_jax.data.vlm_inputs import build_vlm_inputs
 from fireedit_jax.diffusion.edit_loop import make_edit_fn, stack_branches
 from fireedit_jax.diffusion.samplers import make_sampler
 from fireedit_jax.diffusion.schedules import SchedulerConfig
@@ -30,9 +33,11 @@ class Editor:
 
     def __init__(self, model: EditModel, params, config, tokenizer):
         self.model, self.params, self.config, self.tokenizer = model, params, config, tokenizer
-        self.scheduler_config = dataclass_from_dict(SchedulerConfig, config.model.scheduler.to_dict())
+        self.scheduler_config = dataclass_from_dict(SchedulerConfig, config.model.scheduler)
+        if model.conditioner == "vlm":
+            self.token_ids = llm_tokenizer.add_new_tokens(tokenizer, model.vlm.llm.vocab_size)
         self._edit = make_edit_fn(model.denoise)
-        self._encode_text = jax.jit(model.encode_text)
+        self._condition = jax.jit(model.condition)
         self._encode_image = jax.jit(model.encode_image)
         self._decode = jax.jit(model.decode)
 
@@ -44,7 +49,7 @@ class Editor:
         dtype = dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
         model = EditModel.from_config(config.model, dtype=DTYPES[dtype], attention=attention)
         params = checkpoint.load_params(directory, jax.eval_shape(model.init, jax.random.key(0)))
-        return cls(model, params, config, load_tokenizer(checkpoint.tokenizer_dir(directory)))
+        return cls(model, params, config, load_tokenizer(checkpoint.tokenizer_dir(directory), model))
 
     # ------------------------------------------------------------------ public
 
@@ -58,17 +63,23 @@ class Editor:
         text_guidance: float = 7.5,
         seed: int = 0,
         scheduler: str | None = None,
+        boxes=None,
         progress: bool | Callable[[int], None] = True,
     ):
         """Edits one image (→ PIL image) or a list of images with one instruction each (→ list).
 
         Images of any size and mode are accepted; each output has its input's size.
+        boxes: region proposals for the VLM, normalised xyxy: float[R, 4] for one image, a
+        list of those for a list (None: no region tokens).
         """
         single = isinstance(instruction, str)
         image_list = [image] if single else list(image)
         instructions = [instruction] if single else list(instruction)
+        box_list = [boxes] if single else list(boxes) if boxes is not None else [None] * len(image_list)
         if len(image_list) != len(instructions):
             raise ValueError(f"{len(image_list)} images but {len(instructions)} instructions")
+        if len(box_list) != len(image_list):
+            raise ValueError(f"boxes are given for {len(box_list)} images, but there are {len(image_list)} images")
         loaded = [images.load_image(x) for x in image_list]
         resolution = int(self.config.get("resolution", 512))
         outputs: list[Image.Image | None] = [None] * len(loaded)
@@ -79,8 +90,9 @@ class Editor:
         for size, members in groups.items():
             pixels = np.stack([images.to_model_array(loaded[i], size) for i in members])
             edited = self.edit_arrays(
-                pixels, [instructions[i] for i in members], steps=steps, image_guidance=image_guidance,
-                text_guidance=text_guidance, seed=seed, scheduler=scheduler, progress=progress,
+                pixels, [instructions[i] for i in members], boxes=[box_list[i] for i in members], steps=steps,
+                image_guidance=image_guidance, text_guidance=text_guidance, seed=seed, scheduler=scheduler,
+                progress=progress,
             )  # fmt: skip
             for i, array in zip(members, np.asarray(edited)):
                 outputs[i] = images.from_model_array(array, loaded[i].size)
@@ -91,6 +103,7 @@ class Editor:
         pixels,
         instructions: Sequence[str],
         *,
+        boxes=None,
         steps: int = 100,
         image_guidance: float = 1.5,
         text_guidance: float = 7.5,
@@ -102,6 +115,7 @@ class Editor:
     ) -> jax.Array:
         """float[B, H, W, 3] in [-1, 1] (H, W multiples of the latent factor) → edited, same range.
 
+        boxes: per image float[R_i, 4] normalised xyxy or None (VLM conditioner only).
         initial_noise: float[B, h, w, C]; step_noise: float[S, B, h, w, C] (stochastic samplers).
         """
         pixels = jnp.asarray(pixels, jnp.float32)
@@ -110,14 +124,33 @@ class Editor:
             raise ValueError(f"image size {pixels.shape[1:3]} is not a multiple of {factor}")
         sampler = make_sampler(scheduler or self.config.model.sampler, self.scheduler_config, steps)
         image_latents = self._encode_image(self.params, pixels)
-        text = self._encode_text(self.params, jnp.asarray(self.tokenize(instructions)))
-        cond = stack_branches({"text": text}, {"text": self.params["null_text"]}, {"text": self.params["null_text"]})
+        cond, _ = self._condition(self.params, pixels, *self.text_inputs(instructions, boxes))
+        cond = stack_branches(*self.model.branches(self.params, cond))
         with _progress_bar(steps, progress) as on_step:
             latents = self._edit(
                 self.params, sampler, image_latents, cond, text_scale=text_guidance, image_scale=image_guidance,
                 seed=seed, initial_noise=initial_noise, step_noise=step_noise, progress=on_step,
             )  # fmt: skip
         return self._decode(self.params, latents)
+
+    def text_inputs(self, instructions: Sequence[str], boxes=None) -> tuple:
+        """The conditioner's inputs: (CLIP ids,) or ((input_ids, attention_mask), boxes, box_mask)."""
+        if self.model.conditioner == "clip_text":
+            return (jnp.asarray(self.tokenize(instructions)),)
+        boxes = [np.zeros((0, 4), np.float32) if b is None else validate_boxes(b, None, source=f"image {i}")
+                 for i, b in enumerate(boxes if boxes is not None else [None] * len(instructions))]  # fmt: skip
+        vlm = self.model.vlm
+        grid = self.model.vlm_image_size // vlm.vision.patch_size // vlm.merge
+        use_boxes = vlm.regions is not None
+        batch = build_vlm_inputs(
+            self.tokenizer, self.token_ids, instructions, [len(b) if use_boxes else 0 for b in boxes],
+            num_image_tokens=grid * grid, length_buckets=tuple(self.config.data.length_buckets),
+            box_buckets=tuple(self.config.data.box_buckets),
+        )  # fmt: skip
+        padded = np.zeros((len(boxes), batch.box_mask.shape[1], 4), np.float32)
+        for i, b in enumerate(boxes):
+            padded[i, : len(b)] = b[: padded.shape[1]] if use_boxes else 0
+        return (batch.input_ids, batch.attention_mask), padded, batch.box_mask
 
     def tokenize(self, texts: Sequence[str]) -> np.ndarray:
         """int32[B, L], padded to the text encoder's length; over-long texts are truncated with a warning."""
@@ -130,12 +163,14 @@ class Editor:
         return np.asarray(ids, np.int32)
 
 
-def load_tokenizer(directory: str):
-    """The CLIP tokenizer saved beside the weights (no download)."""
+def load_tokenizer(directory: str, model: EditModel | None = None):
+    """The tokenizer saved beside the weights (no download): CLIP's, or the LLM's with the new tokens."""
     from transformers import AutoTokenizer
 
     if not os.path.isdir(directory):
         raise checkpoint.CheckpointError(f"tokenizer directory {directory!r} does not exist")
+    if model is not None and model.conditioner == "vlm":
+        return llm_tokenizer.load_tokenizer(directory, model.vlm.llm.vocab_size)[0]
     return AutoTokenizer.from_pretrained(directory, local_files_only=True)
 
 

@@ -13,10 +13,10 @@ from golden import check_golden
 
 from fireedit_jax.convert import core
 from fireedit_jax.convert.groma import config_from_state, convert_groma, verify_groma
+from fireedit_jax.nn.resize import bilinear_resize
 from fireedit_jax.models.regions import (
     RegionEncoder,
     RegionEncoderConfig,
-    bilinear_resize,
     example_inputs,
     roi_align,
 )

@@ -22,7 +22,7 @@ from fireedit_jax.convert import unet as unet_convert
 from fireedit_jax.convert import vae as vae_convert
 from fireedit_jax.diffusion.samplers import SAMPLERS
 from fireedit_jax.diffusion.schedules import SchedulerConfig
-from fireedit_jax.models.clip import CLIPTextConfig
+from fireedit_jax.models.clip import CLIPTextConfig, CLIPTextModel
 from fireedit_jax.models.fireedit import EditModel
 from fireedit_jax.models.unet import UNetConfig
 from fireedit_jax.models.vae import VAEConfig
@@ -71,8 +71,6 @@ def ip2p_config(src: str) -> ml_collections.ConfigDict:
 
 def convert_ip2p(src: str, out: str, *, verify: bool = False) -> dict[str, float]:
     """Converts SRC into the checkpoint directory OUT; returns {network: max abs error} if verify."""
-    from fireedit_jax.pipeline import load_tokenizer
-
     config = ip2p_config(src)
     model = EditModel.from_config(config.model)
     params = {
@@ -82,16 +80,25 @@ def convert_ip2p(src: str, out: str, *, verify: bool = False) -> dict[str, float
             "params"
         ],
     }
-    tokenizer = load_tokenizer(os.path.join(src, "tokenizer"))
-    null_ids = tokenizer([""], padding="max_length", max_length=model.max_text_length, truncation=True).input_ids
-    with jax.default_matmul_precision("highest"):
-        params["null_text"] = model.encode_text(params, jnp.asarray(null_ids, jnp.int32))[0]
+    params["null_text"] = null_text(src, model.text_encoder.config, params["text_encoder"])
     params = jax.tree.map(lambda x: np.asarray(x, np.float32), params)
     checkpoint.save(out, params, config, tokenizer_dir=os.path.join(src, "tokenizer"))
     errors = {}
     if verify:
         errors = verify_ip2p(src, params, model)
     return errors
+
+
+def null_text(src: str, text_config: CLIPTextConfig, text_params) -> np.ndarray:
+    """float32[L, D]: the CLIP text encoder's last hidden states of "" — the text-null condition."""
+    from fireedit_jax.pipeline import load_tokenizer
+
+    tokenizer = load_tokenizer(os.path.join(src, "tokenizer"))
+    length = text_config.max_position_embeddings
+    ids = tokenizer([""], padding="max_length", max_length=length, truncation=True).input_ids
+    with jax.default_matmul_precision("highest"):
+        out = CLIPTextModel(text_config).apply({"params": text_params}, jnp.asarray(ids, jnp.int32))
+    return np.asarray(out.last_hidden_state[0], np.float32)
 
 
 def verify_ip2p(src: str, params, model: EditModel) -> dict[str, float]:

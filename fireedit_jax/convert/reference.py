@@ -116,3 +116,62 @@ def save_ip2p(directory: str, sizes: IP2PSizes = IP2PSizes(), seed: int = 0):
     os.makedirs(directory, exist_ok=True)
     pipeline.save_pretrained(directory)
     return pipeline
+
+
+def word_tokenizer(words):
+    """A lower-casing word-level tokenizer (<pad> <unk> <s> </s> + `words`), as transformers' fast tokenizer."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(dict.fromkeys(["<pad>", "<unk>", "<s>", "</s>", *words]))}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.normalizer = normalizers.Lowercase()
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+
+
+EDIT_WORDS = "user: assistant: make turn add remove the a an it to into of left right top bottom " \
+    "small big bigger smaller cup circle square triangle red green blue yellow".split()  # fmt: skip
+
+
+def save_llama(directory: str, words=EDIT_WORDS, *, width: int = 32, layers: int = 2, seed: int = 0):
+    """A random LlamaForCausalLM (GQA) with a word-level tokenizer, saved as a transformers directory."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    tokenizer = word_tokenizer(words)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, rope_theta=10000.0,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    ))  # fmt: skip
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return model
+
+
+def save_dinov2(directory: str, *, width: int = 16, layers: int = 3, image_size: int = 32, patch: int = 8, seed=0):
+    """A random transformers Dinov2Model."""
+    import torch
+    from transformers import Dinov2Config, Dinov2Model
+
+    torch.manual_seed(seed)
+    model = Dinov2Model(Dinov2Config(hidden_size=width, num_hidden_layers=layers, num_attention_heads=2,
+                                     intermediate_size=4 * width, image_size=image_size, patch_size=patch))  # fmt: skip
+    model.save_pretrained(directory)
+    return model
+
+
+def save_clip_vision(directory: str, *, width: int = 16, layers: int = 2, image_size: int = 16, patch: int = 8, seed=0):
+    """A random transformers CLIPVisionModel."""
+    import torch
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    torch.manual_seed(seed)
+    model = CLIPVisionModel(CLIPVisionConfig(hidden_size=width, intermediate_size=4 * width, num_hidden_layers=layers,
+                                             num_attention_heads=2, image_size=image_size, patch_size=patch))  # fmt: skip
+    model.save_pretrained(directory)
+    return model

@@ -1,9 +1,18 @@
-"""The editing model as one composition: conditioner + VAE + 8-channel UNet.
+"""FireEdit as one composition: conditioner → (TATI) → UNet with decoupled cross-attention.
 
-Shapes: B batch, h×w latent size, L text tokens (77), D context width (768).
+Shapes: B batch, h×w latent size, L context tokens (77), D context width (768), V visual
+tokens of HVCA (16).
 
-`conditioner="clip_text"` is the InstructPix2Pix baseline: the CLIP text encoder's
-last hidden states condition every cross-attention.
+conditioner = "vlm" (FireEdit):
+  condition (once per edit): VLM(image, boxes, instruction) → e [B, 32, d_llm]
+      → Q-Former → text [B, L, D];  CLIP + DINOv2 features at two sizes → HVCA(·, text) → visual [B, V, D]
+  denoise (every step):  TATI(text, t) → K1/V1;  visual → K2/V2 (λ·Attn, bias-free)
+conditioner = "clip_text" (the InstructPix2Pix baseline): text = CLIP text encoder states.
+
+Switches give the paper's ablation rows: `use_regions` (region tokens), `use_tati`,
+`use_hvca`. Null conditions (DESIGN.md): text-null = params["null_text"] (CLIP("") states)
+in place of the Q-Former output, then through TATI; image-null = zero image latent and
+zero visual tokens (K2/V2 have no bias, so that branch adds nothing).
 """
 
 from __future__ import annotations
@@ -11,19 +20,29 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
 
-from fireedit_jax.models.clip import CLIPTextConfig, CLIPTextModel
+from fireedit_jax.models import clip, dinov2
+from fireedit_jax.models.clip import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModel
+from fireedit_jax.models.dinov2 import DINOv2Config, DINOv2Model
+from fireedit_jax.models.hvca import HVCA, HVCAConfig
+from fireedit_jax.models.llama import LlamaConfig
+from fireedit_jax.models.qformer import QFormer, QFormerConfig
+from fireedit_jax.models.regions import RegionEncoderConfig
+from fireedit_jax.models.tati import TATI, TATIConfig
 from fireedit_jax.models.unet import UNet, UNetConfig
 from fireedit_jax.models.vae import VAE, VAEConfig
+from fireedit_jax.models.vlm import VLM, check_vlm_configs
 
-CONDITIONERS = ("clip_text",)
+CONDITIONERS = ("clip_text", "vlm")
 
 
 def dataclass_from_dict(cls, values):
     """A config dataclass from a (JSON-loaded) mapping; lists become tuples."""
+    values = values.to_dict() if isinstance(values, ml_collections.ConfigDict) else dict(values)
     fields = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - fields)
     if unknown:
@@ -32,60 +51,173 @@ def dataclass_from_dict(cls, values):
     return cls(**{k: as_tuple(v) for k, v in values.items()})
 
 
-def _to_dict(values) -> dict:
-    return values.to_dict() if isinstance(values, ml_collections.ConfigDict) else dict(values)
+def _resize(pixels, size: int):
+    """float[B, H, W, 3] in [-1, 1] → [0, 1] at size × size (antialiased when shrinking)."""
+    x = (pixels.astype(jnp.float32) + 1.0) / 2.0
+    if x.shape[1:3] == (size, size):
+        return x
+    return jax.image.resize(x, (x.shape[0], size, size, 3), "bicubic", antialias=True).clip(0.0, 1.0)
 
 
 @dataclasses.dataclass(frozen=True)
 class EditModel:
     """Holds the networks; every method is a pure function of `params`.
 
-    params: {"unet", "vae", "text_encoder", "null_text": float[L, D]}
+    params: {"unet", "vae", "null_text": float[L, D]} and, for "clip_text", "text_encoder";
+    for "vlm", "vlm", "qformer" (+ "tati" if use_tati) (+ "hvca", "clip_vision" if use_hvca).
     """
 
     unet: UNet
     vae: VAE
-    text_encoder: CLIPTextModel
     conditioner: str = "clip_text"
+    text_encoder: CLIPTextModel | None = None
+    vlm: VLM | None = None
+    qformer: QFormer | None = None
+    tati: TATI | None = None
+    hvca: HVCA | None = None
+    clip_vision: CLIPVisionModel | None = None
+    vlm_image_size: int = 448
+    hvca_sizes: tuple[int, ...] = (224, 448)
 
     @classmethod
     def from_config(cls, model: ml_collections.ConfigDict, *, dtype=jnp.float32, attention: str | None = None):
         if model.conditioner not in CONDITIONERS:
             raise ValueError(f"conditioner {model.conditioner!r} not in {CONDITIONERS}")
-        common = dict(dtype=dtype, attention=attention)
-        return cls(
-            unet=UNet(dataclass_from_dict(UNetConfig, _to_dict(model.unet)), **common),
-            vae=VAE(dataclass_from_dict(VAEConfig, _to_dict(model.vae)), **common),
-            text_encoder=CLIPTextModel(dataclass_from_dict(CLIPTextConfig, _to_dict(model.text_encoder)), **common),
+        kw = dict(dtype=dtype, attention=attention)
+        parts: dict[str, Any] = dict(
+            unet=UNet(dataclass_from_dict(UNetConfig, model.unet), **kw),
+            vae=VAE(dataclass_from_dict(VAEConfig, model.vae), **kw),
             conditioner=model.conditioner,
         )
+        if model.conditioner == "clip_text":
+            parts["text_encoder"] = CLIPTextModel(dataclass_from_dict(CLIPTextConfig, model.text_encoder), **kw)
+        else:
+            llm = dataclass_from_dict(LlamaConfig, model.llm)
+            vision = dataclass_from_dict(DINOv2Config, model.vision)
+            regions = dataclass_from_dict(RegionEncoderConfig, model.regions) if model.use_regions else None
+            check_vlm_configs(llm, vision, regions)
+            parts["vlm"] = VLM(llm, vision, regions, merge=model.get("merge", 2), **kw)
+            parts["qformer"] = QFormer(dataclass_from_dict(QFormerConfig, model.qformer), **kw)
+            parts["vlm_image_size"] = model.vlm_image_size
+        if model.get("use_tati", False):
+            parts["tati"] = TATI(dataclass_from_dict(TATIConfig, model.tati), **kw)
+        if model.get("use_hvca", False):
+            parts["hvca"] = HVCA(dataclass_from_dict(HVCAConfig, model.hvca), **kw)
+            parts["clip_vision"] = CLIPVisionModel(dataclass_from_dict(CLIPVisionConfig, model.clip_vision), **kw)
+            parts["hvca_sizes"] = tuple(model.hvca_sizes)
+            if model.conditioner != "vlm":
+                raise ValueError("HVCA reads the DINOv2 tower of the VLM: use_hvca needs conditioner='vlm'")
+        return cls(**parts)
+
+    # ------------------------------------------------------------------ sizes
+
+    @property
+    def context_length(self) -> int:
+        if self.text_encoder is not None:
+            return self.text_encoder.config.max_position_embeddings
+        return self.qformer.config.num_queries
+
+    @property
+    def context_dim(self) -> int:
+        return self.unet.config.cross_attention_dim
 
     @property
     def max_text_length(self) -> int:
+        """Tokens of the CLIP text encoder's input (clip_text conditioner)."""
         return self.text_encoder.config.max_position_embeddings
 
     @property
     def latent_factor(self) -> int:
         return self.vae.config.downsample_factor
 
+    # ------------------------------------------------------------------ params
+
     def init(self, key: jax.Array) -> dict[str, Any]:
         """Fresh (boxed, logically partitioned) params; `jax.eval_shape` it for the tree."""
-        k_unet, k_vae, k_text = jax.random.split(key, 3)
-        f = self.latent_factor
-        pixels = jnp.zeros((1, 2 * f, 2 * f, 3))
-        ids = jnp.zeros((1, self.max_text_length), jnp.int32)
-        latents = jnp.zeros((1, 2, 2, self.unet.config.in_channels))
-        context = jnp.zeros((1, self.max_text_length, self.unet.config.cross_attention_dim))
-        return {
-            "unet": self.unet.init(k_unet, latents, jnp.zeros((1,)), context)["params"],
-            "vae": self.vae.init(k_vae, pixels)["params"],
-            "text_encoder": self.text_encoder.init(k_text, ids)["params"],
-            "null_text": jnp.zeros((self.max_text_length, self.unet.config.cross_attention_dim)),
+        keys = iter(jax.random.split(key, 8))
+        f, length, width = self.latent_factor, self.context_length, self.context_dim
+        text = jnp.zeros((1, length, width))
+        params = {
+            "unet": self.unet.init(next(keys), jnp.zeros((1, 2, 2, self.unet.config.in_channels)), jnp.zeros((1,)),
+                                   text)["params"],  # fmt: skip
+            "vae": self.vae.init(next(keys), jnp.zeros((1, 2 * f, 2 * f, 3)))["params"],
+            "null_text": jnp.zeros((length, width)),
         }
+        if self.text_encoder is not None:
+            ids = jnp.zeros((1, self.max_text_length), jnp.int32)
+            params["text_encoder"] = self.text_encoder.init(next(keys), ids)["params"]
+        if self.vlm is not None:
+            tokens = jnp.zeros((1, 40), jnp.int32)
+            pixels = jnp.zeros((1, self.vlm_image_size, self.vlm_image_size, 3))
+            params["vlm"] = self.vlm.init(next(keys), pixels, tokens, None, jnp.zeros((1, 1, 4)))["params"]
+            e = jnp.zeros((1, 32, self.vlm.llm.hidden_size))
+            params["qformer"] = self.qformer.init(next(keys), e)["params"]
+        if self.tati is not None:
+            params["tati"] = self.tati.init(next(keys), text, jnp.zeros((1,)))["params"]
+        if self.hvca is not None:
+            size = self.clip_vision.config.image_size
+            params["clip_vision"] = self.clip_vision.init(next(keys), jnp.zeros((1, size, size, 3)))["params"]
+            visual = jnp.zeros((1, 4, self.hvca.config.visual_dim))
+            params["hvca"] = self.hvca.init(next(keys), visual, None, text)["params"]
+        return params
+
+    # ------------------------------------------------------------------ conditioning (once per edit)
 
     def encode_text(self, params, input_ids: jax.Array) -> jax.Array:
-        """int[B, L] → float[B, L, D]: last hidden states, no padding mask (as SD pipelines)."""
+        """int[B, L] → float[B, L, D]: CLIP last hidden states, no padding mask (as SD pipelines)."""
         return self.text_encoder.apply({"params": params["text_encoder"]}, input_ids).last_hidden_state
+
+    def condition(self, params, pixels, text_inputs, boxes=None, box_mask=None, *, deterministic: bool = True):
+        """The edit's conditions, computed once per edit.
+
+        Args:
+          pixels: float[B, H, W, 3] in [-1, 1] (the source image).
+          text_inputs: clip_text: int[B, L] CLIP ids; vlm: (input_ids, attention_mask) from
+            `build_vlm_inputs`.
+          boxes, box_mask: float[B, R, 4] normalised xyxy and bool[B, R] (vlm only).
+        Returns:
+          ({"text": float[B, L, D], "visual": float[B, V, D] (HVCA only)}, VLM logits or None).
+        """
+        if self.conditioner == "clip_text":
+            return {"text": self.encode_text(params, text_inputs)}, None
+        input_ids, attention_mask = text_inputs
+        image = dinov2.normalize_pixels(_resize(pixels, self.vlm_image_size))
+        out = self.vlm.apply({"params": params["vlm"]}, image, input_ids, attention_mask, boxes, box_mask,
+                             deterministic=deterministic)  # fmt: skip
+        text = self.qformer.apply({"params": params["qformer"]}, out.e, deterministic=deterministic)
+        cond = {"text": text}
+        if self.hvca is not None:
+            visual = jax.lax.stop_gradient(self.visual_features(params, pixels, out.vision_states))
+            cond["visual"] = self.hvca.apply({"params": params["hvca"]}, visual, None, text)
+        return cond, out.logits
+
+    def visual_features(self, params, pixels, vlm_vision_states=None) -> jax.Array:
+        """HVCA's input: CLIP penultimate and DINOv2 last states at each of `hvca_sizes`, on tokens.
+
+        The frozen encoders' features (float[B, S, 1024]); DINOv2 at the VLM's size is reused.
+        """
+        features = []
+        for size in self.hvca_sizes:
+            x = _resize(pixels, size)
+            clip_out = self.clip_vision.apply({"params": params["clip_vision"]}, clip.normalize_pixels(x),
+                                              hidden_layers=(-2,))  # fmt: skip
+            features.append(clip_out.hidden_states[0])
+        for size in self.hvca_sizes:
+            if size == self.vlm_image_size and vlm_vision_states is not None:
+                features.append(vlm_vision_states)
+                continue
+            x = dinov2.normalize_pixels(_resize(pixels, size))
+            tower = DINOv2Model(self.vlm.vision, dtype=self.vlm.dtype, attention=self.vlm.attention)
+            features.append(tower.apply({"params": params["vlm"]["vision"]}, x).last_hidden_state)
+        return jnp.concatenate([f.astype(jnp.float32) for f in features], axis=1)
+
+    def branches(self, params, cond):
+        """The three guidance branches' conditions, diffusers' order: (full, image-only, unconditional)."""
+        null = {"text": params["null_text"][None]}
+        if "visual" in cond:
+            image_only = {**null, "visual": cond["visual"]}
+            return cond, image_only, {**null, "visual": jnp.zeros_like(cond["visual"])}
+        return cond, null, null
 
     def encode_image(self, params, pixels: jax.Array) -> jax.Array:
         """float[B, H, W, 3] in [-1, 1] → the unscaled latent mode float[B, h, w, C] (IP2P's image condition)."""
@@ -97,6 +229,17 @@ class EditModel:
         image = self.vae.apply({"params": params["vae"]}, latents / self.vae.config.scaling_factor, method=VAE.decode)
         return jnp.clip(image, -1.0, 1.0)
 
+    # ------------------------------------------------------------------ every step
+
     def denoise(self, params, latents_in: jax.Array, t: jax.Array, cond) -> jax.Array:
-        """The edit loop's denoiser: cond = {"text": float[3B, L, D]}."""
-        return self.unet.apply({"params": params["unet"]}, latents_in, t, cond["text"])
+        """The edit loop's denoiser: TATI (if on) makes the text condition time-aware, then the UNet."""
+        text = cond["text"]
+        if self.tati is not None:
+            text = self.tati.apply({"params": params["tati"]}, text, t)
+        return self.unet.apply({"params": params["unet"]}, latents_in, t, text, cond.get("visual"))
+
+
+def trainable_counts(tree) -> dict[str, int]:
+    """{top-level network: parameter count} of a (boxed or abstract) param tree."""
+    tree = flax.linen.meta.unbox(tree)
+    return {name: sum(int(x.size) for x in jax.tree.leaves(sub)) for name, sub in tree.items()}

@@ -53,6 +53,7 @@ import numpy as np
 
 from fireedit_jax.nn.linear import conv, dense
 from fireedit_jax.nn.norms import GroupNorm, LayerNorm
+from fireedit_jax.nn.resize import bilinear_resize
 
 Dtype = Any
 
@@ -164,33 +165,6 @@ def roi_align(
     if mask is not None:
         out = jnp.where(mask[:, :, None, None, None], out, 0.0)
     return out
-
-
-# ---------------------------------------------------------------------------- resampling
-
-
-def _bilinear_matrix(in_size: int, out_size: int) -> np.ndarray:
-    """float32[out, in]: torch bilinear interpolation with align_corners=True along one axis."""
-    scale = np.float32(in_size - 1) / np.float32(out_size - 1) if out_size > 1 else np.float32(0)
-    src = scale * np.arange(out_size, dtype=np.float32)
-    low = np.minimum(np.floor(src).astype(int), in_size - 1)
-    high = np.minimum(low + 1, in_size - 1)
-    frac = np.clip(src - low, 0, 1).astype(np.float32)
-    matrix = np.zeros((out_size, in_size), np.float32)
-    np.add.at(matrix, (np.arange(out_size), low), 1 - frac)
-    np.add.at(matrix, (np.arange(out_size), high), frac)
-    return matrix
-
-
-def bilinear_resize(x, size: tuple[int, int]):
-    """x: float[B, H, W, C] → float[B, h, w, C], as F.interpolate(mode="bilinear", align_corners=True)."""
-    if x.shape[1:3] == tuple(size):
-        return x
-    rows = jnp.asarray(_bilinear_matrix(x.shape[1], size[0]))
-    cols = jnp.asarray(_bilinear_matrix(x.shape[2], size[1]))
-    y = jnp.einsum("hH,bHWc->bhWc", rows, x.astype(jnp.float32), precision="highest")
-    y = jnp.einsum("wW,bhWc->bhwc", cols, y, precision="highest")
-    return y.astype(x.dtype)
 
 
 # ---------------------------------------------------------------------------- region encoder

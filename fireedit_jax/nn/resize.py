@@ -1,4 +1,4 @@
-"""Resampling that matches torch.nn.functional.interpolate exactly.
+"""Resampling that matches torch.nn.functional.interpolate exactly (bicubic, antialiased bicubic, bilinear).
 
 `jax.image.resize(..., "cubic")` uses Keys' a = -0.5 and antialiasing; torch's
 bicubic uses a = -0.75, no antialiasing and clamped border taps, which differ by up
@@ -68,10 +68,33 @@ def antialiased_bicubic_matrix(in_size: int, out_size: int) -> np.ndarray:
 
 def bicubic_resize(x, size: tuple[int, int], antialias: bool = False):
     """x: float[..., H, W, C] → float[..., h, w, C], as torch bicubic with align_corners=False."""
+    matrix = antialiased_bicubic_matrix if antialias else bicubic_matrix
+    return _resample(x, size, matrix)
+
+
+def bilinear_matrix(in_size: int, out_size: int) -> np.ndarray:
+    """float32[out, in]: torch bilinear interpolation with align_corners=True along one axis."""
+    scale = np.float32(in_size - 1) / np.float32(out_size - 1) if out_size > 1 else np.float32(0)
+    src = scale * np.arange(out_size, dtype=np.float32)
+    low = np.minimum(np.floor(src).astype(int), in_size - 1)
+    high = np.minimum(low + 1, in_size - 1)
+    frac = np.clip(src - low, 0, 1).astype(np.float32)
+    matrix = np.zeros((out_size, in_size), np.float32)
+    np.add.at(matrix, (np.arange(out_size), low), 1 - frac)
+    np.add.at(matrix, (np.arange(out_size), high), frac)
+    return matrix
+
+
+def bilinear_resize(x, size: tuple[int, int]):
+    """x: float[..., H, W, C] → float[..., h, w, C], as torch bilinear with align_corners=True."""
+    return _resample(x, size, bilinear_matrix)
+
+
+def _resample(x, size, matrix):
+    """Applies a separable interpolation matrix along H and W (in float32, full precision)."""
     h_in, w_in = x.shape[-3], x.shape[-2]
     if (h_in, w_in) == tuple(size):
         return x
-    matrix = antialiased_bicubic_matrix if antialias else bicubic_matrix
     rows = jnp.asarray(matrix(h_in, size[0]), jnp.float32)
     cols = jnp.asarray(matrix(w_in, size[1]), jnp.float32)
     y = jnp.einsum("hH,...HWc->...hWc", rows, x.astype(jnp.float32), precision="highest")
