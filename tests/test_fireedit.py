@@ -125,3 +125,24 @@ def test_checkpoint_missing_a_network_names_it(fireedit_ckpt, tmp_path):
     checkpoint.save(str(broken), params, checkpoint.load_config(str(broken)))
     with pytest.raises(checkpoint.CheckpointError, match="missing: qformer/"):
         Editor.from_pretrained(str(broken))
+
+
+def test_fireedit_7b_trainable_counts_per_stage():
+    """Full size via eval_shape (nothing allocated). Paper: 1093.8M trainable (see BENCHMARKS.md for the gap)."""
+    import importlib.util
+
+    from fireedit_jax.train import masks, stages
+
+    spec = importlib.util.spec_from_file_location("fireedit_7b", "configs/fireedit_7b.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    tree = jax.eval_shape(EditModel.from_config(module.get_config("3").model).init, jax.random.key(0))
+
+    def count(*patterns):
+        return masks.count_params(tree, masks.trainable_mask(tree, patterns))
+
+    assert count(stages.LORA) == 4_194_304  # r 8 on q_proj, v_proj of 32 layers
+    # K2/V2 (768 → C, bias-free) in the 16 cross-attentions, whose widths C sum to 12,480
+    assert count(r"_ip/kernel$") == 2 * 768 * 12_480
+    assert count(r"^unet/") == 859_532_484 + count(r"_ip/kernel$")  # the 8-channel SD1.5 UNet + K2/V2
+    assert [count(*stages.trainable_patterns(s)) for s in (1, 2, 3)] == [65_309_952, 981_768_644, 1_007_462_340]
