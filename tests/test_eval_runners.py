@@ -335,3 +335,25 @@ def test_multi_turn_edits_the_previous_output(editor, tmp_path):
     np.testing.assert_array_equal(second[0], images.to_model_array(images.load_image(paths[0]), (SIZE, SIZE)))
     assert instructions[0] == "make it night"
     assert np.abs(np.asarray(Image.open(paths[1]), np.int16) - np.asarray(Image.open(paths[0]), np.int16)).max() > 10
+
+
+def test_scorer_lpips_and_distances_match_the_references(tmp_path):
+    """LPIPS (squeeze trunk, the lpips package's bundled heads) and L1 on an output of another size than its target."""
+    import lpips
+
+    torch.manual_seed(0)
+    model = lpips.LPIPS(net="squeeze", pnet_rand=True, verbose=False).eval()  # random trunk: no download
+    trunk = {k: v for k, v in model.state_dict().items() if k.startswith("net.")}
+    torch.save(trunk, tmp_path / "trunk.pth")
+    scorer = Scorer.from_paths(lpips_trunk=str(tmp_path / "trunk.pth"), lpips_net="squeeze")
+    assert scorer.describe()["metrics"] == ["l1", "l2", "lpips"]
+    output, target = _image(1, (48, 40)), _image(2, (64, 56))
+    [record] = scorer.score([output], [target])
+
+    resized = np.asarray(output.resize(target.size, Image.BICUBIC), np.float32) / 255  # MagicBrush: PIL, to the gt size
+    want = np.asarray(target, np.float32) / 255
+    assert record["l1"] == pytest.approx(np.abs(resized - want).mean(), abs=1e-6)
+    to_torch = lambda a: torch.from_numpy(a).permute(2, 0, 1)[None]  # noqa: E731
+    with torch.no_grad():
+        expected = model(to_torch(resized), to_torch(want), normalize=True).item()
+    assert record["lpips"] == pytest.approx(expected, abs=1e-4) and expected > 0.01
