@@ -313,6 +313,13 @@ def test_batch_edit_jsonl(editor, tmp_path, monkeypatch):
     again = edit_jsonl(editor, str(tmp_path / "edits.jsonl"), str(tmp_path / "out"), progress=False, settings=SETTINGS)
     assert not again.written and len(again.existing) == 3
 
+    # noise is per sample: a.png edited again in another batch, at another position, comes out the same
+    (tmp_path / "one.jsonl").write_text("\n".join(json.dumps(line) for line in [lines[1], lines[0]]))
+    redo = edit_jsonl(editor, str(tmp_path / "one.jsonl"), str(tmp_path / "redo"), settings=SETTINGS, progress=False)
+    assert [os.path.basename(p) for p in redo.written] == ["b.png", "a.png"]
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "redo" / "a.png")),
+                                  np.asarray(Image.open(tmp_path / "out" / "a.png")))
+
     lines[2].pop("output")
     lines[1].pop("instruction")
     lines[3]["boxes"] = [[0.5, 0.5, 0.4, 0.9]]

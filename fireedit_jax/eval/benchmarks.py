@@ -626,9 +626,18 @@ def _wrap(text: str, draw, font, width: int) -> str:
     return "\n".join(lines + [line])
 
 
+def _strict_json(value):
+    """NaN (a metric with no values in a group) → null, so summary.json is standard JSON."""
+    if isinstance(value, dict):
+        return {k: _strict_json(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_strict_json(v) for v in value]
+    return None if isinstance(value, float) and math.isnan(value) else value
+
+
 def _write_outputs(out_dir: str, summary: dict, grid_rows) -> None:
     with open(os.path.join(out_dir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=1, default=str)
+        json.dump(_strict_json(summary), f, indent=1, default=str, allow_nan=False)
     with open(os.path.join(out_dir, "summary.md"), "w") as f:
         f.write(markdown(summary))
     if grid_rows:
