@@ -1,0 +1,335 @@
+"""Random-access sources of `EditRecord`s (grain's `RandomAccessDataSource`: len and getitem).
+
+Layouts read (field names as on the Hugging Face hub; image columns are the `datasets`
+Image struct {bytes, path} or plain binary):
+  InstructPix2Pix  timbrooks/instructpix2pix-clip-filtered  original_prompt, original_image,
+                   edit_prompt, edited_prompt, edited_image
+  MagicBrush       osunlp/MagicBrush  img_id, turn_index, source_img, mask_img, instruction, target_img
+  UltraEdit        BleachNick/UltraEdit_*  source_image, edited_image, edit_prompt,
+                   source_caption (+ mask_image, target_caption for the region-based set)
+  folder + JSONL   root/metadata.jsonl, one `EditRecord` per line, image paths relative to root
+  LLaVA-Instruct   llava_instruct_150k.json style: [{id, image, conversations: [{from, value}]}]
+and (tfds_builder.py) an ArrayRecord data set built with our TFDS builder.
+
+A file with the wrong schema is refused up front with the missing fields named. A
+record whose content is bad (a null image, a broken file) is left for the pipeline to
+skip and count. Parquet is read a row group at a time (a few cached per process);
+for shuffled reads of a large set, convert it once to ArrayRecord (tfds_builder.py).
+"""
+
+from __future__ import annotations
+
+import bisect
+import collections
+import dataclasses
+import glob
+import json
+import os
+from typing import Sequence
+
+import numpy as np
+
+from fireedit_jax.data.records import EditRecord, Task
+
+
+class SchemaError(ValueError):
+    """A data file whose layout is not the one expected; the message names what is missing."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ParquetLayout:
+    """Which parquet column holds each `EditRecord` field.
+
+    columns: record field → column name; optional: the fields a file may lack.
+    """
+
+    name: str
+    columns: dict[str, str]
+    optional: frozenset[str] = frozenset()
+
+
+INSTRUCTPIX2PIX = ParquetLayout(
+    "instructpix2pix",
+    {
+        "source_image": "original_image",
+        "target_image": "edited_image",
+        "instruction": "edit_prompt",
+        "source_caption": "original_prompt",
+        "target_caption": "edited_prompt",
+    },
+)
+MAGICBRUSH = ParquetLayout(
+    "magicbrush", {"source_image": "source_img", "target_image": "target_img", "instruction": "instruction"}
+)
+ULTRAEDIT = ParquetLayout(
+    "ultraedit",
+    {
+        "source_image": "source_image",
+        "target_image": "edited_image",
+        "instruction": "edit_prompt",
+        "source_caption": "source_caption",
+        "target_caption": "target_caption",  # the region-based set only
+    },
+    optional=frozenset({"source_caption", "target_caption"}),
+)
+_IMAGE_FIELDS = ("source_image", "target_image")
+
+
+def _parquet_files(paths: str | Sequence[str]) -> list[str]:
+    """A directory (searched recursively), a glob pattern, a file, or a list of these → files."""
+    found = []
+    for path in [paths] if isinstance(paths, (str, os.PathLike)) else paths:
+        path = os.fspath(path)
+        if os.path.isdir(path):
+            found += sorted(glob.glob(os.path.join(path, "**", "*.parquet"), recursive=True))
+        elif glob.has_magic(path):
+            found += sorted(glob.glob(path, recursive=True))
+        elif os.path.exists(path):
+            found.append(path)
+        else:
+            raise FileNotFoundError(f"parquet path {path!r} does not exist")
+    if not found:
+        raise FileNotFoundError(f"no parquet files in {paths!r}")
+    return found
+
+
+class ParquetSource:
+    """Records from parquet files in a `ParquetLayout` (e.g. `INSTRUCTPIX2PIX`).
+
+    Args:
+      paths: a directory (all *.parquet below it, sorted), a glob, a file or a list.
+      layout: the column names.
+      name: the source's name in metrics and messages (default: the layout's).
+      cached_row_groups: row groups kept decoded per process (sequential reads hit them).
+    Raises SchemaError naming the file and its missing columns.
+    """
+
+    def __init__(self, paths, layout: ParquetLayout, *, name: str | None = None, cached_row_groups: int = 2):
+        import pyarrow.parquet as pq
+
+        self.name = name or layout.name
+        self.layout = layout
+        self._files = _parquet_files(paths)
+        self._cache_size = cached_row_groups
+        self._groups = []  # (file index, row group, first row of the group in its file)
+        starts = []
+        total = 0
+        for i, path in enumerate(self._files):
+            with pq.ParquetFile(path) as parquet:
+                present = self._check_schema(path, parquet.schema_arrow)
+                first = 0
+                for group in range(parquet.metadata.num_row_groups):
+                    rows = parquet.metadata.row_group(group).num_rows
+                    self._groups.append((i, group, first))
+                    starts.append(total)
+                    first += rows
+                    total += rows
+            if i == 0:
+                self._fields = present
+            elif present != self._fields:
+                raise SchemaError(
+                    f"{path}: has columns for {sorted(present)}, {self._files[0]} for {sorted(self._fields)}"
+                )
+        self._starts = starts
+        self._length = total
+        self._cache = collections.OrderedDict()
+
+    def _check_schema(self, path: str, schema) -> dict[str, str]:
+        """Record field → column for the columns present; SchemaError if required ones are missing."""
+        import pyarrow as pa
+
+        names = set(schema.names)
+        required = {f: c for f, c in self.layout.columns.items() if f not in self.layout.optional}
+        missing = sorted(c for c in required.values() if c not in names)
+        if missing:
+            raise SchemaError(
+                f"{path} is not a {self.layout.name} parquet file: missing column(s) {', '.join(missing)} "
+                f"(it has {', '.join(sorted(names))})"
+            )
+        for field in _IMAGE_FIELDS:
+            kind = schema.field(self.layout.columns[field]).type
+            image_struct = pa.types.is_struct(kind) and kind.get_field_index("bytes") >= 0
+            if not (image_struct or pa.types.is_binary(kind) or pa.types.is_large_binary(kind)):
+                raise SchemaError(
+                    f"{path}: column {self.layout.columns[field]!r} should hold images "
+                    f"(struct {{bytes, path}} or binary), it holds {kind}"
+                )
+        return {f: c for f, c in self.layout.columns.items() if c in names}
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __getitem__(self, index: int) -> EditRecord:
+        if not 0 <= index < self._length:
+            raise IndexError(f"{self.name}: index {index} out of range [0, {self._length})")
+        k = bisect.bisect_right(self._starts, index) - 1
+        file_index, _, first = self._groups[k]
+        table = self._row_group(k)
+        row = index - self._starts[k]
+        values = {field: table.column(column)[row].as_py() for field, column in self._fields.items()}
+        path = self._files[file_index]
+        for field in _IMAGE_FIELDS:
+            values[field] = _image_value(values[field], os.path.dirname(path))
+        return EditRecord(key=f"{os.path.basename(path)}#{first + row}", **values)
+
+    def _row_group(self, k: int):
+        if k in self._cache:
+            self._cache.move_to_end(k)
+            return self._cache[k]
+        import pyarrow.parquet as pq
+
+        file_index, group, _ = self._groups[k]
+        with pq.ParquetFile(self._files[file_index]) as parquet:
+            table = parquet.read_row_group(group, columns=list(self._fields.values()))
+        self._cache[k] = table
+        while len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+        return table
+
+    def __getstate__(self):
+        # Sent to grain's worker processes: without the decoded row groups.
+        return {**self.__dict__, "_cache": collections.OrderedDict()}
+
+    def __repr__(self) -> str:
+        return f"ParquetSource({self.name!r}, {len(self._files)} files, {self._length} rows)"
+
+
+def _image_value(value, directory: str):
+    """An image cell (the `datasets` struct {bytes, path}, or bytes) → bytes or a path."""
+    if isinstance(value, dict):
+        if value.get("bytes") is not None:
+            return value["bytes"]
+        return os.path.join(directory, value["path"]) if value.get("path") else None
+    return value
+
+
+def instructpix2pix_source(paths, **kwargs) -> ParquetSource:
+    return ParquetSource(paths, INSTRUCTPIX2PIX, **kwargs)
+
+
+def magicbrush_source(paths, **kwargs) -> ParquetSource:
+    return ParquetSource(paths, MAGICBRUSH, **kwargs)
+
+
+def ultraedit_source(paths, **kwargs) -> ParquetSource:
+    return ParquetSource(paths, ULTRAEDIT, **kwargs)
+
+
+_JSONL_FIELDS = {f.name for f in dataclasses.fields(EditRecord)} - {"key"}
+
+
+class JsonlSource:
+    """A folder of images with `metadata.jsonl`: one JSON object per line with the
+    `EditRecord` fields, image paths relative to the folder, `task` one of "edit",
+    "vqa", "segmentation" (default "edit"), `boxes` a list of normalised [x0, y0, x1, y1]:
+
+        {"source_image": "images/0_src.png", "target_image": "images/0_tgt.png",
+         "instruction": "make the left cup blue", "boxes": [[0.1, 0.2, 0.4, 0.6]]}
+
+    Raises SchemaError naming the line and its missing or unknown fields.
+    """
+
+    def __init__(self, root: str, *, metadata: str = "metadata.jsonl", name: str | None = None):
+        self.root = os.fspath(root)
+        self.name = name or os.path.basename(os.path.normpath(self.root))
+        path = os.path.join(self.root, metadata)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{path!r} does not exist (a JSONL source needs {metadata} in its folder)")
+        self._metadata = metadata
+        self._lines = []
+        with open(path, encoding="utf-8") as file:
+            for number, line in enumerate(file, 1):
+                if not line.strip():
+                    continue
+                try:
+                    entry = json.loads(line)
+                except json.JSONDecodeError as error:
+                    raise SchemaError(f"{path}:{number}: not JSON ({error})") from None
+                self._check(entry, f"{path}:{number}")
+                self._lines.append((number, entry))
+
+    @staticmethod
+    def _check(entry, where: str) -> None:
+        if not isinstance(entry, dict):
+            raise SchemaError(f"{where}: expected a JSON object, got {type(entry).__name__}")
+        task = entry.get("task", "edit")
+        if task.upper() not in Task.__members__:
+            raise SchemaError(f"{where}: task {task!r} is not one of {', '.join(t.lower() for t in Task.__members__)}")
+        required = {"source_image", "instruction", "answer" if task.upper() == "VQA" else "target_image"}
+        missing, unknown = sorted(required - entry.keys()), sorted(entry.keys() - _JSONL_FIELDS)
+        problems = [f"missing field(s) {', '.join(missing)}"] if missing else []
+        problems += [f"unknown field(s) {', '.join(unknown)}"] if unknown else []
+        if problems:
+            raise SchemaError(f"{where}: {'; '.join(problems)}")
+
+    def __len__(self) -> int:
+        return len(self._lines)
+
+    def __getitem__(self, index: int) -> EditRecord:
+        number, entry = self._lines[index]
+        values = dict(entry)
+        for field in _IMAGE_FIELDS:
+            if values.get(field) is not None:
+                values[field] = os.path.join(self.root, values[field])
+        if values.get("boxes") is not None:
+            values["boxes"] = np.asarray(values["boxes"], np.float32).reshape(-1, 4)
+        values["task"] = Task[values.get("task", "edit").upper()]
+        return EditRecord(key=f"{self._metadata}:{number}", **values)
+
+    def __repr__(self) -> str:
+        return f"JsonlSource({self.name!r}, {len(self)} records)"
+
+
+class LlavaVQASource:
+    """VQA records from a LLaVA-Instruct-style JSON list:
+
+        [{"id": "000000033471", "image": "000000033471.jpg",
+          "conversations": [{"from": "human", "value": "<image>\\nWhat is …?"},
+                            {"from": "gpt", "value": "The …"}, …]}, …]
+
+    One record per human → gpt turn (the question without the "<image>" marker, the
+    answer). Entries without an image (text-only) are left out: `self.text_only` counts them.
+    """
+
+    def __init__(self, json_path: str, image_root: str, *, name: str = "llava_instruct"):
+        self.name = name
+        self.image_root = os.fspath(image_root)
+        self._file = os.path.basename(json_path)
+        with open(json_path, encoding="utf-8") as file:
+            entries = json.load(file)
+        if not isinstance(entries, list):
+            raise SchemaError(f"{json_path}: expected a JSON list of conversations, got {type(entries).__name__}")
+        self._turns = []  # (entry id, turn, image, question, answer)
+        self.text_only = 0
+        for position, entry in enumerate(entries):
+            missing = sorted({"id", "conversations"} - set(entry))
+            if missing:
+                raise SchemaError(f"{json_path}: entry {position} lacks field(s) {', '.join(missing)}")
+            if "image" not in entry:
+                self.text_only += 1
+                continue
+            turns = entry["conversations"]
+            for k in range(0, len(turns) - 1, 2):
+                asked, answered = turns[k], turns[k + 1]
+                if asked.get("from") != "human" or answered.get("from") != "gpt":
+                    raise SchemaError(
+                        f"{json_path}: entry {entry['id']!r} turn {k}: expected a human turn then a gpt turn"
+                    )
+                question = asked["value"].replace("<image>", "").strip()
+                self._turns.append((str(entry["id"]), k // 2, entry["image"], question, answered["value"]))
+
+    def __len__(self) -> int:
+        return len(self._turns)
+
+    def __getitem__(self, index: int) -> EditRecord:
+        entry_id, turn, image, question, answer = self._turns[index]
+        return EditRecord(
+            key=f"{self._file}:{entry_id}:turn{turn}",
+            source_image=os.path.join(self.image_root, image),
+            instruction=question,
+            answer=answer,
+            task=Task.VQA,
+        )
+
+    def __repr__(self) -> str:
+        return f"LlavaVQASource({self.name!r}, {len(self)} turns)"

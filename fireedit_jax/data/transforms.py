@@ -1,0 +1,229 @@
+"""Per-example transforms and the batch collation with static buckets.
+
+An `EditRecord` becomes an example: both images decoded to RGB and cropped by the same
+window (boxes follow the crop), optionally flipped together (boxes flipped, "left" and
+"right" swapped in the texts), texts tokenised. `EditTransform.collate` stacks examples
+and pads the ragged parts, token ids and boxes, to the smallest of a static set of
+lengths ("buckets") that fits the batch, so the train step sees few distinct shapes.
+
+Boxes are normalised xyxy everywhere; a pixel i covers [i, i+1) and a box edge at x
+lies at pixel coordinate x·W, the coordinates PIL's `resize(box=…)` uses too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import os
+import re
+import struct
+from typing import Any, Sequence
+
+import numpy as np
+from PIL import Image
+
+from fireedit_jax.data.records import LOSS_WEIGHTS, BadRecord, EditRecord, ImageData, Task
+from fireedit_jax.data.vlm_inputs import DEFAULT_BOX_BUCKETS, bucket
+from fireedit_jax.images import to_rgb
+
+# What PIL raises on damaged files besides OSError (e.g. SyntaxError for a broken PNG chunk).
+_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, Image.DecompressionBombError)
+
+
+def decode_image(data: ImageData, what: str = "image") -> Image.Image:
+    """Encoded bytes or a file path → RGB PIL image; BadRecord naming `what` if it cannot be read."""
+    try:
+        if isinstance(data, (bytes, bytearray, memoryview)):
+            opened = Image.open(io.BytesIO(data))
+        elif isinstance(data, (str, os.PathLike)):
+            opened = Image.open(data)
+        else:
+            raise BadRecord(f"{what}: expected image bytes or a path, got {type(data).__name__}")
+        with opened:
+            opened.load()
+            return to_rgb(opened)
+    except _DECODE_ERRORS as error:
+        raise BadRecord(f"{what} cannot be decoded: {error}") from None
+
+
+def crop_window(
+    width: int, height: int, rng: np.random.Generator | None = None, *, min_scale: float = 1.0
+) -> np.ndarray:
+    """A square window (normalised xyxy) inside a width×height image: the largest one,
+    scaled by a random factor in [min_scale, 1] and placed at random when `rng` is
+    given, centred otherwise."""
+    side = min(width, height) * (rng.uniform(min_scale, 1.0) if rng is not None and min_scale < 1 else 1.0)
+    free = np.array([width - side, height - side])
+    x0, y0 = free * (rng.uniform(size=2) if rng is not None else 0.5)
+    return np.array([x0 / width, y0 / height, (x0 + side) / width, (y0 + side) / height])
+
+
+def crop_resize(image: Image.Image, window: np.ndarray, size: int) -> np.ndarray:
+    """The window (normalised xyxy) of `image` resized to size×size (bicubic) → uint8[size, size, 3]."""
+    box = tuple(float(v) for v in window * np.array(image.size * 2))
+    return np.asarray(image.resize((size, size), Image.BICUBIC, box=box))
+
+
+def crop_boxes(boxes: np.ndarray, window: np.ndarray) -> np.ndarray:
+    """Boxes (normalised on the image) → normalised on the window, clipped; boxes left empty are dropped."""
+    origin, extent = window[:2], window[2:] - window[:2]
+    moved = np.clip((boxes.reshape(-1, 2, 2) - origin) / extent, 0.0, 1.0).reshape(-1, 4)
+    keep = (moved[:, 2] > moved[:, 0]) & (moved[:, 3] > moved[:, 1])
+    return moved[keep].astype(np.float32)
+
+
+def flip_boxes(boxes: np.ndarray) -> np.ndarray:
+    """Boxes of a horizontally flipped image: x → 1 − x, with x0 and x1 exchanged."""
+    return np.stack([1 - boxes[:, 2], boxes[:, 1], 1 - boxes[:, 0], boxes[:, 3]], axis=-1).astype(np.float32)
+
+
+_SIDES = re.compile(r"\b(left|right)(most|wards?|[- ]?hand(ed)?)?\b", re.IGNORECASE)
+
+
+def swap_left_right(text: str) -> str:
+    """The text for a mirrored image: "left" ↔ "right" (also leftmost, left-hand, …), case kept."""
+
+    def swap(match: re.Match) -> str:
+        word = match.group(1)
+        other = "right" if word.lower() == "left" else "left"
+        if word.isupper():
+            other = other.upper()
+        elif word[0].isupper():
+            other = other.capitalize()
+        return other + (match.group(2) or "")
+
+    return _SIDES.sub(swap, text)
+
+
+@dataclasses.dataclass(frozen=True)
+class TextField:
+    """Tokenises the record's `source` text into batch entries `<name>_ids` / `<name>_mask`.
+
+    tokenizer: a callable text → token ids, or a tokenizer object with `encode`
+      (transformers or `tokenizers`), called with `add_special_tokens`.
+    buckets: the allowed padded lengths; a text longer than the largest is truncated
+      (and counted: the pipeline's metric `data/truncated/<name>`).
+    keep_last: truncation keeps the final token (an end-of-text token, as CLIP needs).
+    A missing text (e.g. no answer on an edit sample) tokenises to nothing.
+    """
+
+    name: str
+    tokenizer: Any
+    buckets: tuple[int, ...]
+    source: str = "instruction"
+    pad_id: int = 0
+    add_special_tokens: bool = False
+    keep_last: bool = False
+
+    def encode(self, text: str | None) -> tuple[np.ndarray, bool]:
+        """int32[n] token ids (n ≤ max bucket) and whether they were truncated."""
+        if text is None:
+            return np.zeros((0,), np.int32), False
+        if hasattr(self.tokenizer, "encode"):
+            encoded = self.tokenizer.encode(text, add_special_tokens=self.add_special_tokens)
+            ids = getattr(encoded, "ids", encoded)  # a `tokenizers` Encoding, or a list
+        else:
+            ids = self.tokenizer(text)
+        ids = np.asarray(ids, np.int32).reshape(-1)
+        limit = max(self.buckets)
+        if len(ids) <= limit:
+            return ids, False
+        return (np.concatenate([ids[: limit - 1], ids[-1:]]) if self.keep_last else ids[:limit]), True
+
+
+def clip_text_field(tokenizer, *, name: str = "clip", source: str = "target_caption", length: int = 77) -> TextField:
+    """Stage 1's target text: a caption tokenised for the CLIP text encoder (transformers
+    CLIPTokenizer), <start> … <end> padded with its pad token to exactly `length`, as
+    Stable Diffusion feeds it."""
+    pad = getattr(tokenizer, "pad_token_id", None)
+    pad = 0 if pad is None else pad
+    return TextField(name, tokenizer, (length,), source, pad, add_special_tokens=True, keep_last=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class EditTransform:
+    """Record → example, and examples → batch.
+
+    resolution: side of the square source / target images.
+    vlm_resolution: if set, the example also has `vlm_source`, the same crop at this side.
+    texts: the `TextField`s to tokenise.
+    box_buckets: allowed padded box counts; a record with more boxes than the largest
+      keeps the first ones (counted: `data/truncated/boxes`).
+    random_crop / min_crop_scale / flip_probability: the augmentation when a random
+      generator is given (training); without one, the centred full square, no flip.
+    """
+
+    resolution: int = 256
+    vlm_resolution: int | None = None
+    texts: tuple[TextField, ...] = ()
+    box_buckets: tuple[int, ...] = DEFAULT_BOX_BUCKETS
+    random_crop: bool = True
+    min_crop_scale: float = 1.0
+    flip_probability: float = 0.5
+
+    def __call__(self, record: EditRecord, rng: np.random.Generator | None = None) -> tuple[dict, tuple[str, ...]]:
+        """Returns the example (numpy arrays, ragged `boxes` and `*_ids`) and the names
+        of the fields that were truncated. Raises BadRecord when an image cannot be used."""
+        source = decode_image(record.source_image, f"{record.key}: source image")
+        target = decode_image(record.target_image, f"{record.key}: target image") if record.task != Task.VQA else None
+        window = crop_window(*source.size, rng if self.random_crop else None, min_scale=self.min_crop_scale)
+        boxes = crop_boxes(record.boxes if record.boxes is not None else np.zeros((0, 4), np.float32), window)
+        texts = {field.source: getattr(record, field.source) for field in self.texts}
+        example = {"source": crop_resize(source, window, self.resolution)}
+        example["target"] = (
+            crop_resize(target, window, self.resolution) if target is not None else np.zeros_like(example["source"])
+        )
+        if self.vlm_resolution:
+            example["vlm_source"] = crop_resize(source, window, self.vlm_resolution)
+        if rng is not None and rng.uniform() < self.flip_probability:
+            for key in ("source", "target", "vlm_source"):
+                if key in example:
+                    example[key] = np.ascontiguousarray(example[key][:, ::-1])
+            boxes = flip_boxes(boxes)
+            texts = {key: swap_left_right(text) if text is not None else None for key, text in texts.items()}
+
+        truncated = []
+        if len(boxes) > max(self.box_buckets):
+            boxes, truncated = boxes[: max(self.box_buckets)], ["boxes"]
+        example["boxes"] = boxes
+        for field in self.texts:
+            example[f"{field.name}_ids"], cut = field.encode(texts[field.source])
+            truncated += [field.name] if cut else []
+        vlm_weight, diffusion_weight = LOSS_WEIGHTS[record.task]
+        example["task"] = np.int32(record.task)
+        example["vlm_weight"] = np.float32(vlm_weight)
+        example["diffusion_weight"] = np.float32(diffusion_weight)
+        return example, tuple(truncated)
+
+    def pad_values(self) -> dict[str, int]:
+        """The value each padded batch entry is padded with (0 where not listed)."""
+        return {f"{field.name}_ids": field.pad_id for field in self.texts}
+
+    def collate(self, examples: Sequence[dict]) -> dict[str, np.ndarray]:
+        """Stacks examples; `boxes` → float32[B, R, 4] + `box_mask` bool[B, R] and each
+        `<name>_ids` → int32[B, T] + `<name>_mask` bool[B, T], R and T the smallest
+        buckets that fit."""
+        batch = {}
+        for key in examples[0]:
+            rows = [example[key] for example in examples]
+            if key == "boxes":
+                count = bucket(max(map(len, rows)), self.box_buckets, "boxes")
+                batch["boxes"], batch["box_mask"] = _pad_rows(rows, count, 0)
+            elif key.endswith("_ids"):
+                field = next(f for f in self.texts if f"{f.name}_ids" == key)
+                length = bucket(max(map(len, rows)), field.buckets, "tokens")
+                batch[key], batch[f"{field.name}_mask"] = _pad_rows(rows, length, field.pad_id)
+            else:
+                batch[key] = np.stack(rows)
+        return batch
+
+
+def _pad_rows(rows: Sequence[np.ndarray], length: int, value) -> tuple[np.ndarray, np.ndarray]:
+    """Ragged rows [n_i, …] → padded [B, length, …] and the bool[B, length] mask of real entries."""
+    padded = np.full((len(rows), length) + rows[0].shape[1:], value, rows[0].dtype)
+    mask = np.zeros((len(rows), length), bool)
+    for i, row in enumerate(rows):
+        padded[i, : len(row)] = row
+        mask[i, : len(row)] = True
+    return padded, mask
+
