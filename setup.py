@@ -18,6 +18,7 @@ setup(
         "tqdm",
         "transformers",  # tokenizers only at run time
         "tokenizers",
+        "pyarrow",  # parquet data sets (MagicBrush, Emu Edit, InstructPix2Pix, UltraEdit)
     ],
     extras_require={
         # torch is pinned: it must match torchvision (RoIAlign reference) and lpips.
@@ -27,6 +28,7 @@ setup(
             "torchvision==0.29.1",
             "diffusers",
             "transformers",
+            "lpips",
             "pytest",
             "chex",
         ],

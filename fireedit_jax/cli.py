@@ -1,4 +1,4 @@
-"""`fireedit-jax` command line: convert, edit, info, propose, demo."""
+"""`fireedit-jax` command line: convert, edit, info, propose, eval, demo."""
 
 from __future__ import annotations
 
@@ -40,29 +40,6 @@ def _read_boxes(path: str, count: int) -> list:
     return [line["boxes"] for line in lines]
 
 
-def _edit(args) -> int:
-    import os
-
-    from fireedit_jax.pipeline import Editor
-
-    editor = Editor.from_pretrained(args.checkpoint, dtype=args.dtype)
-    boxes = None
-    if args.boxes:
-        boxes = _read_boxes(args.boxes, 1)[0]
-    elif args.proposer:
-        from fireedit_jax.data.proposals import propose
-
-        boxes = propose(args.proposer, [args.image])[0]
-    out = editor.edit(
-        args.image, args.instruction, steps=args.steps, image_guidance=args.image_guidance,
-        text_guidance=args.text_guidance, seed=args.seed, scheduler=args.scheduler, boxes=boxes,
-    )  # fmt: skip
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    out.save(args.out)
-    print(f"wrote {args.out}")
-    return 0
-
-
 def _info(args) -> int:
     import jax
 
@@ -97,6 +74,175 @@ def _demo(args) -> int:
     return 0
 
 
+# ---- new helpers (put above build_parser) ----------------------------------------------------------
+
+
+def _edit_settings(args):
+    from fireedit_jax.eval.batch_edit import EditSettings
+
+    return EditSettings(steps=args.steps, image_guidance=args.image_guidance, text_guidance=args.text_guidance,
+                        seed=args.seed, scheduler=args.scheduler)
+
+
+def _add_generation_arguments(parser: argparse.ArgumentParser) -> None:
+    """--checkpoint and the sampling options, shared by edit and eval."""
+    parser.add_argument("--checkpoint", required=True, help="checkpoint directory")
+    parser.add_argument("--steps", type=int, default=100, help="denoising steps (default 100)")
+    parser.add_argument("--image-guidance", type=float, default=1.5, help="s_I (default 1.5)")
+    parser.add_argument("--text-guidance", type=float, default=7.5, help="s_T (default 7.5)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--scheduler", choices=("ddim", "euler_ancestral"), default=None,
+                        help="sampler (default: the checkpoint's)")  # fmt: skip
+    parser.add_argument("--proposer", default=None,
+                        help="Deformable DETR directory: propose FireEdit's region boxes offline")  # fmt: skip
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                        help="compute dtype (default: bfloat16 on accelerators, float32 on CPU)")  # fmt: skip
+
+
+# ---- _edit: replaces the current one ------------------------------------------------------------------
+
+
+def _edit(args) -> int:
+    import os
+
+    from fireedit_jax.pipeline import Editor
+
+    instructions = args.instruction or []
+    if args.jsonl and instructions:
+        raise ValueError("--jsonl files carry their own instructions: drop --instruction")
+    if args.images and len(instructions) != 1:
+        raise ValueError("--images takes one --instruction for the whole folder (use --jsonl for one per image)")
+    if args.image and not instructions:
+        raise ValueError("--image needs --instruction (repeat it to edit in several turns)")
+    if args.boxes and not (args.image and len(instructions) == 1):
+        raise ValueError('--boxes is for one single-turn edit; a --jsonl line takes its own "boxes"')
+    editor = Editor.from_pretrained(args.checkpoint, dtype=args.dtype)
+    if args.images or args.jsonl:
+        from fireedit_jax.eval.batch_edit import edit_folder, edit_jsonl
+
+        common = dict(settings=_edit_settings(args), batch_size=args.batch_size, overwrite=args.overwrite,
+                      proposer=args.proposer)
+        if args.jsonl:
+            result = edit_jsonl(editor, args.jsonl, args.out, **common)
+        else:
+            result = edit_folder(editor, args.images, instructions[0], args.out, **common)
+        kept = f", kept {len(result.existing)} already there" if result.existing else ""
+        print(f"wrote {len(result.written)} images to {args.out}{kept}")
+        for image, reason in result.failed:
+            print(f"fireedit-jax edit: skipped {image}: {reason}", file=sys.stderr)
+        return 1 if result.failed else 0
+    if len(instructions) > 1:
+        from fireedit_jax.eval.batch_edit import edit_turns
+
+        for path in edit_turns(editor, args.image, instructions, args.out, settings=_edit_settings(args),
+                               proposer=args.proposer):
+            print(f"wrote {path}")
+        return 0
+    boxes = None
+    if args.boxes:
+        boxes = _read_boxes(args.boxes, 1)[0]
+    elif args.proposer:
+        from fireedit_jax.data.proposals import propose
+
+        boxes = propose(args.proposer, [args.image])[0]
+    out = editor.edit(
+        args.image, instructions[0], steps=args.steps, image_guidance=args.image_guidance,
+        text_guidance=args.text_guidance, seed=args.seed, scheduler=args.scheduler, boxes=boxes,
+    )  # fmt: skip
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    out.save(args.out)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _eval(args) -> int:
+    from fireedit_jax.eval.benchmarks import markdown, run_emu, run_magicbrush
+    from fireedit_jax.eval.scorer import Scorer
+    from fireedit_jax.pipeline import Editor
+
+    scorer = Scorer.from_paths(clip=args.clip, dino=args.dino, lpips_trunk=args.lpips_trunk,
+                               lpips_heads=args.lpips_heads, lpips_net=args.lpips_net,
+                               clip_preprocess=args.clip_preprocess)  # fmt: skip
+    editor = Editor.from_pretrained(args.checkpoint, dtype=args.dtype)
+    common = dict(scorer=scorer, split=args.split, limit=args.limit, batch_size=args.batch_size,
+                  settings=_edit_settings(args), proposer=args.proposer, grid_size=args.grid)
+    if args.benchmark == "magicbrush":
+        summary = run_magicbrush(editor, args.data, args.out, turns=args.turns, captions=args.captions, **common)
+    else:
+        summary = run_emu(editor, args.data, args.out, **common)
+    print(markdown(summary))
+    print(f"wrote {args.out}: summary.json, summary.md, grid.png, results.jsonl, images/")
+    return 0
+
+
+# ---- in build_parser: the edit parser (replaces the current block) -------------------------------
+
+
+def _edit_parser(commands) -> None:
+    edit = commands.add_parser("edit", help="edit an image, a folder, a JSONL of edits, or one image in turns")
+    source = edit.add_mutually_exclusive_group(required=True)
+    source.add_argument("--image", help="input image file")
+    source.add_argument("--images", metavar="DIR", help="edit every image in DIR with --instruction → OUT/<stem>.png")
+    source.add_argument("--jsonl", metavar="FILE",
+                        help='one {"image": path, "instruction": text} per line (optional "output" stem, '
+                             '"boxes") → OUT/<stem>.png')  # fmt: skip
+    edit.add_argument("--instruction", action="append",
+                      help='e.g. "make the left cup blue"; repeat it to edit --image in turns, each turn '
+                           "editing the previous output (→ OUT/<stem>_turn<k>.png)")  # fmt: skip
+    edit.add_argument("--out", required=True,
+                      help="output image file; a folder with --images, --jsonl or several --instruction")  # fmt: skip
+    _add_generation_arguments(edit)
+    edit.add_argument("--boxes", default=None,
+                      help='JSONL, one line {"boxes": [[x1, y1, x2, y2], ...]} (normalised) for the image')
+    edit.add_argument("--batch-size", type=int, default=None,
+                      help="edits per batch with --images/--jsonl, rounded up to a multiple of the local "
+                           "devices (default: one per device)")  # fmt: skip
+    edit.add_argument("--overwrite", action="store_true",
+                      help="redo outputs that exist (--images/--jsonl keep them by default: a re-run resumes)")
+    edit.set_defaults(run=_edit)
+
+
+# ---- in build_parser: the eval command (new) ------------------------------------------------------
+
+
+def _eval_parser(commands) -> None:
+    evaluate = commands.add_parser("eval", help="run a benchmark: edit, score, summarise (re-running resumes)")
+    benchmarks = evaluate.add_subparsers(dest="benchmark", required=True)
+    magicbrush = benchmarks.add_parser("magicbrush", help="MagicBrush: its test release, or osunlp/MagicBrush parquet")
+    emu = benchmarks.add_parser("emu", help="Emu Edit: facebook/emu_edit_test_set parquet")
+    for bench in (magicbrush, emu):
+        _add_generation_arguments(bench)
+        bench.add_argument("--data", required=True, help="the data set's directory")
+        bench.add_argument("--out", required=True,
+                           help="run directory: images/, results.jsonl, summary.json, summary.md, grid.png")
+        bench.add_argument("--split", default="test",
+                           help="<split>-*.parquet files, or MagicBrush's <split>/ release folder (default test)")
+        bench.add_argument("--limit", type=int, default=None,
+                           help="only the first N edit sessions (MagicBrush) or rows (Emu Edit)")
+        bench.add_argument("--batch-size", type=int, default=None,
+                           help="edits per batch, rounded up to a multiple of the local devices (default: one each)")
+        bench.add_argument("--clip", metavar="DIR", default=None,
+                           help="transformers CLIPModel directory with its tokenizer, for CLIP-I, CLIP-T and "
+                                "CLIP-dir (MagicBrush used ViT-B/32)")  # fmt: skip
+        bench.add_argument("--clip-preprocess", choices=("clip", "ip2p"), default="clip",
+                           help="OpenAI CLIP's resize + centre crop (MagicBrush), or InstructPix2Pix's plain resize")
+        bench.add_argument("--dino", metavar="PATH", default=None,
+                           help="transformers ViTModel directory or DINO .pth, for the DINO score "
+                                "(MagicBrush used dino_vits16)")  # fmt: skip
+        bench.add_argument("--lpips-trunk", metavar="FILE", default=None,
+                           help="torchvision state dict of the LPIPS trunk (e.g. alexnet-owt-7be5be79.pth)")
+        bench.add_argument("--lpips-heads", metavar="FILE", default=None,
+                           help="LPIPS linear heads (default: the lpips package's weights/v0.1/<net>.pth)")
+        bench.add_argument("--lpips-net", choices=("alex", "vgg", "squeeze"), default="alex")
+        bench.add_argument("--grid", type=int, default=8, help="rows of grid.png (default 8)")
+        bench.set_defaults(run=_eval)
+    magicbrush.add_argument("--turns", choices=("single", "multi", "both"), default="both",
+                            help="single: every turn from the ground-truth input (all_turn); multi: each turn "
+                                 "edits the previous output (final_turn); both (default)")  # fmt: skip
+    magicbrush.add_argument("--captions", choices=("local", "global"), default="local",
+                            help="caption file for CLIP-T (the paper: local; image_eval.py's default: global)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fireedit-jax", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -120,23 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
         fire.add_argument(f"--no-{module}", action="store_true", help=f"build without {module} (ablation)")
     fire.set_defaults(run=_convert_fireedit)
 
-    edit = commands.add_parser("edit", help="edit an image with an instruction")
-    edit.add_argument("--checkpoint", required=True, help="checkpoint directory")
-    edit.add_argument("--image", required=True, help="input image file")
-    edit.add_argument("--instruction", required=True, help='e.g. "make the left cup blue"')
-    edit.add_argument("--out", required=True, help="output image file")
-    edit.add_argument("--steps", type=int, default=100, help="denoising steps (default 100)")
-    edit.add_argument("--image-guidance", type=float, default=1.5, help="s_I (default 1.5)")
-    edit.add_argument("--text-guidance", type=float, default=7.5, help="s_T (default 7.5)")
-    edit.add_argument("--seed", type=int, default=0)
-    edit.add_argument("--scheduler", choices=("ddim", "euler_ancestral"), default=None,
-                      help="sampler (default: the checkpoint's)")  # fmt: skip
-    edit.add_argument("--boxes", default=None,
-                      help='JSONL, one line {"boxes": [[x1, y1, x2, y2], ...]} (normalised) for the image')
-    edit.add_argument("--proposer", default=None, help="Deformable DETR directory: propose boxes offline")
-    edit.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
-                      help="compute dtype (default: bfloat16 on accelerators, float32 on CPU)")  # fmt: skip
-    edit.set_defaults(run=_edit)
+    _edit_parser(commands)
+    _eval_parser(commands)
 
     info = commands.add_parser("info", help="describe a checkpoint: networks and parameter counts")
     info.add_argument("--checkpoint", required=True)

@@ -19,6 +19,7 @@ writes one line per image: {"image": PATH, "boxes": [[x1, y1, x2, y2], ...], "sc
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -98,8 +99,11 @@ def pad_boxes(per_image: Sequence[np.ndarray], slots: int) -> tuple[np.ndarray, 
 # ---------------------------------------------------------------------------- detector
 
 
+@functools.lru_cache(maxsize=2)
 def load_detector(detector_dir: str):
-    """(DeformableDetrForObjectDetection in eval mode, its image processor) from a local directory."""
+    """(DeformableDetrForObjectDetection in eval mode, its image processor) from a local directory.
+
+    Cached: batch editing proposes boxes once per batch with the same detector."""
     from transformers import AutoImageProcessor, DeformableDetrForObjectDetection, DeformableDetrImageProcessor
 
     if not os.path.isdir(detector_dir):
