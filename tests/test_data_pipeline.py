@@ -3,6 +3,10 @@
 
 import io
 import json
+import os
+import socket
+import subprocess
+import sys
 
 import grain
 import jax
@@ -142,6 +146,10 @@ def test_decode_rgb_and_bad_bytes():
     buffer = io.BytesIO()
     Image.new("LA", (5, 4), (10, 255)).save(buffer, "PNG")
     assert decode_image(buffer.getvalue()).mode == "RGB"
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 48), (200, 10, 10)).save(buffer, "JPEG")
+    assert decode_image(buffer.getvalue(), min_side=20).size == (32, 24)  # JPEG scaled by 1/2, not 1/4
+    assert decode_image(buffer.getvalue(), min_side=30).size == (64, 48)
     with pytest.raises(BadRecord, match="r7: source image cannot be decoded"):
         decode_image(png_bytes(0)[:60], "r7: source image")
     with pytest.raises(BadRecord, match="cannot be decoded"):
@@ -176,6 +184,8 @@ def test_tokenizer_protocols_buckets_and_truncation(hf_tokenizer):
     batch = EditTransform(texts=(clip,)).collate([{"clip_ids": clip.encode("move the cup")[0]}])
     np.testing.assert_array_equal(batch["clip_ids"], [[2, 4, 5, 8, 3, 0, 0, 0]])
     assert clip_text_field(hf_tokenizer).buckets == (77,)
+    with pytest.raises(BadRecord, match="no target_caption for the clip tokens"):
+        EditTransform(texts=(clip,))(EditRecord("k", png_bytes(0), "move", png_bytes(1)))
 
 
 def test_vqa_and_box_buckets():
@@ -323,3 +333,35 @@ def test_global_batch_on_the_mesh():
     )
     np.testing.assert_array_equal(padded["instruction_ids"][:, 4:], 7)
     assert padded["boxes"].shape == (2, 8, 4) and not padded["boxes"].any()
+
+
+_TWO_PROCESSES = """
+import os, sys
+import jax, numpy as np
+from jax.sharding import AxisType, NamedSharding, PartitionSpec
+from fireedit_jax.data.pipeline import make_global_batch
+index = int(sys.argv[1])
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.distributed.initialize(f"127.0.0.1:{sys.argv[2]}", num_processes=2, process_id=index)
+mesh = jax.make_mesh((2, 2), ("data", "fsdp"), axis_types=(AxisType.Auto,) * 2)
+local = {"instruction_ids": np.full((2, 4 + 4 * index), index + 1, np.int32), "task": np.full(2, index, np.int32)}
+ids = make_global_batch(local, mesh, pad_values={"instruction_ids": 7})["instruction_ids"]
+total = jax.jit(lambda x: x.sum(), out_shardings=NamedSharding(mesh, PartitionSpec()))(ids)
+print("RESULT", list(ids.shape), int(total), np.asarray(ids.addressable_shards[0].data).tolist())
+"""
+
+
+def test_global_batch_across_two_processes_agrees_on_buckets():
+    """Process 0 has 4-token rows, process 1 8-token rows: both become 8, padded with 7."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = str(probe.getsockname()[1])
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    runs = [
+        subprocess.Popen([sys.executable, "-c", _TWO_PROCESSES, str(i), port], env=env, stdout=subprocess.PIPE, text=True)
+        for i in range(2)
+    ]
+    outputs = [run.communicate(timeout=120)[0] for run in runs]
+    results = [next(line.split(" ", 1)[1] for line in out.splitlines() if line.startswith("RESULT")) for out in outputs]
+    # global [4, 8]: 2 rows of (4 × 1 + 4 × 7) and 2 rows of 8 × 2
+    assert results == ["[4, 8] 96 [[1, 1, 1, 1, 7, 7, 7, 7]]", "[4, 8] 96 [[2, 2, 2, 2, 2, 2, 2, 2]]"]

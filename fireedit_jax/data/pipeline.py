@@ -172,6 +172,7 @@ def make_dataset(
     augment: bool = True,
     max_skip_fraction: float = 0.01,
     min_records: int = 1000,
+    read_options: grain.ReadOptions | None = None,
 ) -> grain.IterDataset:
     """The grain data set of (batch, stats) pairs for this process (see `make_iterator`)."""
     names = [source.name for source in sources]
@@ -196,7 +197,7 @@ def make_dataset(
     augment_seed = _seed(seed, len(sources), shard.shard_index)
     examples = mixed.random_map(_Read(tuple(sources), transform, augment), seed=augment_seed)
     return _CountingBatches(
-        examples.to_iter_dataset(), batch_size=batch_size, collate=transform.collate, names=names,
+        examples.to_iter_dataset(read_options), batch_size=batch_size, collate=transform.collate, names=names,
         max_skip_fraction=max_skip_fraction, min_records=min_records,
     )  # fmt: skip
 
@@ -268,6 +269,7 @@ def make_iterator(
     worker_buffer_size: int = 2,
     max_skip_fraction: float = 0.01,
     min_records: int = 1000,
+    read_options: grain.ReadOptions | None = None,
 ) -> DataIterator:
     """This process's batches of `batch_size` examples from a weighted mixture of sources.
 
@@ -281,6 +283,7 @@ def make_iterator(
       shard: which part this process reads (default: JAX process index / count).
       shuffle / augment: False for evaluation (file order, centred crop, no flip).
       num_workers: grain worker processes doing the decoding (0: in this process).
+      read_options: the reading threads of each process (grain's default: 16 threads).
       max_skip_fraction / min_records: a source whose unusable records exceed this
         fraction, once `min_records` of it were read by a worker, stops the run with
         a DataError.
@@ -288,6 +291,7 @@ def make_iterator(
     dataset = make_dataset(
         sources, transform, batch_size=batch_size, seed=seed, weights=weights, num_epochs=num_epochs,
         shard=shard, shuffle=shuffle, augment=augment, max_skip_fraction=max_skip_fraction, min_records=min_records,
+        read_options=read_options,
     )  # fmt: skip
     if num_workers:
         from absl import flags

@@ -25,6 +25,7 @@ import dataclasses
 import glob
 import json
 import os
+import threading
 from typing import Sequence
 
 import numpy as np
@@ -100,11 +101,13 @@ class ParquetSource:
       paths: a directory (all *.parquet below it, sorted), a glob, a file or a list.
       layout: the column names.
       name: the source's name in metrics and messages (default: the layout's).
-      cached_row_groups: row groups kept decoded per process (sequential reads hit them).
+      cached_row_groups: row groups kept decoded per process (sequential reads hit them;
+        a small data set, e.g. MagicBrush, can be kept whole).
     Raises SchemaError naming the file and its missing columns.
+    Reads are thread-safe (grain reads with a pool of threads).
     """
 
-    def __init__(self, paths, layout: ParquetLayout, *, name: str | None = None, cached_row_groups: int = 2):
+    def __init__(self, paths, layout: ParquetLayout, *, name: str | None = None, cached_row_groups: int = 4):
         import pyarrow.parquet as pq
 
         self.name = name or layout.name
@@ -133,6 +136,7 @@ class ParquetSource:
         self._starts = starts
         self._length = total
         self._cache = collections.OrderedDict()
+        self._lock = threading.Lock()
 
     def _check_schema(self, path: str, schema) -> dict[str, str]:
         """Record field → column for the columns present; SchemaError if required ones are missing."""
@@ -173,22 +177,27 @@ class ParquetSource:
         return EditRecord(key=f"{os.path.basename(path)}#{first + row}", **values)
 
     def _row_group(self, k: int):
-        if k in self._cache:
-            self._cache.move_to_end(k)
-            return self._cache[k]
+        with self._lock:
+            if k in self._cache:
+                self._cache.move_to_end(k)
+                return self._cache[k]
         import pyarrow.parquet as pq
 
         file_index, group, _ = self._groups[k]
         with pq.ParquetFile(self._files[file_index]) as parquet:
             table = parquet.read_row_group(group, columns=list(self._fields.values()))
-        self._cache[k] = table
-        while len(self._cache) > self._cache_size:
-            self._cache.popitem(last=False)
+        with self._lock:
+            self._cache[k] = table
+            while len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
         return table
 
     def __getstate__(self):
-        # Sent to grain's worker processes: without the decoded row groups.
-        return {**self.__dict__, "_cache": collections.OrderedDict()}
+        # Sent to grain's worker processes: without the decoded row groups and the lock.
+        return {key: value for key, value in self.__dict__.items() if key not in ("_cache", "_lock")}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state, _cache=collections.OrderedDict(), _lock=threading.Lock())
 
     def __repr__(self) -> str:
         return f"ParquetSource({self.name!r}, {len(self._files)} files, {self._length} rows)"

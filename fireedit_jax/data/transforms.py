@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import math
 import os
 import re
 import struct
@@ -30,8 +31,12 @@ from fireedit_jax.images import to_rgb
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, Image.DecompressionBombError)
 
 
-def decode_image(data: ImageData, what: str = "image") -> Image.Image:
-    """Encoded bytes or a file path → RGB PIL image; BadRecord naming `what` if it cannot be read."""
+def decode_image(data: ImageData, what: str = "image", min_side: int | None = None) -> Image.Image:
+    """Encoded bytes or a file path → RGB PIL image; BadRecord naming `what` if it cannot be read.
+
+    min_side: a JPEG is decoded at a reduced scale (its DCT scaling, much faster) as long
+    as both sides stay at least this long.
+    """
     try:
         if isinstance(data, (bytes, bytearray, memoryview)):
             opened = Image.open(io.BytesIO(data))
@@ -40,6 +45,8 @@ def decode_image(data: ImageData, what: str = "image") -> Image.Image:
         else:
             raise BadRecord(f"{what}: expected image bytes or a path, got {type(data).__name__}")
         with opened:
+            if min_side:
+                opened.draft("RGB", (min_side, min_side))  # a no-op for formats other than JPEG
             opened.load()
             return to_rgb(opened)
     except _DECODE_ERRORS as error:
@@ -104,7 +111,8 @@ class TextField:
     buckets: the allowed padded lengths; a text longer than the largest is truncated
       (and counted: the pipeline's metric `data/truncated/<name>`).
     keep_last: truncation keeps the final token (an end-of-text token, as CLIP needs).
-    A missing text (e.g. no answer on an edit sample) tokenises to nothing.
+    required: a record without the text is bad (skipped); otherwise a missing text
+      (e.g. no answer on an edit sample) tokenises to nothing.
     """
 
     name: str
@@ -114,10 +122,13 @@ class TextField:
     pad_id: int = 0
     add_special_tokens: bool = False
     keep_last: bool = False
+    required: bool = False
 
     def encode(self, text: str | None) -> tuple[np.ndarray, bool]:
         """int32[n] token ids (n ≤ max bucket) and whether they were truncated."""
         if text is None:
+            if self.required:
+                raise BadRecord(f"no {self.source} for the {self.name} tokens")
             return np.zeros((0,), np.int32), False
         if hasattr(self.tokenizer, "encode"):
             encoded = self.tokenizer.encode(text, add_special_tokens=self.add_special_tokens)
@@ -134,10 +145,10 @@ class TextField:
 def clip_text_field(tokenizer, *, name: str = "clip", source: str = "target_caption", length: int = 77) -> TextField:
     """Stage 1's target text: a caption tokenised for the CLIP text encoder (transformers
     CLIPTokenizer), <start> … <end> padded with its pad token to exactly `length`, as
-    Stable Diffusion feeds it."""
+    Stable Diffusion feeds it. A record without the caption is skipped."""
     pad = getattr(tokenizer, "pad_token_id", None)
     pad = 0 if pad is None else pad
-    return TextField(name, tokenizer, (length,), source, pad, add_special_tokens=True, keep_last=True)
+    return TextField(name, tokenizer, (length,), source, pad, add_special_tokens=True, keep_last=True, required=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,8 +175,12 @@ class EditTransform:
     def __call__(self, record: EditRecord, rng: np.random.Generator | None = None) -> tuple[dict, tuple[str, ...]]:
         """Returns the example (numpy arrays, ragged `boxes` and `*_ids`) and the names
         of the fields that were truncated. Raises BadRecord when an image cannot be used."""
-        source = decode_image(record.source_image, f"{record.key}: source image")
-        target = decode_image(record.target_image, f"{record.key}: target image") if record.task != Task.VQA else None
+        # the smallest crop must still cover the output at full resolution
+        min_side = math.ceil(max(self.resolution, self.vlm_resolution or 0) / self.min_crop_scale)
+        source = decode_image(record.source_image, f"{record.key}: source image", min_side)
+        target = None
+        if record.task != Task.VQA:
+            target = decode_image(record.target_image, f"{record.key}: target image", min_side)
         window = crop_window(*source.size, rng if self.random_crop else None, min_scale=self.min_crop_scale)
         boxes = crop_boxes(record.boxes if record.boxes is not None else np.zeros((0, 4), np.float32), window)
         texts = {field.source: getattr(record, field.source) for field in self.texts}
