@@ -19,6 +19,9 @@ setup(
         "transformers",  # tokenizers only at run time
         "tokenizers",
         "pyarrow",  # parquet data sets (MagicBrush, Emu Edit, InstructPix2Pix, UltraEdit)
+        "grain==0.2.18",  # pinned: data/pipeline.py subclasses its DatasetIterator
+        "tensorflow-datasets>=4.9,<5",  # the ArrayRecord triplet builder (no TensorFlow needed)
+        "importlib_resources",  # tensorflow-datasets needs it for builders in a package, undeclared
     ],
     extras_require={
         # torch is pinned: it must match torchvision (RoIAlign reference) and lpips.
