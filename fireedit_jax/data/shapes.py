@@ -1,0 +1,547 @@
+"""ShapeEdit: a synthetic multi-object edit data set with exact ground truth.
+
+Each sample is a scene of 1–5 flat-coloured shapes on a lightly textured background,
+an instruction that edits one of them, and the exactly rendered result:
+
+  colour   "make the leftmost square blue"           the object's colour changes
+  shape    "turn the red circle into a triangle"     its shape changes in the same box
+  remove   "remove the bigger triangle"              its pixels become background again
+  add      "add a small green square to the left of the blue circle" / "... in the top
+           left corner"                              a new object in a new box
+
+Objects are referred to by attribute ("the red circle", "the triangle", "the red
+object"), position ("the leftmost square", "the top object"; an object is the
+leftmost when both its centre and its left edge beat every other candidate's by a
+margin) or relative size ("the bigger triangle" of exactly two, "the biggest circle"
+of three or more with one big one). Every expression picks exactly one object of the
+source scene: the generator enumerates only unique ones. Scenes repeat shapes and
+colours on purpose, so position and size references are needed.
+
+Splits (the same generator, seeded by (seed, split, index)):
+  train, test   edits never PRODUCE a `HELDOUT_PAIRS` (colour, shape) combination: no
+                colour/shape edit or addition yields one, and none is removed;
+  heldout       every edit produces (or removes) one of them.
+  Objects of held-out combinations may still appear untouched in any scene.
+
+Geometry: an object is an odd-sized square box (so shapes are symmetric), small or big
+(`ShapesConfig.small` / `big` of the image side). Objects keep `gap` pixels apart and
+off the border; an added object sits `gap` pixels beside its anchor, centred on it, or
+`gap` pixels from the corner. Shapes are drawn with PIL without antialiasing, so a
+target differs from its source only inside the edited box.
+
+A sample (`generate`, `ShapeEditSource[i]`) is a dict:
+  source, target   uint8[H, W, 3]
+  instruction      str
+  boxes            float32[N, 4] normalised xyxy region proposals: the objects' boxes in
+                   `objects` order (optionally jittered), then any distractor boxes
+  kind, refer      edit kind (KINDS); referring type: attribute, position, size, or
+                   corner (an addition placed in a corner refers to no object)
+  object           index of the edited object in `objects` (-1 for add)
+  referent         index of the object the expression picks (add: the anchor; -1 for corner)
+  box              float32[4] the edited object's exact box (add: the new object's)
+  colour, shape, size   the edited object after the edit (remove: the removed object),
+                   i.e. the requested colour / shape where one is requested
+  from_colour, from_shape   the edited object before the edit (None for add)
+  place            add only: "left", "right", "above", "below" or a corner ("top left", …)
+  objects          the source scene: [{"shape", "colour", "size", "box"}] (box normalised)
+  split, index
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import math
+import os
+import re
+from typing import NamedTuple, Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+PALETTE = {  # far from each other and from the light background
+    "red": (220, 50, 50),
+    "yellow": (230, 210, 50),
+    "green": (50, 170, 70),
+    "cyan": (50, 200, 210),
+    "blue": (50, 80, 220),
+    "purple": (140, 50, 180),
+}
+COLOURS = tuple(PALETTE)
+SHAPES = ("circle", "square", "triangle", "diamond")
+SIZES = ("small", "big")
+KINDS = ("colour", "shape", "remove", "add")
+REFERS = ("attribute", "position", "size", "corner")
+SPLITS = ("train", "test", "heldout")
+# Never produced by a train/test edit; every heldout edit produces one. Each shape and
+# four colours lose one pairing, so each part is still seen in training.
+HELDOUT_PAIRS = frozenset({("red", "triangle"), ("green", "circle"), ("blue", "square"), ("yellow", "diamond")})
+
+# Position words: (axis, +1 for the largest coordinate); the edge compared besides the centre.
+POSITIONS = {"leftmost": (0, -1), "rightmost": (0, 1), "top": (1, -1), "bottom": (1, 1)}
+DIRECTIONS = ("left", "right", "above", "below")
+CORNERS = ("top left", "top right", "bottom left", "bottom right")
+
+COLOUR_TEMPLATES = ("make {ref} {colour}", "paint {ref} {colour}", "change the colour of {ref} to {colour}")
+SHAPE_TEMPLATES = ("turn {ref} into a {shape}", "change {ref} into a {shape}", "make {ref} a {shape}")
+REMOVE_TEMPLATES = ("remove {ref}", "delete {ref}", "erase {ref}", "take away {ref}")
+ADD_TEMPLATES = ("add a {new} {place}", "put a {new} {place}", "draw a {new} {place}")
+PLACE_TEMPLATES = {
+    "left": "to the left of {ref}",
+    "right": "to the right of {ref}",
+    "above": "above {ref}",
+    "below": "below {ref}",
+    **{corner: f"in the {corner} corner" for corner in CORNERS},
+}
+SIZE_WORDS = {"comparative": ("bigger", "smaller"), "superlative": ("biggest", "smallest")}
+SPECIAL_TOKENS = ("<pad>", "<unk>", "<s>", "</s>")
+BACKGROUND_TINT = (185.0, 225.0)
+STRIPE_AMPLITUDE = (2.0, 6.0)
+PIXEL_NOISE = 3.0
+BACKGROUND_WOBBLE = STRIPE_AMPLITUDE[1] + PIXEL_NOISE
+_MAX_ATTEMPTS = 2000
+
+
+@dataclasses.dataclass(frozen=True)
+class ShapesConfig:
+    """What the generator draws; every sample is a function of (this, split, index).
+
+    size: image side in pixels (64 by default; 32 works too).
+    small, big: object sides as fractions of `size` (rounded to odd pixel counts).
+    gap: the least distance between objects, and from an added object to its anchor,
+      as a fraction of `size` (at least 2 pixels).
+    position_margin: how much further (fraction of `size`, ≥ 2 px) the leftmost/… object's
+      centre and edge must be than every other candidate's.
+    box_jitter: region proposals' corners move by N(0, box_jitter × object side).
+    distractor_boxes: extra random boxes appended to the proposals.
+    """
+
+    size: int = 64
+    min_objects: int = 1
+    max_objects: int = 5
+    small: float = 0.17
+    big: float = 0.3
+    gap: float = 0.05
+    position_margin: float = 0.06
+    seed: int = 0
+    box_jitter: float = 0.0
+    distractor_boxes: int = 0
+
+    def side(self, size: str) -> int:
+        """Pixel side of a "small" or "big" object: odd, so shapes are symmetric."""
+        return 2 * round((getattr(self, size) * self.size - 1) / 2) + 1
+
+    @property
+    def gap_px(self) -> int:
+        return max(2, round(self.gap * self.size))
+
+    @property
+    def margin_px(self) -> int:
+        return max(2, round(self.position_margin * self.size))
+
+
+class Obj(NamedTuple):
+    shape: str
+    colour: str
+    size: str
+    box: tuple[int, int, int, int]  # pixels, x0 y0 x1 y1, end exclusive
+
+
+class Ref(NamedTuple):
+    phrase: str  # "the leftmost red square"
+    refer: str  # attribute, position or size
+    index: int  # the object it picks
+
+
+# ---------------------------------------------------------------------------- rendering
+
+
+@functools.lru_cache(maxsize=None)
+def shape_mask(shape: str, width: int, height: int) -> np.ndarray:
+    """bool[height, width]: `shape` filling a width × height box, drawn without antialiasing."""
+    canvas = Image.new("L", (width, height), 0)
+    draw = ImageDraw.Draw(canvas)
+    r, b = width - 1, height - 1
+    if shape == "square":
+        draw.rectangle([0, 0, r, b], fill=255)
+    elif shape == "circle":
+        draw.ellipse([0, 0, r, b], fill=255)
+    elif shape == "triangle":
+        draw.polygon([(r / 2, 0), (r, b), (0, b)], fill=255)
+    elif shape == "diamond":
+        draw.polygon([(r / 2, 0), (r, b / 2), (r / 2, b), (0, b / 2)], fill=255)
+    else:
+        raise ValueError(f"unknown shape {shape!r}; known: {', '.join(SHAPES)}")
+    mask = np.asarray(canvas) > 0
+    mask.setflags(write=False)
+    return mask
+
+
+def background(rng: np.random.Generator, size: int) -> np.ndarray:
+    """uint8[size, size, 3]: a light tint (per channel in BACKGROUND_TINT) with faint stripes
+    and pixel noise (together at most BACKGROUND_WOBBLE in each channel)."""
+    tint = rng.uniform(*BACKGROUND_TINT, 3)
+    angle, phase = rng.uniform(0, math.pi), rng.uniform(0, 2 * math.pi)
+    period, amplitude = rng.uniform(6, 16), rng.uniform(*STRIPE_AMPLITUDE)
+    y, x = np.mgrid[0:size, 0:size]
+    stripes = amplitude * np.sin(2 * math.pi * (x * math.cos(angle) + y * math.sin(angle)) / period + phase)
+    noise = rng.uniform(-PIXEL_NOISE, PIXEL_NOISE, (size, size))
+    return np.clip(np.rint(tint + (stripes + noise)[..., None]), 0, 255).astype(np.uint8)
+
+
+def render(backdrop: np.ndarray, objects: Sequence[Obj]) -> np.ndarray:
+    """uint8[H, W, 3]: the objects painted on a copy of `backdrop`, each only inside its box."""
+    image = backdrop.copy()
+    for obj in objects:
+        x0, y0, x1, y1 = obj.box
+        image[y0:y1, x0:x1][shape_mask(obj.shape, x1 - x0, y1 - y0)] = PALETTE[obj.colour]
+    return image
+
+
+# ---------------------------------------------------------------------------- geometry
+
+
+def _apart(a, b, gap: int) -> bool:
+    """Boxes at least `gap` pixels apart along x or y."""
+    return a[0] >= b[2] + gap or b[0] >= a[2] + gap or a[1] >= b[3] + gap or b[1] >= a[3] + gap
+
+
+def _fits(box, objects: Sequence[Obj], config: ShapesConfig) -> bool:
+    inside = min(box[:2]) >= 1 and max(box[2:]) <= config.size - 1
+    return inside and all(_apart(box, obj.box, config.gap_px) for obj in objects)
+
+
+def _sample_scene(rng: np.random.Generator, config: ShapesConfig) -> list[Obj] | None:
+    """1–5 non-overlapping objects, often repeating an earlier one's shape or colour; None if they do not fit."""
+    objects = []
+    for _ in range(rng.integers(config.min_objects, config.max_objects + 1)):
+        shape = objects[rng.integers(len(objects))].shape if objects and rng.random() < 0.5 else rng.choice(SHAPES)
+        colour = objects[rng.integers(len(objects))].colour if objects and rng.random() < 0.4 else rng.choice(COLOURS)
+        size = str(rng.choice(SIZES))
+        side = config.side(size)
+        for _ in range(50):
+            x0, y0 = rng.integers(1, config.size - side, 2)
+            box = (int(x0), int(y0), int(x0) + side, int(y0) + side)
+            if _fits(box, objects, config):
+                objects.append(Obj(str(shape), str(colour), size, box))
+                break
+        else:
+            return None
+    return objects
+
+
+def _placed_box(place: str, side: int, anchor: Obj | None, config: ShapesConfig):
+    """The pixel box of a new object of `side` at `place` (beside `anchor`, or in a corner)."""
+    gap, size = config.gap_px, config.size
+    if anchor is None:  # a corner
+        vertical, horizontal = place.split()
+        x0 = gap if horizontal == "left" else size - gap - side
+        y0 = gap if vertical == "top" else size - gap - side
+        return (x0, y0, x0 + side, y0 + side)
+    ax0, ay0, ax1, ay1 = anchor.box
+    cx, cy = (ax0 + ax1) // 2, (ay0 + ay1) // 2  # exact centres: sides are odd
+    x0 = {"left": ax0 - gap - side, "right": ax1 + gap}.get(place, cx - side // 2)
+    y0 = {"above": ay0 - gap - side, "below": ay1 + gap}.get(place, cy - side // 2)
+    return (x0, y0, x0 + side, y0 + side)
+
+
+# ---------------------------------------------------------------------------- references
+
+
+def _noun(colour: str | None, shape: str | None) -> str:
+    return " ".join(w for w in (colour, shape or "object") if w)
+
+
+def referring_expressions(objects: Sequence[Obj], config: ShapesConfig) -> list[Ref]:
+    """Every expression that picks exactly one object, by attribute, position or size."""
+    refs = []
+    colours = [c for c in COLOURS if any(o.colour == c for o in objects)]
+    shapes = [s for s in SHAPES if any(o.shape == s for o in objects)]
+    for colour in (None, *colours):
+        for shape in (None, *shapes):
+            picked = [i for i, o in enumerate(objects) if colour in (None, o.colour) and shape in (None, o.shape)]
+            noun = _noun(colour, shape)
+            if len(picked) == 1 and (colour or shape):
+                refs.append(Ref(f"the {noun}", "attribute", picked[0]))
+            if len(picked) < 2:
+                continue
+            for word, (axis, sign) in POSITIONS.items():
+                index = _extreme(objects, picked, axis, sign, config.margin_px)
+                if index is not None:
+                    refs.append(Ref(f"the {word} {noun}", "position", index))
+            big = [i for i in picked if objects[i].size == "big"]
+            small = [i for i in picked if objects[i].size == "small"]
+            more, less = SIZE_WORDS["comparative" if len(picked) == 2 else "superlative"]
+            if len(big) == 1:
+                refs.append(Ref(f"the {more} {noun}", "size", big[0]))
+            if len(small) == 1:
+                refs.append(Ref(f"the {less} {noun}", "size", small[0]))
+    return refs
+
+
+def _extreme(objects, picked, axis: int, sign: int, margin: int) -> int | None:
+    """The candidate whose centre AND outer edge lead all others' by ≥ margin along axis, or None."""
+
+    def keys(i):
+        box = objects[i].box
+        edge = box[axis + 2] if sign > 0 else box[axis]
+        return sign * (box[axis] + box[axis + 2]) / 2, sign * edge
+
+    best = max(picked, key=keys)
+    lead = keys(best)
+    ok = all(min(lead[0] - keys(i)[0], lead[1] - keys(i)[1]) >= margin for i in picked if i != best)
+    return best if ok else None
+
+
+# ---------------------------------------------------------------------------- edits
+
+
+def _allowed(split: str, colour: str, shape: str) -> bool:
+    return ((colour, shape) in HELDOUT_PAIRS) == (split == "heldout")
+
+
+def _options(kind: str, split: str, obj: Obj | None, objects: Sequence[Obj], config: ShapesConfig) -> list:
+    """What an edit of `kind` on `obj` (add: beside `obj`, or in a corner when None) may request."""
+    if kind == "colour":
+        return [c for c in COLOURS if c != obj.colour and _allowed(split, c, obj.shape)]
+    if kind == "shape":
+        return [s for s in SHAPES if s != obj.shape and _allowed(split, obj.colour, s)]
+    if kind == "remove":
+        return [None] if _allowed(split, obj.colour, obj.shape) else []
+    places = CORNERS if obj is None else DIRECTIONS
+    return [
+        (place, size)
+        for place in places
+        for size in SIZES
+        if _fits(_placed_box(place, config.side(size), obj, config), objects, config)
+    ]
+
+
+def _plan(rng: np.random.Generator, objects: list[Obj], kind: str, refer: str, split: str, config: ShapesConfig):
+    """(Ref or None for a corner, the chosen option) for a random feasible edit, or None."""
+    refs = [None] if refer == "corner" else [r for r in referring_expressions(objects, config) if r.refer == refer]
+    for k in rng.permutation(len(refs)):
+        ref = refs[k]
+        options = _options(kind, split, None if ref is None else objects[ref.index], objects, config)
+        if options:
+            return ref, options[rng.integers(len(options))]
+    return None
+
+
+def _normalised(box, size: int) -> list[float]:
+    return [v / size for v in box]
+
+
+def generate(config: ShapesConfig, split: str, index: int) -> dict:
+    """Sample `index` of `split`: a pure function of (config, split, index). See the module doc."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; known: {', '.join(SPLITS)}")
+    rng = np.random.default_rng([config.seed, SPLITS.index(split), index])
+    kind = KINDS[rng.integers(len(KINDS))]
+    refers = REFERS if kind == "add" else REFERS[:-1]
+    refer = refers[rng.integers(len(refers))]
+    for _ in range(_MAX_ATTEMPTS):
+        objects = _sample_scene(rng, config)
+        plan = objects and _plan(rng, objects, kind, refer, split, config)
+        if plan:
+            break
+    else:
+        raise RuntimeError(f"no {kind} edit by {refer} found in {_MAX_ATTEMPTS} scenes for {config}")
+    ref, option = plan
+    after, place = list(objects), None
+    if kind == "add":
+        place, size = option
+        pairs = [(c, s) for c in COLOURS for s in SHAPES if _allowed(split, c, s)]
+        colour, shape = pairs[rng.integers(len(pairs))]
+        anchor = None if ref is None else objects[ref.index]
+        new = Obj(shape, colour, size, _placed_box(place, config.side(size), anchor, config))
+        after.append(new)
+        edited, before = new, None
+        template = ADD_TEMPLATES[rng.integers(len(ADD_TEMPLATES))]
+        where = PLACE_TEMPLATES[place].format(ref=ref.phrase if ref else "")
+        instruction = template.format(new=f"{size} {colour} {shape}", place=where)
+    else:
+        before = edited = objects[ref.index]
+        if kind == "remove":
+            del after[ref.index]
+        else:
+            edited = before._replace(**{kind: option})  # the field named like the kind
+            after[ref.index] = edited
+        templates = {"colour": COLOUR_TEMPLATES, "shape": SHAPE_TEMPLATES, "remove": REMOVE_TEMPLATES}[kind]
+        instruction = templates[rng.integers(len(templates))].format(ref=ref.phrase, colour=option, shape=option)
+    backdrop = background(rng, config.size)
+    return {
+        "source": render(backdrop, objects),
+        "target": render(backdrop, after),
+        "instruction": instruction,
+        "boxes": proposals(config, split, index, objects),
+        "kind": kind,
+        "refer": refer,
+        "object": -1 if kind == "add" else ref.index,
+        "referent": -1 if ref is None else ref.index,
+        "box": np.asarray(_normalised(edited.box, config.size), np.float32),
+        "colour": edited.colour,
+        "shape": edited.shape,
+        "size": edited.size,
+        "from_colour": None if before is None else before.colour,
+        "from_shape": None if before is None else before.shape,
+        "place": place,
+        "objects": [
+            {"shape": o.shape, "colour": o.colour, "size": o.size, "box": _normalised(o.box, config.size)}
+            for o in objects
+        ],
+        "split": split,
+        "index": index,
+    }
+
+
+def proposals(config: ShapesConfig, split: str, index: int, objects: Sequence[Obj]) -> np.ndarray:
+    """float32[N, 4] normalised xyxy: the objects' boxes (jittered if configured), then distractors.
+
+    Drawn from their own stream, so jitter and distractors never change the scene.
+    """
+    rng = np.random.default_rng([config.seed, SPLITS.index(split), index, 1])
+    boxes = np.asarray([o.box for o in objects], np.float64).reshape(-1, 4)
+    if config.box_jitter:
+        sides = (boxes[:, 2:] - boxes[:, :2]).repeat(2, axis=1)
+        boxes = boxes + rng.normal(0.0, config.box_jitter, boxes.shape) * sides
+    sides = rng.integers(config.side("small"), config.side("big") + 1, (config.distractor_boxes, 2))
+    corners = rng.uniform(0, config.size - sides)
+    boxes = np.concatenate([boxes, np.concatenate([corners, corners + sides], axis=1)]) / config.size
+    boxes = np.clip(boxes, 0.0, 1.0)
+    boxes = np.concatenate([np.minimum(boxes[:, :2], boxes[:, 2:]), np.maximum(boxes[:, :2], boxes[:, 2:])], axis=1)
+    return boxes.astype(np.float32)
+
+
+class ShapeEditSource:
+    """grain-compatible random-access source: `source[i] == generate(config, split, i)`, made on demand."""
+
+    def __init__(self, split: str = "train", num_samples: int = 10_000, config: ShapesConfig = ShapesConfig()):
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}; known: {', '.join(SPLITS)}")
+        self.split, self.num_samples, self.config = split, num_samples, config
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __getitem__(self, index: int) -> dict:
+        if not 0 <= index < self.num_samples:
+            raise IndexError(f"ShapeEdit {self.split}: index {index} out of range [0, {self.num_samples})")
+        return generate(self.config, self.split, int(index))
+
+    def __repr__(self) -> str:
+        return f"ShapeEditSource({self.split!r}, {self.num_samples} samples, {self.config})"
+
+
+# ---------------------------------------------------------------------------- vocabulary
+
+
+def vocabulary() -> list[str]:
+    """Every word an instruction can contain, in a fixed order."""
+    texts = [*COLOUR_TEMPLATES, *SHAPE_TEMPLATES, *REMOVE_TEMPLATES, *ADD_TEMPLATES, *PLACE_TEMPLATES.values()]
+    words = [w for text in texts for w in re.sub(r"\{\w+\}", " ", text).split()]
+    words += ["the", "object", *COLOURS, *SHAPES, *SIZES, *POSITIONS, *(w for ws in SIZE_WORDS.values() for w in ws)]
+    return list(dict.fromkeys(words))
+
+
+_WORD = re.compile(r"\w+|[^\w\s]+")  # the `Whitespace` pre-tokenizer's split
+
+
+def check_instruction(text: str) -> list[str]:
+    """The instruction's (lowercased) words; ValueError naming unknown words and listing the known ones."""
+    words = _WORD.findall(text.lower())
+    known = set(vocabulary())
+    unknown = [w for w in dict.fromkeys(words) if w not in known]
+    if unknown:
+        raise ValueError(
+            f"instruction {text!r} has word(s) outside the ShapeEdit vocabulary: {', '.join(unknown)}. "
+            f"Known words: {', '.join(vocabulary())}"
+        )
+    return words
+
+
+def build_tokenizer():
+    """A word-level `PreTrainedTokenizerFast` over `vocabulary()`: lowercasing, whitespace
+    split, <s> … </s> added; ids 0-3 are <pad>, <unk>, <s>, </s>. Save it with `save_pretrained(dir)`,
+    load it with `transformers.AutoTokenizer.from_pretrained(dir)`."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    pad, unk, bos, eos = SPECIAL_TOKENS
+    vocab = {token: i for i, token in enumerate([*SPECIAL_TOKENS, *vocabulary()])}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token=unk))
+    tokenizer.normalizer = normalizers.Lowercase()
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A {eos}", special_tokens=[(bos, vocab[bos]), (eos, vocab[eos])]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, pad_token=pad, unk_token=unk, bos_token=bos, eos_token=eos
+    )
+
+
+# ---------------------------------------------------------------------------- files
+
+
+def _json_value(value):
+    return value.tolist() if isinstance(value, np.ndarray) else value
+
+
+def write_folder(out_dir: str, split: str, n: int, config: ShapesConfig = ShapesConfig()) -> str:
+    """Writes samples 0…n-1 of `split` under out_dir/split/; returns that folder.
+
+    Layout: images/{i:06d}_source.png and _target.png;
+    samples.jsonl   one line per sample: {"source": "images/…png", "target": …, "instruction",
+                    "boxes": [[x0, y0, x1, y1], …], and every metadata field of `generate`};
+    metadata.jsonl  the same samples in `data.sources.JsonlSource`'s layout (source_image,
+                    target_image, instruction, boxes), so the training pipeline reads the folder.
+    """
+    folder = os.path.join(out_dir, split)
+    os.makedirs(os.path.join(folder, "images"), exist_ok=True)
+    with (
+        open(os.path.join(folder, "samples.jsonl"), "w") as samples,
+        open(os.path.join(folder, "metadata.jsonl"), "w") as metadata,
+    ):
+        for i in range(n):
+            sample = generate(config, split, i)
+            paths = {}
+            for name in ("source", "target"):
+                paths[name] = f"images/{i:06d}_{name}.png"
+                Image.fromarray(sample[name]).save(os.path.join(folder, paths[name]))
+            line = {**{k: _json_value(v) for k, v in sample.items()}, **paths}
+            samples.write(json.dumps(line) + "\n")
+            record = {"source_image": paths["source"], "target_image": paths["target"],
+                      "instruction": sample["instruction"], "boxes": line["boxes"]}  # fmt: skip
+            metadata.write(json.dumps(record) + "\n")
+    return folder
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `shapes` sub-command's arguments."""
+    parser.add_argument("--out", required=True, help="output directory (one sub-folder per split, plus tokenizer/)")
+    parser.add_argument("--split", nargs="+", default=list(SPLITS), choices=SPLITS)
+    parser.add_argument("--num", type=int, default=1000, help="samples per split")
+    parser.add_argument("--size", type=int, default=ShapesConfig.size, help="image side in pixels")
+    parser.add_argument("--seed", type=int, default=ShapesConfig.seed)
+    parser.add_argument("--box-jitter", type=float, default=0.0, help="proposal jitter, fraction of the object side")
+    parser.add_argument("--distractor-boxes", type=int, default=0, help="random extra proposals per sample")
+
+
+def run(args: argparse.Namespace) -> int:
+    config = ShapesConfig(size=args.size, seed=args.seed, box_jitter=args.box_jitter,
+                          distractor_boxes=args.distractor_boxes)  # fmt: skip
+    for split in args.split:
+        folder = write_folder(args.out, split, args.num, config)
+        print(f"wrote {args.num} {split} samples to {folder}")
+    build_tokenizer().save_pretrained(os.path.join(args.out, "tokenizer"))
+    print(f"wrote the word-level tokenizer ({len(SPECIAL_TOKENS) + len(vocabulary())} tokens) to {args.out}/tokenizer")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`fireedit-jax shapes --out DIR [--split train test heldout] [--num N] [--size 64]`."""
+    parser = argparse.ArgumentParser(prog="fireedit-jax shapes", description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
