@@ -1,4 +1,4 @@
-"""`fireedit-jax` command line: convert, edit, info, propose, eval, demo."""
+"""`fireedit-jax` command line: convert, edit, info, propose, eval, shapes, demo."""
 
 from __future__ import annotations
 
@@ -63,6 +63,12 @@ def _info(args) -> int:
 
 def _propose(args) -> int:
     from fireedit_jax.data.proposals import run
+
+    return run(args)
+
+
+def _shapes(args) -> int:
+    from fireedit_jax.data.shapes import run
 
     return run(args)
 
@@ -278,6 +284,12 @@ def build_parser() -> argparse.ArgumentParser:
     propose = commands.add_parser("propose", help="region proposals from an offline Deformable DETR")
     propose_arguments(propose)
     propose.set_defaults(run=_propose)
+
+    from fireedit_jax.data.shapes import add_arguments as shapes_arguments
+
+    shapes = commands.add_parser("shapes", help="write the synthetic ShapeEdit set (folder + JSONL) and its tokenizer")
+    shapes_arguments(shapes)
+    shapes.set_defaults(run=_shapes)
 
     demo = commands.add_parser("demo", help="the end-to-end demo (writes outputs/demo/)")
     demo.add_argument("--out", default="outputs/demo")

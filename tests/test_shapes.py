@@ -383,3 +383,11 @@ def test_main_writes_splits_and_tokenizer(tmp_path, capsys):
     assert len(os.listdir(tmp_path / "train" / "images")) == 6
     assert Image.open(tmp_path / "test" / "images" / "000002_target.png").size == (32, 32)
     assert "wrote 3 train samples" in capsys.readouterr().out
+
+
+def test_cli_writes_the_folder_layout(tmp_path):
+    from fireedit_jax import cli
+
+    assert cli.main(["shapes", "--out", str(tmp_path), "--split", "test", "--num", "3"]) == 0
+    lines = (tmp_path / "test" / "samples.jsonl").read_text().splitlines()
+    assert len(lines) == 3 and (tmp_path / "tokenizer").is_dir()
