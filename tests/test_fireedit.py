@@ -58,7 +58,7 @@ def test_info_prints_trainable_counts_per_stage(fireedit_ckpt, capsys):
         assert name in out
 
 
-def test_edit_with_and_without_boxes_runs_the_vlm_once_per_edit(fireedit_ckpt, tmp_path):
+def test_edit_with_and_without_boxes_runs_the_vlm_once_per_edit(fireedit_ckpt, tmp_path, capsys):
     editor = Editor.from_pretrained(str(fireedit_ckpt))
     calls = []
     condition = editor._condition
@@ -79,6 +79,7 @@ def test_edit_with_and_without_boxes_runs_the_vlm_once_per_edit(fireedit_ckpt, t
     assert Image.open(tmp_path / "out.png").size == (56, 40)
     boxes.write_text(json.dumps({"boxes": []}) + "\n" + json.dumps({"boxes": []}) + "\n")
     assert cli.main(args + ["--boxes", str(boxes)]) == 2  # two box lines for one image
+    assert "box lines for 2 images, but 1 image(s)" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("switch", ["use_regions", "use_tati", "use_hvca"])
@@ -146,3 +147,13 @@ def test_fireedit_7b_trainable_counts_per_stage():
     assert count(r"_ip/kernel$") == 2 * 768 * 12_480
     assert count(r"^unet/") == 859_532_484 + count(r"_ip/kernel$")  # the 8-channel SD1.5 UNet + K2/V2
     assert [count(*stages.trainable_patterns(s)) for s in (1, 2, 3)] == [65_309_952, 981_768_644, 1_007_462_340]
+
+
+@pytest.mark.parametrize("network", ["llama", "dinov2", "clip-vision", "unet"])
+def test_convert_one_network_with_verify(sources, tmp_path, capsys, network):
+    src = {"llama": "llm", "dinov2": "dinov2", "clip-vision": "clip_vision", "unet": "ip2p/unet"}[network]
+    code = cli.main(["convert", network, "--src", str(sources / src), "--out", str(tmp_path / "out"), "--verify"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    error = float(out.strip().split("=")[-1])
+    assert error < 1e-4 and (tmp_path / "out" / "params").is_dir()
