@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
-import os
 import re
 
 import jax
@@ -135,11 +133,9 @@ def check_hf_config(hf_config: dict, config: CLIPTextConfig | CLIPVisionConfig, 
 
 
 def _load(path: str, config, convert) -> dict:
-    directory = path if os.path.isdir(path) else os.path.dirname(path)
-    config_file = os.path.join(directory, "config.json")
-    if os.path.exists(config_file):
-        with open(config_file) as f:
-            check_hf_config(json.load(f), config, what=f"checkpoint {path!r}")
+    beside = core.config_beside(path)
+    if beside is not None:
+        check_hf_config(beside, config, what=f"checkpoint {path!r}")
     return convert(core.load_state_dict(path), config)
 
 

@@ -62,6 +62,16 @@ def load_state_dict(path: str) -> dict[str, np.ndarray]:
     return {k: _to_numpy(v) for k, v in state.items()}
 
 
+def config_beside(path: str) -> dict | None:
+    """The config.json of a weights directory (or beside a weights file), or None."""
+    directory = path if os.path.isdir(path) else os.path.dirname(path)
+    config_file = os.path.join(directory, "config.json")
+    if not os.path.exists(config_file):
+        return None
+    with open(config_file) as f:
+        return json.load(f)
+
+
 def _weights_file_in(directory: str) -> str:
     names = os.listdir(directory)
     for suffix in (".safetensors.index.json", ".safetensors", ".bin.index.json", ".bin", ".pt", ".pth"):

@@ -19,8 +19,6 @@ adapters and the new token rows are not in these checkpoints: they are initialis
 from __future__ import annotations
 
 import functools
-import json
-import os
 import re
 
 import flax
@@ -143,11 +141,9 @@ def load_llama(path: str, config: LlamaConfig, *, param_dtype=np.float32, seed: 
     A config.json beside the weights is checked against `config` first (original
     LLaVA directories have one too; their extra multimodal fields are ignored).
     """
-    directory = path if os.path.isdir(path) else os.path.dirname(path)
-    config_file = os.path.join(directory, "config.json")
-    if os.path.exists(config_file):
-        with open(config_file) as f:
-            check_hf_config(json.load(f), config, what=f"checkpoint {path!r}")
+    beside = core.config_beside(path)
+    if beside is not None:
+        check_hf_config(beside, config, what=f"checkpoint {path!r}")
     return convert_llama(core.load_state_dict(path), config, param_dtype=param_dtype, seed=seed)
 
 

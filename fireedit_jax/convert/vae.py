@@ -10,8 +10,6 @@ projections as 1×1 conv weights [out, in, 1, 1]: both are accepted.
 from __future__ import annotations
 
 import functools
-import json
-import os
 import re
 
 import jax
@@ -84,11 +82,9 @@ def load_vae(path: str, config: VAEConfig) -> dict:
 
     A config.json beside the weights is checked against `config` first.
     """
-    directory = path if os.path.isdir(path) else os.path.dirname(path)
-    config_file = os.path.join(directory, "config.json")
-    if os.path.exists(config_file):
-        with open(config_file) as f:
-            check_diffusers_config(json.load(f), config, what=f"checkpoint {path!r}")
+    beside = core.config_beside(path)
+    if beside is not None:
+        check_diffusers_config(beside, config, what=f"checkpoint {path!r}")
     return convert_vae(core.load_state_dict(path), config)
 
 

@@ -18,8 +18,6 @@ head and a mask token are ignored):
 from __future__ import annotations
 
 import functools
-import json
-import os
 import re
 
 import jax
@@ -120,11 +118,9 @@ def load_vit(path: str, config: ViTConfig) -> dict:
 
     A config.json beside the weights is checked against `config` first.
     """
-    directory = path if os.path.isdir(path) else os.path.dirname(path)
-    config_file = os.path.join(directory, "config.json")
-    if os.path.exists(config_file):
-        with open(config_file) as f:
-            check_hf_config(json.load(f), config, what=f"checkpoint {path!r}")
+    beside = core.config_beside(path)
+    if beside is not None:
+        check_hf_config(beside, config, what=f"checkpoint {path!r}")
     return convert_vit(core.load_state_dict(path), config)
 
 

@@ -49,7 +49,6 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from fireedit_jax.nn.linear import conv, dense
 from fireedit_jax.nn.norms import GroupNorm, LayerNorm
