@@ -65,11 +65,14 @@ _HF_VISION_DEFAULTS = {
 }
 
 
-def _check_tower(config) -> None:
+def check_transformer_config(config, activations=ACTIVATIONS) -> None:
+    """Validates a transformer tower's config (CLIP, ViT, DINOv2): heads, activation, patch grid."""
     if config.hidden_size % config.num_heads:
         raise ValueError(f"hidden_size {config.hidden_size} does not split into {config.num_heads} heads")
-    if config.hidden_act not in ACTIVATIONS:
-        raise ValueError(f"hidden_act {config.hidden_act!r} not supported: one of {sorted(ACTIVATIONS)}")
+    if config.hidden_act not in activations:
+        raise ValueError(f"hidden_act {config.hidden_act!r} not supported: one of {sorted(activations)}")
+    if hasattr(config, "patch_size") and config.image_size % config.patch_size:
+        raise ValueError(f"image_size {config.image_size} is not a multiple of patch_size {config.patch_size}")
 
 
 def _hf_fields(config: Mapping[str, Any], sub_config: str, names: Mapping[str, str], defaults: Mapping[str, Any]) -> dict:
@@ -103,7 +106,7 @@ class CLIPTextConfig:
     remat: bool = False  # rematerialise each layer in the backward pass
 
     def __post_init__(self):
-        _check_tower(self)
+        check_transformer_config(self)
 
     @classmethod
     def vit_l14(cls, **overrides) -> CLIPTextConfig:
@@ -149,9 +152,7 @@ class CLIPVisionConfig:
     remat: bool = False  # rematerialise each layer in the backward pass
 
     def __post_init__(self):
-        _check_tower(self)
-        if self.image_size % self.patch_size:
-            raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+        check_transformer_config(self)
 
     @property
     def grid_size(self) -> int:

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fireedit_jax.models.clip import check_transformer_config
 from fireedit_jax.nn.attention import dot_product_attention
 from fireedit_jax.nn.linear import conv, dense, partitioned
 from fireedit_jax.nn.norms import LayerNorm
@@ -92,12 +93,7 @@ class DINOv2Config:
     remat: bool = False  # rematerialise each block in the backward pass
 
     def __post_init__(self):
-        if self.hidden_size % self.num_heads:
-            raise ValueError(f"hidden_size {self.hidden_size} does not split into {self.num_heads} heads")
-        if self.hidden_act not in ACTIVATIONS:
-            raise ValueError(f"hidden_act {self.hidden_act!r} not supported: one of {sorted(ACTIVATIONS)}")
-        if self.image_size % self.patch_size:
-            raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+        check_transformer_config(self, ACTIVATIONS)
 
     @property
     def grid_size(self) -> int:

@@ -26,7 +26,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fireedit_jax.models.clip import ACTIVATIONS, Encoder
+from fireedit_jax.models.clip import Encoder, check_transformer_config
 from fireedit_jax.nn.linear import conv, partitioned
 from fireedit_jax.nn.norms import LayerNorm
 from fireedit_jax.nn.resize import bicubic_resize
@@ -76,12 +76,7 @@ class ViTConfig:
     remat: bool = False  # rematerialise each layer in the backward pass
 
     def __post_init__(self):
-        if self.hidden_size % self.num_heads:
-            raise ValueError(f"hidden_size {self.hidden_size} does not split into {self.num_heads} heads")
-        if self.hidden_act not in ACTIVATIONS:
-            raise ValueError(f"hidden_act {self.hidden_act!r} not supported: one of {sorted(ACTIVATIONS)}")
-        if self.image_size % self.patch_size:
-            raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+        check_transformer_config(self)
 
     @property
     def grid_size(self) -> int:
