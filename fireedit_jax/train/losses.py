@@ -79,11 +79,27 @@ def diffusion_loss(
     return jnp.mean(jnp.square(pred.astype(jnp.float32) - target))
 
 
+# The VAE posteriors the IP2P loss needs: the source's mode, unscaled (the image condition),
+# and the target's mean and log-variance (a sample is drawn per step).
+LATENT_FIELDS = ("source_latents", "target_latents_mean", "target_latents_logvar")
+
+
+def encode_latents(model: EditModel, params, source: jax.Array, target: jax.Array) -> dict[str, jax.Array]:
+    """Pixels float[B, H, W, 3] in [-1, 1] → the `LATENT_FIELDS`, each float32[B, h, w, C].
+
+    One encoder pass over target ‖ source (half the compiled graph of two passes).
+    """
+    mean, logvar = model.vae.apply({"params": params["vae"]}, jnp.concatenate([target, source]), method=VAE.encode)
+    (target_mean, source_mean), (target_logvar, _) = jnp.split(mean, 2), jnp.split(logvar, 2)
+    return dict(zip(LATENT_FIELDS, (source_mean, target_mean, target_logvar)))
+
+
 def make_ip2p_loss(model: EditModel, config) -> LossFn:
     """InstructPix2Pix fine-tuning (UNet on CLIP text states).
 
     batch: {"source": float[B, H, W, 3] in [-1, 1], "target": float[B, H, W, 3] in [-1, 1],
-            "input_ids": int32[B, L]} (H, W multiples of the VAE factor).
+            "input_ids": int32[B, L]} (H, W multiples of the VAE factor); or, from a latent
+            cache (data/latent_cache.py), the `LATENT_FIELDS` in place of "source" and "target".
     """
     schedule = dataclass_from_dict(SchedulerConfig, config.model.scheduler)
     prob = float(config.train.cond_dropout)
@@ -91,10 +107,8 @@ def make_ip2p_loss(model: EditModel, config) -> LossFn:
 
     def loss_fn(params, batch, keys):
         k_posterior, k_drop, k_diffusion = per_example(keys, 3)
-        # one encoder pass over target ‖ source (half the compiled graph of two passes)
-        pixels = jnp.concatenate([batch["target"], batch["source"]])
-        mean, logvar = model.vae.apply({"params": params["vae"]}, pixels, method=VAE.encode)
-        (target_mean, image_latents), (target_logvar, _) = jnp.split(mean, 2), jnp.split(logvar, 2)
+        cached = batch if LATENT_FIELDS[0] in batch else encode_latents(model, params, batch["source"], batch["target"])
+        image_latents, target_mean, target_logvar = (cached[name] for name in LATENT_FIELDS)
         latents = scale_latents(jax.vmap(sample_posterior)(k_posterior, target_mean, target_logvar), vae_config)
         cond = {"text": model.encode_text(params, batch["input_ids"])}
         cond, image_latents = condition_dropout(k_drop, cond, image_latents, params["null_text"], prob)
