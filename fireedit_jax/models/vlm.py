@@ -73,17 +73,19 @@ def img_positions(input_ids: jax.Array, first_img_id: int) -> jax.Array:
     return start[:, None] + jnp.arange(NUM_IMG_TOKENS)[None, :]
 
 
-def vlm_loss(logits: jax.Array, input_ids: jax.Array, target_mask: jax.Array, sample_mask=None) -> jax.Array:
+def vlm_loss(logits: jax.Array, input_ids: jax.Array, target_mask: jax.Array, sample_weight=None) -> jax.Array:
     """L_VLM: mean next-token NLL over target positions (the [IMG] tokens, or VQA answers).
 
-    The logits at position p − 1 predict token p. sample_mask: bool[B] drops whole samples.
+    The logits at position p − 1 predict token p. sample_weight: bool or float[B], each
+    sample's tokens weighted by it (0 drops the sample); the mean is over the weighted tokens.
     """
     logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
     nll = -jnp.take_along_axis(logp, input_ids[:, 1:, None], axis=-1)[..., 0]
-    mask = target_mask[:, 1:]
-    if sample_mask is not None:
-        mask = mask & sample_mask[:, None]
-    return jnp.sum(jnp.where(mask, nll, 0.0)) / jnp.maximum(jnp.sum(mask), 1)
+    weight = target_mask[:, 1:].astype(jnp.float32)
+    if sample_weight is not None:
+        weight = weight * jnp.asarray(sample_weight, jnp.float32)[:, None]
+    total = jnp.sum(weight)
+    return jnp.where(total > 0, jnp.sum(jnp.where(weight > 0, nll, 0.0) * weight) / jnp.maximum(total, 1e-12), 0.0)
 
 
 class VLM(nn.Module):
@@ -100,12 +102,26 @@ class VLM(nn.Module):
     @nn.compact
     def __call__(self, pixels, input_ids, attention_mask, boxes=None, box_mask=None, *, deterministic: bool = True):
         """Args:
-          pixels: float[B, H, W, 3], DINOv2-normalised (448 px in FireEdit).
+          pixels: float[B, H, W, 3], DINOv2-normalised (448 px in FireEdit), or None for a
+            text-only sequence (stage 1's captions: no image or region tokens, no vision tower).
           input_ids, attention_mask: int[B, T], bool[B, T] from `build_vlm_inputs`.
           boxes: float[B, R, 4] normalised xyxy; box_mask: bool[B, R] (ignored without regions).
         Returns:
-          VLMOutput.
+          VLMOutput (vision_states None without pixels).
         """
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        llm = Llama(self.llm, attention=self.attention, name="llm", **kw)
+        embeds = llm.embed(input_ids)
+        seen = None
+        if pixels is not None:
+            embeds, seen = self._splice_visual(embeds, pixels, input_ids, boxes, box_mask)
+        out = llm(inputs_embeds=embeds, attention_mask=attention_mask, deterministic=deterministic)
+        positions = img_positions(input_ids, token_id(self.llm, "[IMG_1]"))
+        e = jnp.take_along_axis(out.last_hidden_state, positions[..., None], axis=1)
+        return VLMOutput(e=e, logits=out.logits, vision_states=None if seen is None else seen.last_hidden_state)
+
+    def _splice_visual(self, embeds, pixels, input_ids, boxes, box_mask):
+        """The image tokens (and region tokens) in place of their placeholders; also DINOv2's output."""
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         layers = REGION_LAYERS if self.regions is not None else ()
         seen = DINOv2Model(self.vision, attention=self.attention, name="vision", **kw)(pixels, hidden_layers=layers)
@@ -113,10 +129,7 @@ class VLM(nn.Module):
         grid = patch_grid(seen.last_hidden_state, seen.grid, self.vision)
         width = self.llm.hidden_size
         image = dense(width, ("mlp", "embed"), name="adapter_in", **kw)(merge_patches(grid, self.merge))
-        image = dense(width, ("embed", "embed"), name="adapter_out", **kw)(nn.gelu(image, approximate=False))
-
-        llm = Llama(self.llm, attention=self.attention, name="llm", **kw)
-        embeds = llm.embed(input_ids)
+        image = dense(width, ("mlp", "embed"), name="adapter_out", **kw)(nn.gelu(image, approximate=False))
         embeds = splice(embeds, input_ids, token_id(self.llm, "<image>"), image)
         if self.regions is not None:
             if boxes is None:
@@ -125,10 +138,7 @@ class VLM(nn.Module):
                 levels = [patch_grid(h, seen.grid, self.vision) for h in seen.hidden_states]
                 tokens = RegionEncoder(self.regions, name="regions", **kw)(levels, boxes, box_mask)
                 embeds = splice(embeds, input_ids, token_id(self.llm, "<region>"), tokens)
-        out = llm(inputs_embeds=embeds, attention_mask=attention_mask, deterministic=deterministic)
-        positions = img_positions(input_ids, token_id(self.llm, "[IMG_1]"))
-        e = jnp.take_along_axis(out.last_hidden_state, positions[..., None], axis=1)
-        return VLMOutput(e=e, logits=out.logits, vision_states=seen.last_hidden_state)
+        return embeds, seen
 
 
 def check_vlm_configs(llm: LlamaConfig, vision: DINOv2Config, regions: RegionEncoderConfig | None) -> None:
