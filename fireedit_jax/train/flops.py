@@ -22,8 +22,10 @@ gradient w.r.t. each operand that depends on a trainable leaf. So
   the first layer of a trained net on data (UNet conv_in)  2F  (no input gradient)
 Recomputation by remat is not model FLOPs and is not counted.
 
-The step's model: the VAE encoder on target and source, the conditioner (CLIP text, or
-VLM + Q-Former [+ HVCA on CLIP/DINOv2 features]), TATI (if on) and the UNet once.
+The step's work is the registered loss itself (`losses.LOSSES[config.train.loss]`), so
+whatever it runs is counted: for IP2P the VAE encoder on target and source (nothing with
+cached latents), CLIP text and the UNet; for FireEdit also the VLM (DINOv2, region encoder,
+LLaMA + LoRA, LM head), Q-Former, HVCA on CLIP/DINOv2 features and TATI.
 """
 
 from __future__ import annotations
@@ -34,10 +36,11 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import ml_collections
+from jax._src.interpreters import partial_eval as pe  # dce_jaxpr: no public equivalent
 from jax.extend import core as jcore
 
 from fireedit_jax.models.fireedit import EditModel
-from fireedit_jax.train import masks
+from fireedit_jax.train import losses, masks
 
 MATMULS = ("dot_general", "conv_general_dilated")
 
@@ -129,64 +132,68 @@ def count(fn, trainable_args, other_args) -> tuple[int, int]:
     """(forward, train) FLOPs of `fn(trainable_args, other_args)` (pytrees of arrays or
     ShapeDtypeStructs); the gradient is taken w.r.t. `trainable_args`."""
     closed = jax.make_jaxpr(fn)(trainable_args, other_args)
+    # tracing keeps work whose result is unused (e.g. CLIP's pooled projection); XLA drops it
+    jaxpr, _ = pe.dce_jaxpr(closed.jaxpr, [True] * len(closed.jaxpr.outvars), instantiate=True)
     flags = [True] * len(jax.tree.leaves(trainable_args)) + [False] * len(jax.tree.leaves(other_args))
-    forward, train, _ = count_jaxpr(closed, flags)
+    forward, train, _ = count_jaxpr(jaxpr, flags)
     return forward, train
 
 
-def _abstract(shape, dtype=jnp.float32):
-    return jax.ShapeDtypeStruct(shape, dtype)
+def abstract_batch(config: ml_collections.ConfigDict, model: EditModel, batch_size: int, *,
+                   text_length: int | None = None, num_boxes: int | None = None) -> dict:  # fmt: skip
+    """ShapeDtypeStructs of the batch `config.train.loss` reads (batch_size examples).
 
-
-def _step_forward(model: EditModel, params, batch):
-    """The model work of one train step (losses.py): VAE encoder on target ‖ source, the
-    conditions, TATI + UNet on noisy latent ‖ image latent."""
-    pixels = jnp.concatenate([batch["target"], batch["source"]])
-    latents, image_latents = jnp.split(model.encode_image(params, pixels), 2)
-    text_inputs = batch["input_ids"] if model.conditioner == "clip_text" else (batch["input_ids"], batch["attention_mask"])
-    cond, _ = model.condition(params, batch["source"], text_inputs, batch.get("boxes"), batch.get("box_mask"))
-    sample = jnp.concatenate([latents, image_latents], axis=-1)
-    return model.denoise(params, sample, batch["t"], cond)
-
-
-def example_batch(config: ml_collections.ConfigDict, model: EditModel, *, text_length: int | None = None,
-                  num_boxes: int | None = None) -> dict:  # fmt: skip
-    """ShapeDtypeStructs of one example's step inputs (batch 1)."""
-    size = int(config.resolution)
-    batch = {"source": _abstract((1, size, size, 3)), "target": _abstract((1, size, size, 3)), "t": _abstract((1,))}
-    if model.conditioner == "clip_text":
-        batch["input_ids"] = _abstract((1, model.max_text_length), jnp.int32)
-        return batch
+    text_length, num_boxes: the VLM's token and box buckets (default: the config's smallest
+    length bucket and smallest non-zero box bucket).
+    """
     data = config.get("data") or {}
     length = text_length or min(data.get("length_buckets", (384,)))
     boxes = num_boxes if num_boxes is not None else min([b for b in data.get("box_buckets", (8,)) if b] or [0])
-    batch["input_ids"] = _abstract((1, length), jnp.int32)
-    batch["attention_mask"] = _abstract((1, length), jnp.bool_)
-    if model.vlm.regions is not None and boxes:
-        batch["boxes"] = _abstract((1, boxes, 4))
-        batch["box_mask"] = _abstract((1, boxes), jnp.bool_)
-    return batch
+    size = int(config.resolution)
+    shapes = {
+        "source": ((size, size, 3), jnp.float32), "target": ((size, size, 3), jnp.float32),
+        "input_ids": ((model.max_text_length,), jnp.int32) if model.text_encoder else None,
+        "clip_ids": ((model.max_text_length,), jnp.int32) if model.text_encoder else None,
+        "vlm_input_ids": ((length,), jnp.int32), "vlm_attention_mask": ((length,), jnp.bool_),
+        "vlm_target_mask": ((length,), jnp.bool_), "vlm_weight": ((), jnp.float32),
+        "boxes": ((boxes, 4), jnp.float32), "box_mask": ((boxes,), jnp.bool_), "diffusion_weight": ((), jnp.float32),
+    }  # fmt: skip
+    return {name: jax.ShapeDtypeStruct((batch_size, *shapes[name][0]), shapes[name][1]) for name in loss_inputs(config)}
 
 
-def step_flops_per_example(config: ml_collections.ConfigDict, *, text_length: int | None = None,
-                           num_boxes: int | None = None) -> tuple[int, int]:  # fmt: skip
-    """(forward, train) model FLOPs per example of `config`'s train step.
+def loss_inputs(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+    """The batch entries `config.train.loss` reads."""
+    if config.train.loss == "fireedit":
+        return losses.FIREEDIT_INPUTS[losses.fireedit_stage(config)]
+    if config.train.loss == "ip2p":
+        return ("source", "target", "input_ids")
+    raise ValueError(f"no batch layout known for train.loss={config.train.loss!r}")
 
-    text_length, num_boxes: the VLM's token and box buckets (default: the config's
-    smallest length bucket and smallest non-zero box bucket).
+
+def step_flops_per_example(config: ml_collections.ConfigDict, batch=None, **buckets) -> tuple[float, float]:
+    """(forward, train) model FLOPs per example of `config`'s loss (`losses.LOSSES`).
+
+    batch: the step's batch (arrays or ShapeDtypeStructs, any size; e.g. with cached
+    latents); default `abstract_batch(config, model, 1, **buckets)`.
     """
     model = EditModel.from_config(config.model, attention="xla")
     params = jax.eval_shape(model.init, jax.random.key(0))
     trainable, frozen = masks.split(params, masks.trainable_mask(params, config.train.trainable))
-    batch = example_batch(config, model, text_length=text_length, num_boxes=num_boxes)
+    if batch is None:
+        batch = abstract_batch(config, model, 1, **buckets)
+    batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), batch)
+    size = jax.tree.leaves(batch)[0].shape[0]
+    keys = jax.eval_shape(lambda: jax.random.split(jax.random.key(0), size))
+    loss_fn = losses.LOSSES[config.train.loss](model, config)
 
     def fn(trainable, rest):
-        frozen, batch = rest
-        return _step_forward(model, masks.combine(trainable, frozen), batch)
+        frozen, batch, keys = rest
+        return loss_fn(masks.combine(trainable, frozen), batch, keys)[0]
 
-    return count(fn, trainable, (frozen, batch))
+    forward, train = count(fn, trainable, (frozen, batch, keys))
+    return forward / size, train / size
 
 
-def train_flops_per_example(config: ml_collections.ConfigDict, **buckets) -> float:
+def train_flops_per_example(config: ml_collections.ConfigDict, batch=None, **buckets) -> float:
     """Model FLOPs of forward + backward for one example (see the module docstring)."""
-    return float(step_flops_per_example(config, **buckets)[1])
+    return step_flops_per_example(config, batch, **buckets)[1]
