@@ -14,6 +14,7 @@ import shutil
 import flax
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 
 
@@ -48,12 +49,27 @@ def load_config(directory: str) -> ml_collections.ConfigDict:
         return ml_collections.ConfigDict(json.load(f))
 
 
-def load_params(directory: str, expected):
-    """Restores the params and checks them against `expected` (the config's abstract tree)."""
+def load_params(directory: str, expected, *, only: tuple[str, ...] | None = None):
+    """Restores the params and checks them against `expected` (the config's abstract tree).
+
+    only: restore just these top-level entries (e.g. ("vae",)), reading nothing else from disk.
+    """
     path = os.path.abspath(os.path.join(directory, "params"))
     if not os.path.isdir(path):
         raise CheckpointError(f"{directory!r} has no params/ directory: the checkpoint is incomplete")
-    params = ocp.StandardCheckpointer().restore(path)
+    if only is None:
+        params = ocp.StandardCheckpointer().restore(path)
+    else:
+        expected = {name: expected[name] for name in only}
+        item = {name: tree for name, tree in abstract(expected).items() if jax.tree.leaves(tree)}  # none if empty
+        as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
+        restored = {}
+        if item:
+            with ocp.PyTreeCheckpointer() as checkpointer:
+                restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(item, as_numpy, partial_restore=True))
+        # what the checkpoint lacks comes back as given (abstract): left out, so it is reported missing
+        found = {k: v for k, v in flax.traverse_util.flatten_dict(restored).items() if isinstance(v, np.ndarray)}
+        params = {name: {} for name in only} | flax.traverse_util.unflatten_dict(found)
     differences = tree_differences(params, expected)
     if differences:
         raise CheckpointError(

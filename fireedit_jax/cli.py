@@ -309,6 +309,12 @@ def build_parser() -> argparse.ArgumentParser:
     shapes_arguments(shapes)
     shapes.set_defaults(run=_shapes)
 
+    from fireedit_jax.data import latent_cache
+
+    cache = commands.add_parser("cache-latents", help="precompute the VAE latents of a data set (ArrayRecord)")
+    latent_cache.add_arguments(cache)
+    cache.set_defaults(run=latent_cache.run)
+
     demo = commands.add_parser("demo", help="the end-to-end demo (writes outputs/demo/)")
     demo.add_argument("--out", default="outputs/demo")
     demo.add_argument("--fresh", action="store_true", help="rebuild everything instead of reusing outputs")

@@ -82,11 +82,11 @@ class _CountingBatches(grain.IterDataset):
     (and stop the run past `max_skip_fraction`). Each element is (batch, stats), stats
     holding the counts since the previous batch. Runs inside the worker processes."""
 
-    def __init__(self, parent, *, batch_size, collate, names, max_skip_fraction, min_records):
+    def __init__(self, parent, *, batch_size, collate, names, max_skip_fraction, min_records, drop_remainder):
         super().__init__(parent)
         self._options = dict(
             batch_size=batch_size, collate=collate, names=names,
-            max_skip_fraction=max_skip_fraction, min_records=min_records,
+            max_skip_fraction=max_skip_fraction, min_records=min_records, drop_remainder=drop_remainder,
         )  # fmt: skip
 
     def __iter__(self):
@@ -94,9 +94,10 @@ class _CountingBatches(grain.IterDataset):
 
 
 class _CountingBatchesIterator(grain.DatasetIterator):
-    def __init__(self, parent, *, batch_size, collate, names, max_skip_fraction, min_records):
+    def __init__(self, parent, *, batch_size, collate, names, max_skip_fraction, min_records, drop_remainder):
         super().__init__(parent)
         self._batch_size = batch_size
+        self._drop_remainder = drop_remainder
         self._collate = collate
         self._names = names
         self._max_skip_fraction = max_skip_fraction
@@ -109,7 +110,12 @@ class _CountingBatchesIterator(grain.DatasetIterator):
         examples = []
         stats = {"read": [0] * len(self._names), "skipped": [0] * len(self._names), "truncated": {}, "errors": []}
         while len(examples) < self._batch_size:
-            item = next(self._parent)  # StopIteration at the end: the last partial batch is dropped
+            try:
+                item = next(self._parent)
+            except StopIteration:
+                if examples and not self._drop_remainder:
+                    break  # the last, partial batch
+                raise
             if isinstance(item, _Skipped):
                 self._count(item.source, stats, skipped=True)
                 stats["errors"].append(item.reason)
@@ -173,6 +179,7 @@ def make_dataset(
     max_skip_fraction: float = 0.01,
     min_records: int = 1000,
     read_options: grain.ReadOptions | None = None,
+    drop_remainder: bool = True,
 ) -> grain.IterDataset:
     """The grain data set of (batch, stats) pairs for this process (see `make_iterator`)."""
     names = [source.name for source in sources]
@@ -198,7 +205,7 @@ def make_dataset(
     examples = mixed.random_map(_Read(tuple(sources), transform, augment), seed=augment_seed)
     return _CountingBatches(
         examples.to_iter_dataset(read_options), batch_size=batch_size, collate=transform.collate, names=names,
-        max_skip_fraction=max_skip_fraction, min_records=min_records,
+        max_skip_fraction=max_skip_fraction, min_records=min_records, drop_remainder=drop_remainder,
     )  # fmt: skip
 
 
@@ -270,6 +277,7 @@ def make_iterator(
     max_skip_fraction: float = 0.01,
     min_records: int = 1000,
     read_options: grain.ReadOptions | None = None,
+    drop_remainder: bool = True,
 ) -> DataIterator:
     """This process's batches of `batch_size` examples from a weighted mixture of sources.
 
@@ -287,11 +295,13 @@ def make_iterator(
       max_skip_fraction / min_records: a source whose unusable records exceed this
         fraction, once `min_records` of it were read by a worker, stops the run with
         a DataError.
+      drop_remainder: with num_epochs, whether the last batch, if smaller than
+        batch_size, is dropped (training) or yielded (a pass over every record).
     """
     dataset = make_dataset(
         sources, transform, batch_size=batch_size, seed=seed, weights=weights, num_epochs=num_epochs,
         shard=shard, shuffle=shuffle, augment=augment, max_skip_fraction=max_skip_fraction, min_records=min_records,
-        read_options=read_options,
+        read_options=read_options, drop_remainder=drop_remainder,
     )  # fmt: skip
     if num_workers:
         from absl import flags

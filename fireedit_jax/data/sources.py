@@ -342,3 +342,30 @@ class LlavaVQASource:
 
     def __repr__(self) -> str:
         return f"LlavaVQASource({self.name!r}, {len(self)} turns)"
+
+
+SOURCE_KINDS = ("instructpix2pix", "magicbrush", "ultraedit", "jsonl", "llava", "tfds")
+
+
+def open_source(kind: str, path: str, *, split: str = "train", image_root: str | None = None,
+                name: str | None = None):  # fmt: skip
+    """A source named by kind, as command lines and configs give it.
+
+    path: the parquet directory / glob / file (instructpix2pix, magicbrush, ultraedit), the
+    folder holding metadata.jsonl (jsonl), the conversations JSON (llava, whose images lie
+    under image_root), or a `build_triplets` data set directory (tfds, read at `split`).
+    """
+    parquet = {"instructpix2pix": INSTRUCTPIX2PIX, "magicbrush": MAGICBRUSH, "ultraedit": ULTRAEDIT}
+    if kind in parquet:
+        return ParquetSource(path, parquet[kind], name=name)
+    if kind == "jsonl":
+        return JsonlSource(path, name=name)
+    if kind == "llava":
+        if image_root is None:
+            raise ValueError("a llava source needs the folder of its images (image_root)")
+        return LlavaVQASource(path, image_root, **({"name": name} if name else {}))
+    if kind == "tfds":
+        from fireedit_jax.data.tfds_builder import TFDSSource
+
+        return TFDSSource(path, split, name=name)
+    raise ValueError(f"unknown source kind {kind!r}: expected one of {', '.join(SOURCE_KINDS)}")

@@ -196,7 +196,12 @@ class EditTransform:
                     example[key] = np.ascontiguousarray(example[key][:, ::-1])
             boxes = flip_boxes(boxes)
             texts = {key: swap_left_right(text) if text is not None else None for key, text in texts.items()}
+        return self.finish(example, boxes, texts, record.task)
 
+    def finish(self, example: dict, boxes: np.ndarray, texts: dict, task: Task) -> tuple[dict, tuple[str, ...]]:
+        """Adds the boxes (cut to the largest bucket), the `texts` ({record field: text})
+        tokenised, the task and its loss weights to `example`; returns it and the names of
+        the truncated fields (shared with data/latent_cache.py's transform)."""
         truncated = []
         if len(boxes) > max(self.box_buckets):
             boxes, truncated = boxes[: max(self.box_buckets)], ["boxes"]
@@ -204,8 +209,8 @@ class EditTransform:
         for field in self.texts:
             example[f"{field.name}_ids"], cut = field.encode(texts[field.source])
             truncated += [field.name] if cut else []
-        vlm_weight, diffusion_weight = LOSS_WEIGHTS[record.task]
-        example["task"] = np.int32(record.task)
+        vlm_weight, diffusion_weight = LOSS_WEIGHTS[task]
+        example["task"] = np.int32(task)
         example["vlm_weight"] = np.float32(vlm_weight)
         example["diffusion_weight"] = np.float32(diffusion_weight)
         return example, tuple(truncated)
