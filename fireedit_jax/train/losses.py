@@ -14,6 +14,16 @@ Condition dropout with one uniform draw r per example (IP2P's rule, DESIGN.md's 
 conditions): r < 2p → the text condition becomes params["null_text"]; p ≤ r < 3p → the
 image latent (and FireEdit's visual tokens) become zeros; so text-only, image-only and
 both are dropped with probability p each.
+
+FireEdit (`make_fireedit_loss`, by `config.stage`, default 3):
+  stages 2, 3  L = L_VLM + L_diff: L_VLM the VLM's next-token NLL of its reply (the [IMG]
+               tokens, or a VQA answer), L_diff as IP2P's with the conditions of
+               `EditModel.condition` (Q-Former → TATI, HVCA's visual tokens). Per-example
+               weights from the record's task (data/records.py LOSS_WEIGHTS): a VQA
+               sample has diffusion_weight 0 and trains L_VLM only.
+  stage 1      L = L_VLM + L_align: the VLM reads a caption (no image), L_align the MSE
+               between the Q-Former output and the frozen CLIP text encoder's last states
+               of that caption (DESIGN.md; SmartEdit's alignment stage).
 """
 
 from __future__ import annotations
@@ -26,6 +36,7 @@ import jax.numpy as jnp
 from fireedit_jax.diffusion.schedules import SchedulerConfig, alphas_cumprod
 from fireedit_jax.models.fireedit import EditModel, dataclass_from_dict
 from fireedit_jax.models.vae import VAE, sample_posterior, scale_latents
+from fireedit_jax.models.vlm import vlm_loss
 
 LossFn = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
 
@@ -60,11 +71,13 @@ def diffusion_loss(
     cond: dict,
     keys: jax.Array,
     schedule: SchedulerConfig,
+    weights: jax.Array | None = None,
 ) -> jax.Array:
     """L_diff: the denoiser's mean squared error on one random timestep per example (float32 scalar).
 
     latents: scaled target latents float[B, h, w, C]; image_latents: the (possibly zeroed)
-    image condition float[B, h, w, C]; cond: the (possibly nulled) conditions for `model.denoise`.
+    image condition float[B, h, w, C]; cond: the (possibly nulled) conditions for `model.denoise`;
+    weights: float[B] per-example weights of the mean (None: equal).
     """
     k_time, k_noise = per_example(keys, 2)
     abar = jnp.asarray(alphas_cumprod(schedule))
@@ -76,7 +89,15 @@ def diffusion_loss(
     target = noise if schedule.prediction_type == "epsilon" else a * noise - s * latents
     sample = jnp.concatenate([noisy, image_latents.astype(noisy.dtype)], axis=-1)
     pred = model.denoise(params, sample, t.astype(jnp.float32), cond)
-    return jnp.mean(jnp.square(pred.astype(jnp.float32) - target))
+    return weighted_mean(jnp.mean(jnp.square(pred.astype(jnp.float32) - target), axis=(1, 2, 3)), weights)
+
+
+def weighted_mean(values: jax.Array, weights: jax.Array | None = None) -> jax.Array:
+    """float[B] → Σ w·v / Σ w (0 when every weight is 0), the plain mean without weights."""
+    if weights is None:
+        return jnp.mean(values)
+    weights = weights.astype(jnp.float32)
+    return jnp.sum(jnp.where(weights > 0, values, 0.0) * weights) / jnp.maximum(jnp.sum(weights), 1e-12)
 
 
 # The VAE posteriors the IP2P loss needs: the source's mode, unscaled (the image condition),
@@ -94,6 +115,15 @@ def encode_latents(model: EditModel, params, source: jax.Array, target: jax.Arra
     return dict(zip(LATENT_FIELDS, (source_mean, target_mean, target_logvar)))
 
 
+def edit_latents(model: EditModel, params, batch, keys: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(scaled target latents float[B, h, w, C], a posterior sample; the image condition
+    float[B, h, w, C]) from the batch's pixels, or from its `LATENT_FIELDS` (a latent cache)."""
+    cached = batch if LATENT_FIELDS[0] in batch else encode_latents(model, params, batch["source"], batch["target"])
+    image_latents, target_mean, target_logvar = (cached[name] for name in LATENT_FIELDS)
+    latents = scale_latents(jax.vmap(sample_posterior)(keys, target_mean, target_logvar), model.vae.config)
+    return latents, image_latents
+
+
 def make_ip2p_loss(model: EditModel, config) -> LossFn:
     """InstructPix2Pix fine-tuning (UNet on CLIP text states).
 
@@ -103,13 +133,10 @@ def make_ip2p_loss(model: EditModel, config) -> LossFn:
     """
     schedule = dataclass_from_dict(SchedulerConfig, config.model.scheduler)
     prob = float(config.train.cond_dropout)
-    vae_config = model.vae.config
 
     def loss_fn(params, batch, keys):
         k_posterior, k_drop, k_diffusion = per_example(keys, 3)
-        cached = batch if LATENT_FIELDS[0] in batch else encode_latents(model, params, batch["source"], batch["target"])
-        image_latents, target_mean, target_logvar = (cached[name] for name in LATENT_FIELDS)
-        latents = scale_latents(jax.vmap(sample_posterior)(k_posterior, target_mean, target_logvar), vae_config)
+        latents, image_latents = edit_latents(model, params, batch, k_posterior)
         cond = {"text": model.encode_text(params, batch["input_ids"])}
         cond, image_latents = condition_dropout(k_drop, cond, image_latents, params["null_text"], prob)
         loss = diffusion_loss(model, params, latents, image_latents, cond, k_diffusion, schedule)
@@ -118,4 +145,69 @@ def make_ip2p_loss(model: EditModel, config) -> LossFn:
     return loss_fn
 
 
-LOSSES: dict[str, Callable[[EditModel, object], LossFn]] = {"ip2p": make_ip2p_loss}
+# The batch entries FireEdit's loss reads, by stage (data/transforms.py builds them):
+#   vlm_input_ids int32[B, T], vlm_attention_mask bool[B, T], vlm_target_mask bool[B, T]
+#     (VLMTemplate: T a length bucket), vlm_weight float32[B]
+#   stage 1: clip_ids int32[B, 77] (the caption for the CLIP text encoder)
+#   stages 2, 3: source, target float[B, H, W, 3] in [-1, 1], boxes float32[B, R, 4],
+#     box_mask bool[B, R] (R a box bucket), diffusion_weight float32[B]
+VLM_INPUTS = ("vlm_input_ids", "vlm_attention_mask", "vlm_target_mask", "vlm_weight")
+FIREEDIT_INPUTS = {
+    1: VLM_INPUTS + ("clip_ids",),
+    2: VLM_INPUTS + ("source", "target", "boxes", "box_mask", "diffusion_weight"),
+    3: VLM_INPUTS + ("source", "target", "boxes", "box_mask", "diffusion_weight"),
+}
+
+
+def fireedit_stage(config) -> int:
+    """config.stage (1, 2 or 3; 3 when the config has none)."""
+    stage = int(config.get("stage", 3))
+    if stage not in FIREEDIT_INPUTS:
+        raise ValueError(f"config.stage={stage}: FireEdit trains in stages {sorted(FIREEDIT_INPUTS)}")
+    return stage
+
+
+def make_fireedit_loss(model: EditModel, config) -> LossFn:
+    """FireEdit's loss for `config.stage` (module docstring); the batch: FIREEDIT_INPUTS[stage]."""
+    if model.conditioner != "vlm":
+        raise ValueError(f"the fireedit loss needs config.model.conditioner='vlm', not {model.conditioner!r}")
+    if fireedit_stage(config) == 1:
+        return _alignment_loss(model)
+    schedule = dataclass_from_dict(SchedulerConfig, config.model.scheduler)
+    prob = float(config.train.cond_dropout)
+
+    def loss_fn(params, batch, keys):
+        k_posterior, k_drop, k_diffusion = per_example(keys, 3)
+        latents, image_latents = edit_latents(model, params, batch, k_posterior)
+        input_ids = batch["vlm_input_ids"]
+        cond, logits = model.condition(params, batch["source"], (input_ids, batch["vlm_attention_mask"]),
+                                       batch["boxes"], batch["box_mask"])  # fmt: skip
+        l_vlm = vlm_loss(logits, input_ids, batch["vlm_target_mask"], batch["vlm_weight"])
+        cond, image_latents = condition_dropout(k_drop, cond, image_latents, params["null_text"], prob)
+        l_diff = diffusion_loss(model, params, latents, image_latents, cond, k_diffusion, schedule,
+                                batch["diffusion_weight"])  # fmt: skip
+        return l_vlm + l_diff, {"vlm": l_vlm, "diffusion": l_diff}
+
+    return loss_fn
+
+
+def _alignment_loss(model: EditModel) -> LossFn:
+    """Stage 1: L_VLM + MSE(Q-Former(e), CLIP text states) on text-only VLM sequences."""
+    if model.text_encoder is None:
+        raise ValueError("FireEdit's stage 1 aligns the Q-Former with the CLIP text encoder: "
+                         "config.model.text_encoder is needed (the IP2P checkpoint's text encoder)")  # fmt: skip
+
+    def loss_fn(params, batch, keys):
+        del keys  # nothing random
+        input_ids = batch["vlm_input_ids"]
+        out = model.vlm.apply({"params": params["vlm"]}, None, input_ids, batch["vlm_attention_mask"])
+        text = model.qformer.apply({"params": params["qformer"]}, out.e)
+        target = model.encode_text(params, batch["clip_ids"])
+        l_align = jnp.mean(jnp.square(text.astype(jnp.float32) - target.astype(jnp.float32)))
+        l_vlm = vlm_loss(out.logits, input_ids, batch["vlm_target_mask"], batch["vlm_weight"])
+        return l_vlm + l_align, {"vlm": l_vlm, "align": l_align}
+
+    return loss_fn
+
+
+LOSSES: dict[str, Callable[[EditModel, object], LossFn]] = {"ip2p": make_ip2p_loss, "fireedit": make_fireedit_loss}
