@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image
 
 from fireedit_jax.data.records import LOSS_WEIGHTS, BadRecord, EditRecord, ImageData, Task
-from fireedit_jax.data.vlm_inputs import DEFAULT_BOX_BUCKETS, bucket
+from fireedit_jax.data.vlm_inputs import DEFAULT_BOX_BUCKETS, VLMTemplate, bucket
 from fireedit_jax.images import to_rgb
 
 # What PIL raises on damaged files besides OSError (e.g. SyntaxError for a broken PNG chunk).
@@ -151,6 +151,16 @@ def clip_text_field(tokenizer, *, name: str = "clip", source: str = "target_capt
     return TextField(name, tokenizer, (length,), source, pad, add_special_tokens=True, keep_last=True, required=True)
 
 
+def vlm_text_fields(tokenizer, template: VLMTemplate, *, captions: bool = False) -> tuple[TextField, ...]:
+    """The LLM texts `VLMTemplate.collate` reads: `instruction` (the edit instruction, or with
+    `captions` the target caption: stage 1, records without one skipped) and `answer` (VQA),
+    up to the template's max_instruction_tokens each."""
+    length, pad = (template.max_instruction_tokens,), template.pad
+    source = "target_caption" if captions else "instruction"
+    return (TextField("instruction", tokenizer, length, source, pad, required=captions),
+            TextField("answer", tokenizer, length, "answer", pad))  # fmt: skip
+
+
 @dataclasses.dataclass(frozen=True)
 class EditTransform:
     """Record → example, and examples → batch.
@@ -162,6 +172,8 @@ class EditTransform:
       keeps the first ones (counted: `data/truncated/boxes`).
     random_crop / min_crop_scale / flip_probability: the augmentation when a random
       generator is given (training); without one, the centred full square, no flip.
+    vlm: if set, the batch also has the VLM's sequence (`VLMTemplate.collate`; texts from
+      `vlm_text_fields`).
     """
 
     resolution: int = 256
@@ -171,6 +183,7 @@ class EditTransform:
     random_crop: bool = True
     min_crop_scale: float = 1.0
     flip_probability: float = 0.5
+    vlm: VLMTemplate | None = None
 
     def __call__(self, record: EditRecord, rng: np.random.Generator | None = None) -> tuple[dict, tuple[str, ...]]:
         """Returns the example (numpy arrays, ragged `boxes` and `*_ids`) and the names
@@ -217,7 +230,8 @@ class EditTransform:
 
     def pad_values(self) -> dict[str, int]:
         """The value each padded batch entry is padded with (0 where not listed)."""
-        return {f"{field.name}_ids": field.pad_id for field in self.texts}
+        values = {f"{field.name}_ids": field.pad_id for field in self.texts}
+        return values | ({"vlm_input_ids": self.vlm.pad} if self.vlm is not None else {})
 
     def collate(self, examples: Sequence[dict]) -> dict[str, np.ndarray]:
         """Stacks examples; `boxes` → float32[B, R, 4] + `box_mask` bool[B, R] and each
@@ -235,6 +249,8 @@ class EditTransform:
                 batch[key], batch[f"{field.name}_mask"] = _pad_rows(rows, length, field.pad_id)
             else:
                 batch[key] = np.stack(rows)
+        if self.vlm is not None:
+            batch.update(self.vlm.collate(examples))
         return batch
 
 
