@@ -140,7 +140,7 @@ class EditModel:
         params = {
             "unet": self.unet.init(next(keys), jnp.zeros((1, 2, 2, self.unet.config.in_channels)), jnp.zeros((1,)),
                                    text)["params"],  # fmt: skip
-            "vae": self.vae.init(next(keys), jnp.zeros((1, 2 * f, 2 * f, 3)))["params"],
+            "vae": self.vae.init(next(keys), jnp.zeros((1, 2 * f, 2 * f, 3))).get("params", {}),  # {}: pixel_unshuffle
             "null_text": jnp.zeros((length, width)),
         }
         if self.text_encoder is not None:

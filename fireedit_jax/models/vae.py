@@ -8,6 +8,11 @@ The encoder gives a diagonal Gaussian over latents: `encode` returns its (mean,
 logvar); the deterministic latent (diffusers' `latent_dist.mode()`) is the mean.
 Diffusion models work on `scaling_factor · (z − shift_factor)`; `encode`/`decode`
 work on unscaled z, as diffusers' do.
+
+`VAEConfig.pixel_unshuffle = f > 0` swaps the learned networks for a fixed, exactly
+invertible space-to-depth by f (no parameters, latent channels 3·f², a zero-variance
+posterior): models trained from scratch (the ShapeEdit demo) then need no autoencoder
+training and lose nothing in reconstruction.
 """
 
 from __future__ import annotations
@@ -53,16 +58,21 @@ class VAEConfig:
     use_quant_conv: bool = True
     use_post_quant_conv: bool = True
     mid_block_add_attention: bool = True
+    pixel_unshuffle: int = 0  # f > 0: the fixed space-to-depth autoencoder (module docstring)
 
     def __post_init__(self):
         object.__setattr__(self, "block_out_channels", tuple(self.block_out_channels))
+        f = self.pixel_unshuffle
+        if f and self.latent_channels != self.in_channels * f * f:
+            raise ValueError(f"pixel_unshuffle={f} makes {self.in_channels * f * f} latent channels, "
+                             f"not latent_channels={self.latent_channels}")  # fmt: skip
         bad = [c for c in self.block_out_channels if c % self.norm_num_groups]
         if bad:
             raise ValueError(f"block_out_channels {bad} do not split into {self.norm_num_groups} norm groups")
 
     @property
     def downsample_factor(self) -> int:
-        return 2 ** (len(self.block_out_channels) - 1)
+        return self.pixel_unshuffle or 2 ** (len(self.block_out_channels) - 1)
 
     @classmethod
     def sd15(cls, **overrides) -> VAEConfig:
@@ -228,6 +238,8 @@ class VAE(nn.Module):
 
     def setup(self):
         cfg = self.config
+        if cfg.pixel_unshuffle:
+            return
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         self.encoder = Encoder(cfg, attention=self.attention, **kw)
         self.decoder = Decoder(cfg, attention=self.attention, **kw)
@@ -241,6 +253,9 @@ class VAE(nn.Module):
 
         mean is the posterior's mode; logvar is clamped to [−30, 20] as in diffusers.
         """
+        if self.config.pixel_unshuffle:
+            mean = space_to_depth(x.astype(jnp.float32), self.config.pixel_unshuffle)
+            return mean, jnp.full_like(mean, LOGVAR_RANGE[0])
         moments = self.encoder(x)
         if self.config.use_quant_conv:
             moments = self.quant_conv(moments)
@@ -249,6 +264,8 @@ class VAE(nn.Module):
 
     def decode(self, z):
         """z: float[B, h, w, Z] (unscaled latents) → float[B, H, W, 3], nominally in [−1, 1]."""
+        if self.config.pixel_unshuffle:
+            return depth_to_space(z, self.config.pixel_unshuffle)
         z = z.astype(self.dtype)
         if self.config.use_post_quant_conv:
             z = self.post_quant_conv(z)
@@ -258,6 +275,20 @@ class VAE(nn.Module):
         """Reconstruction through the posterior's mode (also creates every parameter at init)."""
         mean, _ = self.encode(x)
         return self.decode(mean)
+
+
+def space_to_depth(x, f: int):
+    """float[B, H, W, C] → float[B, H/f, W/f, f·f·C]: each f × f patch onto channels (row, column, channel order)."""
+    b, height, width, c = x.shape
+    x = x.reshape(b, height // f, f, width // f, f, c).transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, height // f, width // f, f * f * c)
+
+
+def depth_to_space(z, f: int):
+    """The inverse of `space_to_depth`: float[B, h, w, f·f·C] → float[B, h·f, w·f, C]."""
+    b, height, width, channels = z.shape
+    z = z.reshape(b, height, width, f, f, channels // (f * f)).transpose(0, 1, 3, 2, 4, 5)
+    return z.reshape(b, height * f, width * f, channels // (f * f))
 
 
 def sample_posterior(rng, mean, logvar):
