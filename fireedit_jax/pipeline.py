@@ -135,6 +135,7 @@ class Editor:
 
     def text_inputs(self, instructions: Sequence[str], boxes=None) -> tuple:
         """The conditioner's inputs: (CLIP ids,) or ((input_ids, attention_mask), boxes, box_mask)."""
+        check_vocabulary(self.tokenizer, instructions)
         if self.model.conditioner == "clip_text":
             return (jnp.asarray(self.tokenize(instructions)),)
         boxes = [np.zeros((0, 4), np.float32) if b is None else validate_boxes(b, None, source=f"image {i}")
@@ -161,6 +162,25 @@ class Editor:
             if len(tokens) > length:
                 warnings.warn(f"instruction truncated to {length} tokens ({len(tokens)} given): {text[:60]!r}…")
         return np.asarray(ids, np.int32)
+
+
+def check_vocabulary(tokenizer, instructions: Sequence[str]) -> None:
+    """ValueError naming the words a closed-vocabulary (word-level) tokenizer maps to its unknown
+    token, e.g. a model trained on ShapeEdit, and listing the words it knows."""
+    unk, backend = tokenizer.unk_token_id, getattr(tokenizer, "backend_tokenizer", None)
+    if unk is None or backend is None:
+        return
+    special = set(tokenizer.all_special_tokens) | set(tokenizer.get_added_vocab())
+    for text in instructions:
+        encoding = backend.encode(text, add_special_tokens=False)
+        unknown = [text[a:b] for i, (a, b) in zip(encoding.ids, encoding.offsets) if i == unk]
+        if unknown:
+            vocab = tokenizer.get_vocab()
+            known = sorted((w for w in vocab if w not in special), key=vocab.get)
+            raise ValueError(
+                f"instruction {text!r}: the model does not know the word(s) {', '.join(dict.fromkeys(unknown))}. "
+                f"It knows: {' '.join(known)}"
+            )
 
 
 def load_tokenizer(directory: str, model: EditModel | None = None):

@@ -1,0 +1,130 @@
+"""A tiny FireEdit trained from scratch on ShapeEdit (data/shapes.py): the demo and the ablation.
+
+    fireedit-jax demo                                             # trains this config (full)
+    fireedit-jax train --config configs/shapes.py --workdir runs/shapes
+    fireedit-jax train --config configs/shapes.py:clip_text --workdir runs/shapes_ip2p
+
+Every FireEdit component is present, small: a VLM (2-layer LLaMA over a word-level
+ShapeEdit vocabulary, a 3-layer DINOv2, the region encoder on the exact object boxes),
+the Q-Former, TATI, HVCA with a tiny CLIP vision tower, and a decoupled UNet. Nothing is
+pretrained, so everything trains (the LLM fully: no LoRA) with L_VLM + L_diff, except
+the null text (zeros: there is no CLIP text encoder to take CLIP("") from).
+
+The autoencoder is the fixed pixel-unshuffle (VAEConfig.pixel_unshuffle = 4): 32 px
+images become 8 × 8 × 48 latents, exactly invertible and parameter-free, so the whole
+CPU budget goes to FireEdit and preservation is not limited by a reconstruction error
+(a learned tiny VAE would cost its own training and add its reconstruction error).
+
+Variants (the argument after the colon), the rows of the paper's Table 3 and a baseline:
+  full          regions + TATI + HVCA (FireEdit; the default)
+  region_tati   regions + TATI          region      regions only
+  none          the VLM without regions, TATI or HVCA
+  clip_text     InstructPix2Pix-style: the UNet on a tiny CLIP text encoder's states
+"""
+
+import dataclasses
+
+import ml_collections
+
+from fireedit_jax.data import shapes
+from fireedit_jax.data.tokenizer import NEW_TOKENS
+from fireedit_jax.diffusion.schedules import SchedulerConfig
+from fireedit_jax.models.clip import CLIPTextConfig, CLIPVisionConfig
+from fireedit_jax.models.dinov2 import DINOv2Config
+from fireedit_jax.models.hvca import HVCAConfig
+from fireedit_jax.models.llama import LlamaConfig
+from fireedit_jax.models.qformer import QFormerConfig
+from fireedit_jax.models.regions import RegionEncoderConfig
+from fireedit_jax.models.tati import TATIConfig
+from fireedit_jax.models.unet import CROSS_DOWN, CROSS_UP, UNetConfig
+from fireedit_jax.models.vae import VAEConfig
+from fireedit_jax.train.step import base_config
+
+VARIANTS = {  # name: (use_regions, use_tati, use_hvca)
+    "none": (False, False, False),
+    "region": (True, False, False),
+    "region_tati": (True, True, False),
+    "full": (True, True, True),
+}
+IMAGE_SIZE = 32  # pixels
+UNSHUFFLE = 4  # latent 8 × 8 × 48
+CONTEXT = (16, 64)  # (L, D): context tokens and width of the UNet's cross-attention
+LLM_WIDTH = 64
+VISION_WIDTH = 32  # DINOv2 and CLIP vision (HVCA concatenates both)
+PATCH = 4  # 32 px → 8 × 8 patches → 16 image tokens after the 2 × 2 merge
+TEXT_LENGTH = 24  # clip_text: tokens of an instruction (<s> + ≤ 17 words + </s>, padded)
+
+
+def vocab_size() -> int:
+    """The word-level tokenizer's size (`shapes.build_tokenizer`), before FireEdit's new tokens."""
+    return len(shapes.SPECIAL_TOKENS) + len(shapes.vocabulary())
+
+
+def model_config(variant: str = "full") -> ml_collections.ConfigDict:
+    length, width = CONTEXT
+    unet = UNetConfig(
+        in_channels=2 * 3 * UNSHUFFLE**2, out_channels=3 * UNSHUFFLE**2, block_out_channels=(32, 64),
+        layers_per_block=1, down_block_types=(CROSS_DOWN,) * 2, up_block_types=(CROSS_UP,) * 2, num_heads=4,
+        cross_attention_dim=width, norm_num_groups=8,
+    )  # fmt: skip
+    vae = VAEConfig(pixel_unshuffle=UNSHUFFLE, latent_channels=3 * UNSHUFFLE**2, scaling_factor=1.0)
+    model = dict(
+        unet=dataclasses.asdict(unet), vae=dataclasses.asdict(vae), sampler="euler_ancestral",
+        scheduler=dataclasses.asdict(SchedulerConfig()),
+    )  # fmt: skip
+    if variant == "clip_text":
+        text = CLIPTextConfig(
+            vocab_size=vocab_size(), hidden_size=width, intermediate_size=4 * width, num_layers=2, num_heads=4,
+            max_position_embeddings=TEXT_LENGTH, eos_token_id=shapes.SPECIAL_TOKENS.index("</s>"),
+        )  # fmt: skip
+        return ml_collections.ConfigDict(dict(model, conditioner="clip_text", text_encoder=dataclasses.asdict(text)))
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown configs/shapes.py variant {variant!r}; known: {', '.join([*VARIANTS, 'clip_text'])}")
+    use_regions, use_tati, use_hvca = VARIANTS[variant]
+    llm = LlamaConfig(
+        vocab_size=vocab_size(), hidden_size=LLM_WIDTH, intermediate_size=2 * LLM_WIDTH, num_layers=2, num_heads=4,
+        max_position_embeddings=256, num_new_tokens=len(NEW_TOKENS), lora_rank=0,
+    )  # fmt: skip
+    vision = DINOv2Config(hidden_size=VISION_WIDTH, num_layers=3, num_heads=2, image_size=IMAGE_SIZE, patch_size=PATCH)
+    clip_vision = CLIPVisionConfig(hidden_size=VISION_WIDTH, intermediate_size=4 * VISION_WIDTH, num_layers=2,
+                                   num_heads=2, image_size=IMAGE_SIZE, patch_size=PATCH)  # fmt: skip
+    model["unet"]["decoupled"] = use_hvca
+    return ml_collections.ConfigDict(dict(
+        model, conditioner="vlm", llm=dataclasses.asdict(llm), vision=dataclasses.asdict(vision),
+        clip_vision=dataclasses.asdict(clip_vision), use_regions=use_regions, use_tati=use_tati, use_hvca=use_hvca,
+        vlm_image_size=IMAGE_SIZE, hvca_sizes=(IMAGE_SIZE,), merge=2,
+        regions=dataclasses.asdict(RegionEncoderConfig.tiny(feature_dim=VISION_WIDTH, llm_dim=LLM_WIDTH, patch_size=PATCH)),
+        qformer=dataclasses.asdict(QFormerConfig(num_queries=length, hidden_size=width, num_layers=2, num_heads=4,
+                                                 intermediate_size=2 * width, encoder_width=LLM_WIDTH, dropout=0.0)),
+        tati=dataclasses.asdict(TATIConfig(num_latents=length, width=width, num_heads=4, input_dim=width,
+                                           time_channel=width, time_embed_dim=width)),
+        hvca=dataclasses.asdict(HVCAConfig(num_queries=8, visual_dim=VISION_WIDTH, edit_dim=width,
+                                           hidden=VISION_WIDTH, num_heads=2, out_dim=width)),
+    ))  # fmt: skip
+
+
+def get_config(variant: str = "full") -> ml_collections.ConfigDict:
+    config = base_config()
+    config.resolution = IMAGE_SIZE
+    config.model = model_config(variant)
+    shapes_source = dict(kind="shapes", size=IMAGE_SIZE, seed=0)
+    config.data = ml_collections.ConfigDict(dict(
+        sources={"shapes": dict(shapes_source, split="train", num_samples=1_000_000)},
+        eval=dict(shapes_source, split="test", num_samples=1000), tokenizer="builtin:shape_words",
+        flip_probability=0.0,  # a flip would break "leftmost" / "to the left of"
+        length_buckets=(96,), box_buckets=(8,),  # one bucket each: one compilation
+    ))  # fmt: skip
+    config.checkpoint = ml_collections.ConfigDict(dict(every=250, keep=2))
+    config.logging = ml_collections.ConfigDict(dict(every=10, sample_every=0, sample_count=4, sample_steps=20))
+    train = config.train
+    train.loss = "ip2p" if variant == "clip_text" else "fireedit"
+    train.batch_size = 32
+    train.steps = 2000
+    train.learning_rate = 1e-3
+    train.schedule = "cosine"
+    train.warmup_ratio = 0.02
+    train.dtype = "float32"
+    train.trainable = ("^(unet|text_encoder|vlm|qformer|tati|hvca|clip_vision)/",)
+    train.ema.enabled = False
+    config.mesh.data = 1
+    return config
