@@ -44,6 +44,12 @@ def get_config() -> ml_collections.ConfigDict:
         text_encoder=dataclasses.asdict(text), scheduler=dataclasses.asdict(SchedulerConfig()),
         sampler="euler_ancestral",
     ))  # fmt: skip
+    # ShapeEdit scenes made on the fly: a tiny run trains without any data files
+    shapes = dict(kind="shapes", size=config.resolution)
+    config.data = ml_collections.ConfigDict(dict(
+        sources={"shapes": dict(shapes, split="train", num_samples=10_000)},
+        eval=dict(shapes, split="test", num_samples=16), tokenizer="builtin:clip_chars", num_workers=0,
+    ))  # fmt: skip
     train = config.train
     train.batch_size = 8
     train.steps = 200

@@ -315,6 +315,10 @@ def build_parser() -> argparse.ArgumentParser:
     latent_cache.add_arguments(cache)
     cache.set_defaults(run=latent_cache.run)
 
+    from fireedit_jax.train import run as train_run
+
+    train_run.register(commands)  # train, export
+
     demo = commands.add_parser("demo", help="the end-to-end demo (writes outputs/demo/)")
     demo.add_argument("--out", default="outputs/demo")
     demo.add_argument("--fresh", action="store_true", help="rebuild everything instead of reusing outputs")

@@ -1,0 +1,336 @@
+"""Training checkpoints: one Orbax composite per saved step, restorable onto any mesh.
+
+    WORKDIR/checkpoints/<step>/
+      params/     the whole parameter tree (float32 master weights)
+      ema/        EMA of the trainable leaves (only with train.ema.enabled)
+      opt/        step counters + optax state (trainable leaves only)
+      config/     the run's config (JSON)
+      data/       each process's data-iterator state: process_<i>-of-<n>.json
+      tokenizer/  the tokenizer files (so `export` needs nothing else)
+
+Saves are asynchronous (Orbax copies the arrays to host memory, then writes them in
+the background while training goes on), every `every` steps, keeping the last `keep`.
+Restoring reads every array straight into the target Trainer's shardings, so a run
+saved on one mesh continues on another. A step directory that does not restore (a
+half-written or truncated save) is skipped with a warning in favour of the previous one.
+
+Where a run starts (`resume_or_init`): the workdir's latest complete checkpoint, else
+`init` (a training checkpoint, e.g. stage 2's run for stage 3, or an inference
+checkpoint such as converted weights: its params only), else a fresh init.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import warnings
+from typing import Any
+
+import flax
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+from etils import epath
+
+from fireedit_jax import checkpoint as inference
+from fireedit_jax.nn.lora import merge_lora
+
+log = logging.getLogger(__name__)
+
+STATE_ITEMS = ("params", "ema", "opt")
+
+
+# ---------------------------------------------------------------- per-process data state and tokenizer files
+
+
+class DataStateHandler(ocp.CheckpointHandler):
+    """Each process writes (and reads back) its own JSON file of the data-iterator state."""
+
+    def _path(self, directory: epath.Path) -> epath.Path:
+        return directory / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+
+    def save(self, directory: epath.Path, args: DataStateSave):
+        directory.mkdir(parents=True, exist_ok=True)
+        self._path(directory).write_text(json.dumps(args.state))
+
+    def restore(self, directory: epath.Path, args: DataStateRestore | None = None):
+        path = self._path(directory)
+        if not path.exists():
+            found = sorted(p.name for p in directory.iterdir())
+            raise FileNotFoundError(f"{path} does not exist (this run has {jax.process_count()} processes; "
+                                    f"the checkpoint has {found})")  # fmt: skip
+        return json.loads(path.read_text())
+
+
+@ocp.args.register_with_handler(DataStateHandler, for_save=True)
+@dataclasses.dataclass
+class DataStateSave(ocp.args.CheckpointArgs):
+    state: Any
+
+
+@ocp.args.register_with_handler(DataStateHandler, for_restore=True)
+@dataclasses.dataclass
+class DataStateRestore(ocp.args.CheckpointArgs):
+    pass
+
+
+class FilesHandler(ocp.CheckpointHandler):
+    """A directory's files copied in (by the primary process); restore returns the item's path."""
+
+    def save(self, directory: epath.Path, args: FilesSave):
+        if jax.process_index() == 0:
+            shutil.copytree(args.source, os.fspath(directory), dirs_exist_ok=True)
+
+    def restore(self, directory: epath.Path, args: FilesRestore | None = None) -> str:
+        return os.fspath(directory)
+
+
+@ocp.args.register_with_handler(FilesHandler, for_save=True)
+@dataclasses.dataclass
+class FilesSave(ocp.args.CheckpointArgs):
+    source: str
+
+
+@ocp.args.register_with_handler(FilesHandler, for_restore=True)
+@dataclasses.dataclass
+class FilesRestore(ocp.args.CheckpointArgs):
+    pass
+
+
+# ---------------------------------------------------------------- the manager
+
+
+def abstract_with_shardings(abstract_boxed, shardings):
+    """ShapeDtypeStructs carrying the target shardings (what Orbax restores into)."""
+    shapes = flax.linen.meta.unbox(abstract_boxed)
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+
+
+def _split_state(state: dict) -> dict:
+    items = {"params": state["params"], "opt": {k: v for k, v in state.items() if k not in STATE_ITEMS}}
+    items["opt"].update(opt_state=state["opt_state"])
+    if "ema" in state:
+        items["ema"] = state["ema"]
+    return items
+
+
+def _join_state(items: dict) -> dict:
+    state = dict(items["opt"])
+    state["params"] = items["params"]
+    if "ema" in items:
+        state["ema"] = items["ema"]
+    return state
+
+
+def _state_args(items: dict, make) -> dict:
+    return {name: make(tree) for name, tree in items.items()}
+
+
+@dataclasses.dataclass
+class Restored:
+    """What a training checkpoint gives back."""
+
+    step: int
+    state: dict
+    data_state: Any  # None when the checkpoint has none for this process
+    config: ml_collections.ConfigDict
+    tokenizer_dir: str | None
+
+
+class Checkpoints:
+    """The run's checkpoints under `directory` (an Orbax CheckpointManager).
+
+        checkpoints = Checkpoints(workdir + "/checkpoints", every=500, keep=3)
+        checkpoints.save(step, state, config=config, data_state=it.get_state(), tokenizer_dir=tok)
+        restored = checkpoints.restore_latest(trainer)   # None if there is none
+        checkpoints.close()                              # waits for the last save
+    """
+
+    def __init__(self, directory: str, *, every: int = 1, keep: int | None = 3, async_save: bool = True,
+                 read_only: bool = False):  # fmt: skip
+        self.directory = os.path.abspath(directory)
+        options = ocp.CheckpointManagerOptions(
+            save_interval_steps=max(1, int(every)), max_to_keep=keep, enable_async_checkpointing=async_save,
+            create=not read_only, read_only=read_only,
+        )  # fmt: skip
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def should_save(self, step: int) -> bool:
+        """Whether `step` is a regular save step (every N) not saved yet."""
+        return self.manager.should_save(step)
+
+    def all_steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
+    def save(self, step: int, state: dict, *, config, data_state=None, tokenizer_dir: str | None = None,
+             force: bool = False) -> bool:  # fmt: skip
+        """Starts saving (asynchronously) if `step` is a save step or `force`; returns whether it did."""
+        if step in self.manager.all_steps():
+            return False
+        items = _state_args(_split_state(state), ocp.args.StandardSave)
+        items["config"] = ocp.args.JsonSave(json.loads(config.to_json()))
+        if data_state is not None:
+            items["data"] = DataStateSave(data_state)
+        if tokenizer_dir is not None:
+            items["tokenizer"] = FilesSave(tokenizer_dir)
+        return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+    def restore(self, step: int, abstract_state: dict) -> Restored:
+        """Step `step` into `abstract_state` (ShapeDtypeStructs with shardings, see abstract_with_shardings)."""
+        names = _item_names(os.path.join(self.directory, str(step)))
+        missing = [name for name in ("params", "opt", "config") if name not in names]
+        if missing or ("ema" in abstract_state) != ("ema" in names):
+            raise inference.CheckpointError(
+                f"checkpoint {self.directory}/{step} has items {sorted(names)}; missing {missing or ['ema']}"
+            )
+        items = _state_args(_split_state(abstract_state), ocp.args.StandardRestore)
+        items["config"] = ocp.args.JsonRestore()
+        if "data" in names:
+            items["data"] = DataStateRestore()
+        if "tokenizer" in names:
+            items["tokenizer"] = FilesRestore()
+        out = self.manager.restore(step, args=ocp.args.Composite(**items))
+        state = _join_state({name: out[name] for name in STATE_ITEMS if name in names})
+        return Restored(
+            step, state, out["data"] if "data" in names else None, ml_collections.ConfigDict(out["config"]),
+            out["tokenizer"] if "tokenizer" in names else None,
+        )  # fmt: skip
+
+    def restore_latest(self, abstract_state: dict) -> Restored | None:
+        """The newest step that restores; broken ones are skipped with a warning (and moved aside)."""
+        for step in reversed(self.all_steps()):
+            try:
+                return self.restore(step, abstract_state)
+            except Exception as error:  # noqa: BLE001 - any failure to read means: not a usable checkpoint
+                warnings.warn(
+                    f"checkpoint {self.directory}/{step} cannot be restored ({type(error).__name__}: "
+                    f"{str(error)[:300]}); it is set aside as {step}.broken and the previous one is used"
+                )
+                self._set_aside(step)
+        return None
+
+    def _set_aside(self, step: int) -> None:
+        if jax.process_index() == 0:
+            path = os.path.join(self.directory, str(step))
+            os.replace(path, f"{path}.broken")
+        self.manager.reload()
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def _item_names(step_dir: str) -> set[str]:
+    if not os.path.isdir(step_dir):
+        return set()
+    return {name for name in os.listdir(step_dir) if os.path.isdir(os.path.join(step_dir, name))}
+
+
+# ---------------------------------------------------------------- finding checkpoints given by the user
+
+
+def find_training_checkpoint(path: str) -> tuple[str, int] | None:
+    """(manager directory, step) for a run's workdir, its checkpoints/ directory, or one step
+    directory in it; None when `path` holds no training checkpoint. The latest step is taken."""
+    path = os.path.abspath(path)
+    for directory in (os.path.join(path, "checkpoints"), path):
+        steps = [int(name) for name in os.listdir(directory) if name.isdigit()] if os.path.isdir(directory) else []
+        if steps:
+            return directory, max(steps)
+    parent, name = os.path.split(path)
+    if name.isdigit() and {"params", "opt"} <= _item_names(path):
+        return parent, int(name)
+    return None
+
+
+def restore_params(path: str, abstract_params, *, use_ema: bool = False):
+    """The params of a training checkpoint (the latest complete step of a run) into
+    `abstract_params` (ShapeDtypeStructs with shardings); `use_ema`: trainable leaves from the EMA."""
+    found = find_training_checkpoint(path)
+    if found is None:
+        raise inference.CheckpointError(f"{path!r} holds no training checkpoint")
+    directory, step = found
+    names = _item_names(os.path.join(directory, str(step)))
+    items = {"params": ocp.args.StandardRestore(abstract_params)}
+    ema = use_ema and "ema" in names
+    if ema:
+        template = ocp.StandardCheckpointer().metadata(os.path.join(directory, str(step), "ema")).item_metadata.tree
+        abstract_ema = _matching(abstract_params, template)
+        items["ema"] = ocp.args.StandardRestore(abstract_ema)
+    checkpoints = Checkpoints(directory, read_only=True)
+    try:
+        out = checkpoints.manager.restore(step, args=ocp.args.Composite(**items))
+    finally:
+        checkpoints.close()
+    params = out["params"]
+    if ema:
+        params = ema_params(params, out["ema"])
+    return params, step
+
+
+def ema_params(params, ema):
+    """`params` with the trained leaves taken from the EMA (ema has None at frozen leaves)."""
+    return jax.tree.map(lambda e, p: p if e is None else e, ema, params, is_leaf=lambda x: x is None)
+
+
+def _matching(abstract_params, template):
+    """`abstract_params` with None where `template` (a tree with None at untrained leaves) has None."""
+    present = flax.traverse_util.flatten_dict(template)
+    flat = flax.traverse_util.flatten_dict(abstract_params)
+    return flax.traverse_util.unflatten_dict({k: (v if present.get(k) is not None else None) for k, v in flat.items()})
+
+
+def init_params(path: str, abstract_params) -> tuple[Any, str | None]:
+    """The params to start from: a training checkpoint's (--init a run) or an inference
+    checkpoint's (converted weights, an export). Returns (params, tokenizer dir or None)."""
+    if find_training_checkpoint(path) is not None:
+        params, step = restore_params(path, abstract_params)
+        directory, _ = find_training_checkpoint(path)
+        tokenizer = os.path.join(directory, str(step), "tokenizer")
+        return params, tokenizer if os.path.isdir(tokenizer) else None
+    if os.path.exists(os.path.join(path, "config.json")):
+        params = inference.load_params(path, abstract_params)
+        params = jax.device_put(params, jax.tree.map(lambda s: s.sharding, abstract_params))
+        tokenizer = os.path.join(path, "tokenizer")
+        return params, tokenizer if os.path.isdir(tokenizer) else None
+    raise inference.CheckpointError(
+        f"--init {path!r} is neither a training run / checkpoint (checkpoints/<step>/) nor an "
+        "inference checkpoint (config.json + params/)"
+    )
+
+
+# ---------------------------------------------------------------- export
+
+
+def export(path: str, out: str, *, use_ema: bool = True) -> int:
+    """A training checkpoint → an inference checkpoint (`checkpoint.py`'s format, what
+    `Editor.from_pretrained` loads): EMA weights for the trained leaves when there are
+    any (`use_ema`), LoRA adapters merged into their kernels (the config's lora_rank set
+    to 0), no optimizer state. Returns the exported step."""
+    from fireedit_jax.models.fireedit import EditModel
+
+    found = find_training_checkpoint(path)
+    if found is None:
+        raise inference.CheckpointError(f"{path!r} holds no training checkpoint (checkpoints/<step>/)")
+    directory, step = found
+    step_dir = os.path.join(directory, str(step))
+    config = ml_collections.ConfigDict(json.loads(open(os.path.join(step_dir, "config", "metadata")).read()))
+    model = EditModel.from_config(config.model)
+    abstract = inference.abstract(jax.eval_shape(model.init, jax.random.key(0)))
+    host = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=host), abstract)
+    params, step = restore_params(step_dir, abstract, use_ema=use_ema)
+    params = jax.tree.map(lambda x: jax.device_get(x), params)
+    export_config = ml_collections.ConfigDict(config.to_dict())
+    if model.conditioner == "vlm" and model.vlm.llm.lora_rank:
+        params = jax.device_get(merge_lora(params, model.vlm.llm))
+        export_config.model.llm.lora_rank = 0
+    tokenizer = os.path.join(step_dir, "tokenizer")
+    inference.save(out, params, export_config, tokenizer if os.path.isdir(tokenizer) else None)
+    return step

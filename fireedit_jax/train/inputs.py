@@ -1,0 +1,160 @@
+"""The training run's data: `config.data` → a grain pipeline → the loss's batches.
+
+config.data (configs add it; see configs/tiny.py):
+  sources      {name: {kind, weight, ...}}: the training mixture, one entry per source;
+               kind and its fields:
+                 shapes   split, num_samples, size, seed, box_jitter, distractor_boxes
+                          (data/shapes.py, made on the fly)
+                 instructpix2pix, magicbrush, ultraedit, jsonl, llava, tfds
+                          path (and split, image_root), as `data.sources.open_source`
+  eval         one source spec (same fields): the fixed validation examples of the sample grids
+  tokenizer    a tokenizer directory, or "builtin:<name>" (BUILTIN_TOKENIZERS); a checkpoint's
+               own tokenizer (resume, --init) takes precedence
+  num_workers  grain worker processes (0: decode in the training process)
+  flip_probability  horizontal flips (texts get left ↔ right)
+
+The pipeline's batch (data/pipeline.py: uint8 images, bucketed ids and boxes) becomes
+the loss's batch in `model_batch`: images as float32 in [-1, 1] and only the entries the
+loss reads (`flops.loss_inputs`), so bucket sizes the loss ignores never cause a recompilation.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Any, Mapping, Sequence
+
+import ml_collections
+import numpy as np
+from PIL import Image
+
+from fireedit_jax.data import pipeline, sources, transforms
+from fireedit_jax.data.records import EditRecord
+
+IMAGE_KEYS = ("source", "target", "vlm_source")
+
+
+def _clip_chars():
+    from fireedit_jax.convert.reference import clip_tokenizer
+
+    return clip_tokenizer()
+
+
+def _shape_words():
+    from fireedit_jax.data.shapes import build_tokenizer
+
+    return build_tokenizer()
+
+
+# Tokenizers built offline, for tiny models trained from scratch (saved with every checkpoint).
+BUILTIN_TOKENIZERS = {"clip_chars": _clip_chars, "shape_words": _shape_words}
+
+
+class ShapeEditRecords:
+    """`data.shapes.ShapeEditSource` as a source of `EditRecord`s (images PNG-encoded, boxes kept)."""
+
+    def __init__(self, name: str, split: str = "train", num_samples: int = 10_000, **shapes_config):
+        from fireedit_jax.data.shapes import ShapeEditSource, ShapesConfig
+
+        self.name = name
+        self._source = ShapeEditSource(split, num_samples, ShapesConfig(**shapes_config))
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def __getitem__(self, index: int) -> EditRecord:
+        sample = self._source[index]
+        return EditRecord(
+            key=f"shapes/{self._source.split}#{index}", source_image=_png(sample["source"]),
+            target_image=_png(sample["target"]), instruction=sample["instruction"], boxes=sample["boxes"],
+        )  # fmt: skip
+
+    def __repr__(self) -> str:
+        return f"ShapeEditRecords({self.name!r}, {self._source!r})"
+
+
+def _png(pixels: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG", compress_level=1)
+    return buffer.getvalue()
+
+
+def make_source(name: str, spec: Mapping[str, Any]):
+    """One source from its config entry {kind, weight (ignored here), ...}: "shapes" takes
+    ShapeEditRecords' fields, the other kinds `data.sources.open_source`'s (path, split, image_root)."""
+    fields = dict(spec.to_dict() if isinstance(spec, ml_collections.ConfigDict) else spec)
+    kind = fields.pop("kind", None)
+    fields.pop("weight", None)
+    kinds = ("shapes", *sources.SOURCE_KINDS)
+    if kind not in kinds:
+        raise ValueError(f"config.data source {name!r}: kind={kind!r}; choose one of {', '.join(kinds)}")
+    try:
+        return ShapeEditRecords(name, **fields) if kind == "shapes" else sources.open_source(kind, name=name, **fields)
+    except TypeError as error:
+        raise ValueError(f"config.data source {name!r} (kind {kind!r}): {error}") from None
+
+
+def make_tokenizer(spec: str | None):
+    """config.data.tokenizer → a tokenizer (None if unset)."""
+    if not spec:
+        return None
+    if spec.startswith("builtin:"):
+        name = spec.removeprefix("builtin:")
+        if name not in BUILTIN_TOKENIZERS:
+            raise ValueError(f"config.data.tokenizer={spec!r}: built-in tokenizers are {sorted(BUILTIN_TOKENIZERS)}")
+        return BUILTIN_TOKENIZERS[name]()
+    from fireedit_jax.pipeline import load_tokenizer
+
+    return load_tokenizer(spec)
+
+
+def make_transform(config, model, tokenizer) -> transforms.EditTransform:
+    """Record → example for this model: CLIP ids of the instruction (clip_text conditioner)."""
+    data = config.data
+    texts = ()
+    if model.conditioner == "clip_text":
+        if tokenizer is None:
+            raise ValueError("the clip_text conditioner needs a tokenizer: set config.data.tokenizer, or start "
+                             "from a checkpoint with a tokenizer/ directory (--init)")  # fmt: skip
+        field = transforms.clip_text_field(tokenizer, name="input", source="instruction", length=model.max_text_length)
+        texts = (field,)
+    return transforms.EditTransform(
+        resolution=int(config.resolution), texts=texts, min_crop_scale=float(data.get("min_crop_scale", 1.0)),
+        flip_probability=float(data.get("flip_probability", 0.5)),
+    )  # fmt: skip
+
+
+def make_train_iterator(config, transform: transforms.EditTransform, batch_size: int) -> pipeline.DataIterator:
+    """This process's iterator over the training mixture (`batch_size` examples per batch)."""
+    specs = config.data.sources
+    if not specs:
+        raise ValueError("config.data.sources is empty: name at least one training source")
+    built = [make_source(name, spec) for name, spec in specs.items()]
+    weights = [float(spec.get("weight", 1.0)) for spec in specs.values()]
+    return pipeline.make_iterator(
+        built, transform, batch_size=batch_size, seed=int(config.seed), weights=weights,
+        num_workers=int(config.data.get("num_workers", 0)),
+    )  # fmt: skip
+
+
+def model_batch(batch: Mapping[str, np.ndarray], keys: Sequence[str]) -> dict[str, np.ndarray]:
+    """The pipeline's batch → the loss's (`keys`, from `flops.loss_inputs(config)`): uint8
+    images → float32 in [-1, 1]; other entries dropped."""
+    missing = sorted(set(keys) - batch.keys())
+    if missing:
+        raise ValueError(f"the loss reads {missing}, which the input pipeline does not give (it gives {sorted(batch)})")
+    return {key: batch[key].astype(np.float32) / 127.5 - 1.0 if key in IMAGE_KEYS else batch[key] for key in keys}
+
+
+def eval_examples(config, transform: transforms.EditTransform, count: int):
+    """The first `count` records of config.data.eval (no augmentation): (source uint8[N, S, S, 3],
+    target uint8[N, S, S, 3], instructions, boxes list of float32[R, 4])."""
+    source = make_source("eval", config.data.eval)
+    examples, instructions, boxes = [], [], []
+    for i in range(min(count, len(source))):
+        record = source[i]
+        example, _ = transform(record)
+        examples.append(example)
+        instructions.append(record.instruction)
+        boxes.append(example["boxes"])
+    stack = lambda key: np.stack([e[key] for e in examples])  # noqa: E731
+    return stack("source"), stack("target"), instructions, boxes
