@@ -22,6 +22,7 @@ setup(
         "grain==0.2.18",  # pinned: data/pipeline.py subclasses its DatasetIterator
         "tensorflow-datasets>=4.9,<5",  # the ArrayRecord triplet builder (no TensorFlow needed)
         "importlib_resources",  # tensorflow-datasets needs it for builders in a package, undeclared
+        "tensorboardX",  # training event files (flax's writer needs TensorFlow)
     ],
     extras_require={
         # torch is pinned: it must match torchvision (RoIAlign reference) and lpips.
