@@ -15,7 +15,7 @@ from fireedit_jax.convert.fireedit import bridge_configs
 from fireedit_jax.data.tokenizer import NEW_TOKENS
 from fireedit_jax.data.vlm_inputs import DEFAULT_BOX_BUCKETS, DEFAULT_LENGTH_BUCKETS
 from fireedit_jax.diffusion.schedules import SchedulerConfig
-from fireedit_jax.models.clip import CLIPVisionConfig
+from fireedit_jax.models.clip import CLIPTextConfig, CLIPVisionConfig
 from fireedit_jax.models.dinov2 import DINOv2Config
 from fireedit_jax.models.llama import LlamaConfig
 from fireedit_jax.models.unet import UNetConfig
@@ -48,6 +48,8 @@ def get_config(stage: str = "3") -> ml_collections.ConfigDict:
     config.stage = stage
     config.resolution = 256  # SmartEdit / FireEdit train the UNet at 256 px
     config.model = model_config()
+    if stage == 1:  # the alignment target: SD1.5's CLIP text encoder (frozen), states of the caption
+        config.model.text_encoder = dataclasses.asdict(CLIPTextConfig.vit_l14())
     config.data = ml_collections.ConfigDict(
         {"length_buckets": DEFAULT_LENGTH_BUCKETS, "box_buckets": DEFAULT_BOX_BUCKETS}
     )

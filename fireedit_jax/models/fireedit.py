@@ -64,7 +64,9 @@ class EditModel:
     """Holds the networks; every method is a pure function of `params`.
 
     params: {"unet", "vae", "null_text": float[L, D]} and, for "clip_text", "text_encoder";
-    for "vlm", "vlm", "qformer" (+ "tati" if use_tati) (+ "hvca", "clip_vision" if use_hvca).
+    for "vlm", "vlm", "qformer" (+ "tati" if use_tati) (+ "hvca", "clip_vision" if use_hvca)
+    (+ "text_encoder" if the config has one: the frozen CLIP text encoder whose states are
+    stage 1's alignment targets).
     """
 
     unet: UNet
@@ -89,9 +91,9 @@ class EditModel:
             vae=VAE(dataclass_from_dict(VAEConfig, model.vae), **kw),
             conditioner=model.conditioner,
         )
-        if model.conditioner == "clip_text":
+        if model.conditioner == "clip_text" or model.get("text_encoder") is not None:
             parts["text_encoder"] = CLIPTextModel(dataclass_from_dict(CLIPTextConfig, model.text_encoder), **kw)
-        else:
+        if model.conditioner == "vlm":
             llm = dataclass_from_dict(LlamaConfig, model.llm)
             vision = dataclass_from_dict(DINOv2Config, model.vision)
             regions = dataclass_from_dict(RegionEncoderConfig, model.regions) if model.use_regions else None
@@ -113,7 +115,7 @@ class EditModel:
 
     @property
     def context_length(self) -> int:
-        if self.text_encoder is not None:
+        if self.qformer is None:
             return self.text_encoder.config.max_position_embeddings
         return self.qformer.config.num_queries
 
