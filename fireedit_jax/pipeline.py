@@ -140,12 +140,10 @@ class Editor:
             return (jnp.asarray(self.tokenize(instructions)),)
         boxes = [np.zeros((0, 4), np.float32) if b is None else validate_boxes(b, None, source=f"image {i}")
                  for i, b in enumerate(boxes if boxes is not None else [None] * len(instructions))]  # fmt: skip
-        vlm = self.model.vlm
-        grid = self.model.vlm_image_size // vlm.vision.patch_size // vlm.merge
-        use_boxes = vlm.regions is not None
+        use_boxes = self.model.vlm.regions is not None
         batch = build_vlm_inputs(
             self.tokenizer, self.token_ids, instructions, [len(b) if use_boxes else 0 for b in boxes],
-            num_image_tokens=grid * grid, length_buckets=tuple(self.config.data.length_buckets),
+            num_image_tokens=self.model.num_image_tokens, length_buckets=tuple(self.config.data.length_buckets),
             box_buckets=tuple(self.config.data.box_buckets),
         )  # fmt: skip
         padded = np.zeros((len(boxes), batch.box_mask.shape[1], 4), np.float32)

@@ -129,6 +129,12 @@ class EditModel:
         return self.text_encoder.config.max_position_embeddings
 
     @property
+    def num_image_tokens(self) -> int:
+        """The VLM's image tokens ((vlm_image_size / patch / merge)²; 256 in FireEdit-7B)."""
+        grid = self.vlm_image_size // self.vlm.vision.patch_size // self.vlm.merge
+        return grid * grid
+
+    @property
     def latent_factor(self) -> int:
         return self.vae.config.downsample_factor
 

@@ -10,6 +10,8 @@ config.data (configs add it; see configs/tiny.py):
   eval         one source spec (same fields): the fixed validation examples of the sample grids
   tokenizer    a tokenizer directory, or "builtin:<name>" (BUILTIN_TOKENIZERS); a checkpoint's
                own tokenizer (resume, --init) takes precedence
+  length_buckets, box_buckets   the VLM sequence's static lengths and box counts (vlm conditioner)
+  clip_tokenizer  FireEdit stage 1: the CLIP tokenizer of the captions (same forms as tokenizer)
   num_workers  grain worker processes (0: decode in the training process)
   flip_probability  horizontal flips (texts get left ↔ right)
 
@@ -29,6 +31,9 @@ from PIL import Image
 
 from fireedit_jax.data import pipeline, sources, transforms
 from fireedit_jax.data.records import EditRecord
+from fireedit_jax.data.tokenizer import add_new_tokens
+from fireedit_jax.data.vlm_inputs import DEFAULT_BOX_BUCKETS, DEFAULT_LENGTH_BUCKETS, VLMTemplate
+from fireedit_jax.train import losses
 
 IMAGE_KEYS = ("source", "target", "vlm_source")
 
@@ -108,18 +113,34 @@ def make_tokenizer(spec: str | None):
 
 
 def make_transform(config, model, tokenizer) -> transforms.EditTransform:
-    """Record → example for this model: CLIP ids of the instruction (clip_text conditioner)."""
+    """Record → example for this model: CLIP ids of the instruction (clip_text conditioner), or
+    the VLM sequence (`VLMTemplate`; FireEdit stage 1: the caption without the image, and its CLIP ids)."""
     data = config.data
-    texts = ()
+    if tokenizer is None:
+        raise ValueError(f"the {model.conditioner} conditioner needs a tokenizer: set config.data.tokenizer, or "
+                         "start from a checkpoint with a tokenizer/ directory (--init)")  # fmt: skip
+    texts, vlm = (), None
+    box_buckets = tuple(data.get("box_buckets", DEFAULT_BOX_BUCKETS))
     if model.conditioner == "clip_text":
-        if tokenizer is None:
-            raise ValueError("the clip_text conditioner needs a tokenizer: set config.data.tokenizer, or start "
-                             "from a checkpoint with a tokenizer/ directory (--init)")  # fmt: skip
         field = transforms.clip_text_field(tokenizer, name="input", source="instruction", length=model.max_text_length)
         texts = (field,)
+    else:
+        captions = config.train.loss == "fireedit" and losses.fireedit_stage(config) == 1
+        vlm = VLMTemplate.from_tokenizer(
+            tokenizer, add_new_tokens(tokenizer, model.vlm.llm.vocab_size),
+            num_image_tokens=0 if captions else model.num_image_tokens,
+            regions=not captions and model.vlm.regions is not None,
+            length_buckets=tuple(data.get("length_buckets", DEFAULT_LENGTH_BUCKETS)), box_buckets=box_buckets,
+        )  # fmt: skip
+        texts = transforms.vlm_text_fields(tokenizer, vlm, captions=captions)
+        if captions:
+            clip = make_tokenizer(data.get("clip_tokenizer"))
+            if clip is None:
+                raise ValueError("FireEdit stage 1 needs config.data.clip_tokenizer (the CLIP text encoder's)")
+            texts += (transforms.clip_text_field(clip, length=model.max_text_length),)
     return transforms.EditTransform(
-        resolution=int(config.resolution), texts=texts, min_crop_scale=float(data.get("min_crop_scale", 1.0)),
-        flip_probability=float(data.get("flip_probability", 0.5)),
+        resolution=int(config.resolution), texts=texts, box_buckets=box_buckets, vlm=vlm,
+        min_crop_scale=float(data.get("min_crop_scale", 1.0)), flip_probability=float(data.get("flip_probability", 0.5)),
     )  # fmt: skip
 
 
