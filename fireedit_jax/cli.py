@@ -86,7 +86,8 @@ def _shapes(args) -> int:
 def _demo(args) -> int:
     from fireedit_jax.demo import run_demo
 
-    run_demo(args.out, fresh=args.fresh)
+    run_demo(args.out, fresh=args.fresh, steps=args.steps, batch_size=args.batch_size, samples=args.samples,
+             edit_steps=args.edit_steps)  # fmt: skip
     return 0
 
 
@@ -321,7 +322,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="the end-to-end demo (writes outputs/demo/)")
     demo.add_argument("--out", default="outputs/demo")
-    demo.add_argument("--fresh", action="store_true", help="rebuild everything instead of reusing outputs")
+    demo.add_argument("--fresh", action="store_true", help="retrain from scratch instead of reusing OUT/train")
+    demo.add_argument("--steps", type=int, default=400, help="training steps")
+    demo.add_argument("--batch-size", type=int, default=16)
+    demo.add_argument("--samples", type=int, default=64, help="test scenes edited and scored")
+    demo.add_argument("--edit-steps", type=int, default=20, help="denoising steps per edit")
     demo.set_defaults(run=_demo)
     return parser
 
