@@ -4,14 +4,16 @@
 
 Both sides run the same random SD1.5-shaped (quarter-width) IP2P model, converted from
 the diffusers one, in float32 on the CPU: the whole edit (image encode, text encode,
-3-branch guided denoising, decode). Prints the medians after a warm-up, their ratio,
-and our one-off compile time.
+3-branch guided denoising, decode). The two run in turn (so load from other processes
+on a shared CPU falls on both); prints the median wall and CPU seconds after a warm-up,
+their ratios, and our one-off compile time. torch gets as many threads as there are
+cores, as XLA's CPU client does.
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
+import os
 import tempfile
 import time
 
@@ -22,15 +24,7 @@ from PIL import Image
 from fireedit_jax.convert import reference
 from fireedit_jax.convert.ip2p import convert_ip2p
 from fireedit_jax.pipeline import Editor
-
-
-def _time(fn, repeats: int) -> list[float]:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return times
+from timing import interleaved, report
 
 
 def main() -> None:
@@ -39,6 +33,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
+    torch.set_num_threads(os.cpu_count() or 1)
 
     root = tempfile.mkdtemp()
     pipeline = reference.save_ip2p(f"{root}/diffusers", reference.IP2PSizes.sd15_shaped())
@@ -57,16 +52,15 @@ def main() -> None:
         with torch.no_grad():
             pipeline(instruction, image=image, num_inference_steps=args.steps, output_type="np")
 
-    first = _time(ours, 1)[0]
-    ours_times = _time(ours, args.repeats)
-    theirs_times = _time(theirs, 1 + args.repeats)[1:]
-    ours_s, theirs_s = statistics.median(ours_times), statistics.median(theirs_times)
+    start = time.perf_counter()
+    ours()
+    first = time.perf_counter() - start
+    names = "ours (jitted lax.scan loop)", "diffusers pipeline"
+    results = interleaved(dict(zip(names, (ours, theirs))), args.repeats, warmup=1)
     print(f"IP2P edit, {args.size}x{args.size}, {args.steps} steps, 3 guidance branches, float32, "
-          f"{torch.get_num_threads()} torch threads")  # fmt: skip
-    print(f"  ours (jitted lax.scan loop)  median {ours_s:7.2f} s   runs {['%.2f' % t for t in ours_times]}")
-    print(f"  diffusers pipeline           median {theirs_s:7.2f} s   runs {['%.2f' % t for t in theirs_times]}")
-    print(f"  ratio ours / diffusers       {ours_s / theirs_s:.2f}")
-    print(f"  our one-off compile time     {first - ours_s:.1f} s (first call {first:.1f} s)")
+          f"{torch.get_num_threads()} torch threads on {os.cpu_count()} cores")  # fmt: skip
+    report(results, *names)
+    print(f"  our one-off compile time     {first - results[names[0]][0]:.1f} s (first call {first:.1f} s)")
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ def dot_product_attention(
     mask: jax.Array | None = None,
     is_causal: bool = False,
     implementation: str | None = None,
-    query_chunk: int = 1024,
+    query_chunk: int | None = None,
 ) -> jax.Array:
     """softmax(q·kᵀ/√H + mask)·v.
 
@@ -36,7 +36,7 @@ def dot_product_attention(
       mask: bool, broadcastable to [B, N, T, S]; True = attend.
       is_causal: additionally mask keys after the query position.
       implementation: "xla", "cudnn", "splash" or None (per backend).
-      query_chunk: the xla kernel handles this many queries at a time.
+      query_chunk: query rows per block of the xla kernel (default: per backend, `chunked_attention`).
     Returns:
       float[B, T, N, H] in q's dtype.
     """
@@ -67,48 +67,68 @@ def _cudnn_supports(q, k, v) -> bool:
     )
 
 
-def chunked_attention(q, k, v, *, mask=None, is_causal=False, query_chunk=1024):
-    """Exact attention computed query-chunk by query-chunk.
+def chunked_attention(q, k, v, *, mask=None, is_causal=False, query_chunk=None, max_scores=None):
+    """Exact attention computed block by block: a few heads × a chunk of queries at a time.
 
-    Only a [B, N, chunk, S] block of scores exists at a time, which keeps it in
-    cache on CPUs and bounds memory for long sequences. Softmax runs in float32.
+    Heads go first ([B·K, G·T, H], the G query heads sharing a key/value head folded
+    into the query rows), and at most `max_scores` scores exist at once: on CPU a
+    block fits in cache (default 2**20: one head × 256 queries at 4,096 keys), which
+    is what makes long sequences fast there; elsewhere blocks are large (2**28).
+    Softmax runs in float32; its normalisation is applied after the product with v.
+
+    Args:
+      query_chunk: query rows per block (default: as many as `max_scores` allows).
+      max_scores: the most scores in one block.
     """
     b, t, n, h = q.shape
     s, kv_heads = k.shape[1], k.shape[2]
     if n % kv_heads:
         raise ValueError(f"{n} query heads are not a multiple of {kv_heads} key/value heads")
     groups = n // kv_heads
-    q = q * jnp.asarray(1.0 / math.sqrt(h), q.dtype)
-    q = q.reshape(b, t, kv_heads, groups, h)
-    if mask is not None:
-        mask = jnp.broadcast_to(mask, (b, n, t, s)).reshape(b, kv_heads, groups, t, s)
+    z, rows = b * kv_heads, groups * t  # heads and query rows per head, after folding
+    max_scores = max_scores or (2**20 if jax.default_backend() == "cpu" else 2**28)
+    chunk = min(query_chunk or max(1, max_scores // s), rows)
+    chunks = -(-rows // chunk)
+    heads = max(d for d in range(1, z + 1) if z % d == 0 and (d == 1 or d * chunk * s <= max_scores))
 
-    def attend(q_chunk, mask_chunk, start):
-        # q_chunk: [B, C, K, G, H]; mask_chunk: [B, K, G, C, S] or None.
-        scores = jnp.einsum("bckgh,bskh->bkgcs", q_chunk, k, preferred_element_type=jnp.float32)
-        keep = mask_chunk
+    def heads_first(x, lead):  # [B, L, K, lead·H] → [B·K, lead·L, H] (lead query heads per kv head)
+        x = x.reshape(b, x.shape[1], kv_heads, lead, h).transpose(0, 2, 3, 1, 4)
+        return x.reshape(z, lead * x.shape[-2], h)
+
+    q = heads_first(q * jnp.asarray(1.0 / math.sqrt(h), q.dtype), groups)
+    k, v = heads_first(k, 1), heads_first(v, 1)
+    pad = chunks * chunk - rows
+    q = jnp.pad(q, ((0, 0), (0, pad), (0, 0))).reshape(z // heads, heads, chunks, chunk, h)
+    k, v = (x.reshape(z // heads, heads, s, h) for x in (k, v))
+    if mask is not None:
+        mask = jnp.broadcast_to(mask, (b, n, t, s)).reshape(z, rows, s)
+        mask = jnp.pad(mask, ((0, 0), (0, pad), (0, 0)), constant_values=True)
+        mask = mask.reshape(z // heads, heads, chunks, chunk, s)
+    positions = (jnp.arange(chunks * chunk) % t).reshape(chunks, chunk)  # each row's query position
+
+    def attend(q_block, k_block, v_block, mask_block, position):
+        # q_block: [heads, chunk, H]; k/v_block: [heads, S, H]; mask_block: [heads, chunk, S] or None.
+        scores = jnp.einsum("zch,zsh->zcs", q_block, k_block, preferred_element_type=jnp.float32)
+        keep = mask_block
         if is_causal:
-            rows = start + jnp.arange(q_chunk.shape[1])[:, None]
-            causal = rows >= jnp.arange(s)[None, :]
+            causal = position[:, None] >= jnp.arange(s)[None, :]
             keep = causal if keep is None else keep & causal
         if keep is not None:
             scores = jnp.where(keep, scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        return jnp.einsum("bkgcs,bskh->bckgh", probs, v)
+        probs = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))
+        out = jnp.einsum("zcs,zsh->zch", probs.astype(v.dtype), v_block, preferred_element_type=jnp.float32)
+        return (out / jnp.sum(probs, axis=-1, keepdims=True)).astype(v.dtype)
 
-    if t <= query_chunk:
-        out = attend(q, mask, 0)
-        return out.reshape(b, t, n, h)
+    def head_block(xs):
+        q_heads, k_heads, v_heads, mask_heads = xs
+        if mask_heads is not None:
+            mask_heads = jnp.moveaxis(mask_heads, 1, 0)
+        return jax.lax.map(
+            lambda ys: attend(ys[0], k_heads, v_heads, ys[1], ys[2]),
+            (jnp.moveaxis(q_heads, 1, 0), mask_heads, positions),
+        )  # [chunks, heads, chunk, H]
 
-    chunks = -(-t // query_chunk)
-    pad = chunks * query_chunk - t
-    q = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0), (0, 0)))
-    q = q.reshape(b, chunks, query_chunk, kv_heads, groups, h).swapaxes(0, 1)
-    if mask is not None:
-        mask = jnp.pad(mask, ((0, 0),) * 3 + ((0, pad), (0, 0)), constant_values=True)
-        mask = mask.reshape(b, kv_heads, groups, chunks, query_chunk, s)
-        mask = jnp.moveaxis(mask, 3, 0)
-    starts = jnp.arange(chunks) * query_chunk
-    out = jax.lax.map(lambda xs: attend(*xs), (q, mask, starts))
-    out = out.swapaxes(0, 1).reshape(b, chunks * query_chunk, n, h)
-    return out[:, :t]
+    out = jax.lax.map(head_block, (q, k, v, mask))  # [z / heads, chunks, heads, chunk, H]
+    out = out.swapaxes(1, 2).reshape(z, chunks * chunk, h)[:, :rows]
+    out = out.reshape(b, kv_heads, groups, t, h).transpose(0, 3, 1, 2, 4)
+    return out.reshape(b, t, n, h)
