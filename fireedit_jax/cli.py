@@ -320,6 +320,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     train_run.register(commands)  # train, export
 
+    from fireedit_jax.train import plan
+
+    plan_parser = commands.add_parser("plan", help="per-device memory of the train step (no weights allocated)")
+    plan.add_arguments(plan_parser)
+    plan_parser.set_defaults(run=plan.run)
+
     demo = commands.add_parser("demo", help="the end-to-end demo (writes outputs/demo/)")
     demo.add_argument("--out", default="outputs/demo")
     demo.add_argument("--fresh", action="store_true", help="retrain from scratch instead of reusing OUT/train")
