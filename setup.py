@@ -27,6 +27,8 @@ setup(
     extras_require={
         # torch is pinned: it must match torchvision (RoIAlign reference) and lpips.
         "convert": ["torch==2.14.1", "diffusers", "transformers"],
+        # libtpu for `fireedit-jax plan --topology`: deviceless TPU compilation; must match jax's version
+        "tpu": ["jax[tpu]==0.10.2"],
         "test": [
             "torch==2.14.1",
             "torchvision==0.29.1",
