@@ -14,6 +14,8 @@ Texts, task and the boxes (on the crop) are kept as they are; tokenisation happe
 reading, so one cache serves any tokenizer. Records that cannot be decoded are skipped
 and counted, as in training (pipeline.py).
 
+The command runs on one host (its local devices); the cache is read by every host.
+
 Read it back as a pipeline source, with `LatentTransform` in place of the pixel transform:
 
     source = LatentSource("/data/ip2p_latents/latent_triplets/1.0.0")
@@ -30,6 +32,7 @@ import argparse
 import dataclasses
 import os
 import shutil
+import sys
 from typing import Iterator, Sequence
 
 import grain
@@ -41,7 +44,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
 from fireedit_jax import checkpoint
-from fireedit_jax.data.pipeline import make_iterator
+from fireedit_jax.data.pipeline import DataError, make_iterator
 from fireedit_jax.data.records import EditRecord, Task
 from fireedit_jax.data.sources import SOURCE_KINDS, SchemaError, open_source
 from fireedit_jax.data.tfds_builder import _TEXTS
@@ -56,7 +59,6 @@ class LatentTriplets(tfds.core.GeneratorBasedBuilder):
     """Edit triplets as VAE latents (`LATENT_FIELDS`) with their texts, boxes and task."""
 
     VERSION = tfds.core.Version("1.0.0")
-    disable_shuffling = True  # written in source order (the pipeline shuffles): no shuffle pass on write
 
     def __init__(self, *, latent_shape: Sequence[int] = (), metadata: dict | None = None, splits=None, **kwargs):
         self._latent_shape = tuple(latent_shape)
@@ -75,8 +77,9 @@ class LatentTriplets(tfds.core.GeneratorBasedBuilder):
             task=tfds.features.Tensor(shape=(), dtype=np.int32),
         )
         return tfds.core.DatasetInfo(
-            builder=self, features=tfds.features.FeaturesDict(features), metadata=tfds.core.MetadataDict(self._metadata)
-        )
+            builder=self, features=tfds.features.FeaturesDict(features), metadata=tfds.core.MetadataDict(self._metadata),
+            disable_shuffling=True,  # kept in source order (the pipeline shuffles when reading)
+        )  # fmt: skip
 
     def _split_generators(self, dl_manager):
         return {split: self._generate_examples(examples) for split, examples in self._splits.items()}
@@ -112,9 +115,9 @@ class _CropAndKeep:
         return batch
 
 
-def _encoder(model: EditModel, batch_size: int):
+def _encoder(model: EditModel):
     """The jitted (params, source uint8[B, S, S, 3], target uint8[...]) → `LATENT_FIELDS`
-    float32[B, h, w, C], the batch split over this process's devices."""
+    float32[B, h, w, C], the batch (a multiple of the local devices) split over them."""
     mesh = jax.sharding.Mesh(np.asarray(jax.local_devices()), ("batch",))
     rows = NamedSharding(mesh, PartitionSpec("batch"))
 
@@ -122,10 +125,7 @@ def _encoder(model: EditModel, batch_size: int):
         to_float = lambda x: x.astype(jnp.float32) / 127.5 - 1.0  # noqa: E731
         return encode_latents(model, params, to_float(source), to_float(target))
 
-    jitted = jax.jit(encode, in_shardings=(NamedSharding(mesh, PartitionSpec()), rows, rows), out_shardings=rows)
-    if batch_size % mesh.size:
-        raise ValueError(f"batch size {batch_size} does not split over the {mesh.size} local devices")
-    return jitted
+    return jax.jit(encode, in_shardings=(NamedSharding(mesh, PartitionSpec()), rows, rows), out_shardings=rows)
 
 
 def _pad(array: np.ndarray, rows: int) -> np.ndarray:
@@ -178,7 +178,7 @@ def cache_latents(
     params = checkpoint.load_params(checkpoint_dir, jax.eval_shape(model.init, jax.random.key(0)), only=("vae",))
     devices = jax.local_device_count()
     batch_size = -(-batch_size // devices) * devices
-    encode = _encoder(model, batch_size)
+    encode = _encoder(model)
     iterator = make_iterator(
         [source], _CropAndKeep(EditTransform(resolution, box_buckets=(_NO_BOX_LIMIT,))), batch_size=batch_size,
         num_epochs=1, shard=grain.sharding.NoSharding(), shuffle=False, augment=False, num_workers=num_workers,
@@ -220,7 +220,8 @@ class LatentSource:
     A record is a dict: the `LATENT_FIELDS` (float32[h, w, C]), "boxes" float32[N, 4] (on
     the crop) or None, "task" (records.Task), "index" (the record's index in the cached
     source) and the texts "key", "instruction", "answer", "source_caption",
-    "target_caption" (None where absent). `metadata`: resolution, latent_shape, vae (its
+    "target_caption" (None where absent). A VQA record's target latents encode a blank
+    image (its diffusion weight is 0). `metadata`: resolution, latent_shape, vae (its
     config), checkpoint, source, source_records.
     """
 
@@ -298,10 +299,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     source = open_source(args.source, args.data, split=args.split, image_root=args.image_root)
     tfds.disable_progress_bar()  # ours counts records
-    path, counts = cache_latents(
-        source, args.checkpoint, args.out, split=args.split, resolution=args.resolution, batch_size=args.batch_size,
-        num_workers=args.workers, max_skip_fraction=args.max_skip_fraction, overwrite=args.overwrite,
-    )  # fmt: skip
+    try:
+        path, counts = cache_latents(
+            source, args.checkpoint, args.out, split=args.split, resolution=args.resolution,
+            batch_size=args.batch_size, num_workers=args.workers, max_skip_fraction=args.max_skip_fraction,
+            overwrite=args.overwrite,
+        )  # fmt: skip
+    except DataError as error:  # too many undecodable records: nothing is written
+        print(f"fireedit-jax cache-latents: error: {error}", file=sys.stderr)
+        return 2
     skipped = f", skipped {counts['skipped']} that could not be decoded" if counts["skipped"] else ""
     print(f"wrote the latents of {counts['written']} of {len(source)} records to {path}{skipped}")
     print(f"read them with data.latent_cache.LatentSource({path!r}, {args.split!r}) and LatentTransform")
