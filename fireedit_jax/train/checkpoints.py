@@ -151,16 +151,16 @@ class Checkpoints:
 
     def __init__(self, directory: str, *, every: int = 1, keep: int | None = 3, async_save: bool = True,
                  read_only: bool = False):  # fmt: skip
-        self.directory = os.path.abspath(directory)
+        self.directory, self.every = os.path.abspath(directory), max(1, int(every))
         options = ocp.CheckpointManagerOptions(
-            save_interval_steps=max(1, int(every)), max_to_keep=keep, enable_async_checkpointing=async_save,
+            save_interval_steps=self.every, max_to_keep=keep, enable_async_checkpointing=async_save,
             create=not read_only, read_only=read_only,
         )  # fmt: skip
         self.manager = ocp.CheckpointManager(self.directory, options=options)
 
     def should_save(self, step: int) -> bool:
-        """Whether `step` is a regular save step (every N) not saved yet."""
-        return self.manager.should_save(step)
+        """Whether `step` is a regular save step: a multiple of `every` (Orbax's own rule also saves the first step)."""
+        return step % self.every == 0
 
     def all_steps(self) -> list[int]:
         return sorted(self.manager.all_steps())

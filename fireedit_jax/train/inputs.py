@@ -113,35 +113,43 @@ def make_tokenizer(spec: str | None):
 
 
 def make_transform(config, model, tokenizer) -> transforms.EditTransform:
-    """Record → example for this model: CLIP ids of the instruction (clip_text conditioner), or
-    the VLM sequence (`VLMTemplate`; FireEdit stage 1: the caption without the image, and its CLIP ids)."""
+    """Record → example for this model and loss.
+
+    clip_text: the instruction as CLIP ids (`input_ids`). vlm: the VLM sequence
+    (`vlm_*`, data/vlm_inputs.py) from the LLM tokenizer, boxes in config.data.box_buckets;
+    FireEdit's stage 1 reads the target caption instead (no image, no regions) and the
+    CLIP ids of that caption (`clip_ids`, tokenizer config.data.clip_tokenizer).
+    """
     data = config.data
     if tokenizer is None:
-        raise ValueError(f"the {model.conditioner} conditioner needs a tokenizer: set config.data.tokenizer, or "
-                         "start from a checkpoint with a tokenizer/ directory (--init)")  # fmt: skip
-    texts, vlm = (), None
-    box_buckets = tuple(data.get("box_buckets", DEFAULT_BOX_BUCKETS))
+        raise ValueError("the model needs a tokenizer: set config.data.tokenizer, or start from a checkpoint "
+                         "with a tokenizer/ directory (--init)")  # fmt: skip
+    common = dict(resolution=int(config.resolution), min_crop_scale=float(data.get("min_crop_scale", 1.0)),
+                  flip_probability=float(data.get("flip_probability", 0.5)))  # fmt: skip
     if model.conditioner == "clip_text":
         field = transforms.clip_text_field(tokenizer, name="input", source="instruction", length=model.max_text_length)
-        texts = (field,)
-    else:
-        captions = config.train.loss == "fireedit" and losses.fireedit_stage(config) == 1
-        vlm = VLMTemplate.from_tokenizer(
-            tokenizer, add_new_tokens(tokenizer, model.vlm.llm.vocab_size),
-            num_image_tokens=0 if captions else model.num_image_tokens,
-            regions=not captions and model.vlm.regions is not None,
-            length_buckets=tuple(data.get("length_buckets", DEFAULT_LENGTH_BUCKETS)), box_buckets=box_buckets,
-        )  # fmt: skip
-        texts = transforms.vlm_text_fields(tokenizer, vlm, captions=captions)
-        if captions:
-            clip = make_tokenizer(data.get("clip_tokenizer"))
-            if clip is None:
-                raise ValueError("FireEdit stage 1 needs config.data.clip_tokenizer (the CLIP text encoder's)")
-            texts += (transforms.clip_text_field(clip, length=model.max_text_length),)
-    return transforms.EditTransform(
-        resolution=int(config.resolution), texts=texts, box_buckets=box_buckets, vlm=vlm,
-        min_crop_scale=float(data.get("min_crop_scale", 1.0)), flip_probability=float(data.get("flip_probability", 0.5)),
+        return transforms.EditTransform(texts=(field,), **common)
+    from fireedit_jax.data.tokenizer import add_new_tokens
+    from fireedit_jax.data.vlm_inputs import DEFAULT_BOX_BUCKETS, DEFAULT_LENGTH_BUCKETS, VLMTemplate
+    from fireedit_jax.train.losses import fireedit_stage
+
+    captions = config.train.loss == "fireedit" and fireedit_stage(config) == 1
+    vlm = model.vlm
+    grid = model.vlm_image_size // vlm.vision.patch_size // vlm.merge
+    box_buckets = tuple(data.get("box_buckets", DEFAULT_BOX_BUCKETS))
+    template = VLMTemplate.from_tokenizer(
+        tokenizer, add_new_tokens(tokenizer, vlm.llm.vocab_size), num_image_tokens=0 if captions else grid * grid,
+        regions=vlm.regions is not None and not captions, box_buckets=box_buckets,
+        length_buckets=tuple(data.get("length_buckets", DEFAULT_LENGTH_BUCKETS)),
     )  # fmt: skip
+    texts = transforms.vlm_text_fields(tokenizer, template, captions=captions)
+    if captions:
+        clip = make_tokenizer(data.get("clip_tokenizer"))
+        if clip is None:
+            raise ValueError("FireEdit's stage 1 aligns to CLIP text states of the captions: set "
+                             "config.data.clip_tokenizer (a CLIP tokenizer directory)")  # fmt: skip
+        texts += (transforms.clip_text_field(clip, length=model.max_text_length),)
+    return transforms.EditTransform(texts=texts, vlm=template, box_buckets=box_buckets, **common)
 
 
 def make_train_iterator(config, transform: transforms.EditTransform, batch_size: int) -> pipeline.DataIterator:
