@@ -286,7 +286,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="its path: parquet directory/glob/file, JSONL folder, LLaVA JSON or TFDS directory")
     parser.add_argument("--image-root", default=None, help="folder of a llava source's images")
     parser.add_argument("--split", default="train", help="the split read (tfds) and written (default train)")
-    parser.add_argument("--out", required=True, help="directory to write the cache under")
+    parser.add_argument("--out", required=True, help="directory to write the cache under (one split per directory)")
     parser.add_argument("--resolution", type=int, default=None,
                         help="side of the centred square crops (default: the checkpoint config's resolution)")
     parser.add_argument("--batch-size", type=int, default=32, help="images per encoder call (default 32)")
