@@ -216,7 +216,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, init:
     """
     config = run_defaults(config)
     mesh_lib.maybe_initialize_distributed(config)
-    workdir = os.path.abspath(workdir)
+    preemption = Preemption()  # from the start: a SIGTERM during start-up stops at the first step boundary
+    try:
+        return _train(config, os.path.abspath(workdir), init, mesh, progress, preemption)
+    finally:
+        preemption.close()
+
+
+def _train(config, workdir: str, init: str | None, mesh, progress: bool, preemption: Preemption) -> RunResult:
+    """train_and_evaluate's body."""
     os.makedirs(workdir, exist_ok=True)
     trainer = Trainer.from_config(config, mesh=mesh)
     total = int(config.train.steps)
@@ -250,7 +258,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, init:
     samples = _Samples(config, trainer, tokenizer, transform, workdir) if sample_every and "eval" in config.data else None
     flops = _flops_per_example(config)
     devices = trainer.mesh.devices.size
-    preemption = Preemption()
     loss_keys = loss_inputs(config)
     step, last, preempted = start, {}, False
     last_time, last_step = time.perf_counter(), start
@@ -287,7 +294,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, init:
                 log.warning("stopped at step %d for preemption; checkpoint saved", step)
                 break
     finally:
-        preemption.close()
         if bar is not None:
             bar.close()
         checkpoints.close()
