@@ -366,7 +366,8 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str])
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The `train` sub-command's arguments; --config.path=value overrides land in `args.overrides`."""
-    parser.add_argument("--config", required=True, metavar="FILE[:ARG]", help="configs/X.py (or X.py:ARG)")
+    parser.add_argument("--config", required=True, metavar="FILE[:ARG]",
+                        help="configs/X.py (or X.py:ARG); override any field with --config.path.to.field=value")
     parser.add_argument("--workdir", required=True, help="checkpoints, tokenizer, event files and samples go here")
     parser.add_argument("--init", default=None,
                         help="start from this checkpoint when WORKDIR has none: a training run or checkpoint "
