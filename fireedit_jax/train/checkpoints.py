@@ -57,11 +57,13 @@ class DataStateHandler(ocp.CheckpointHandler):
         self._path(directory).write_text(json.dumps(args.state))
 
     def restore(self, directory: epath.Path, args: DataStateRestore | None = None):
+        """The state, or None (with a warning) when the checkpoint was saved by another number of processes."""
         path = self._path(directory)
         if not path.exists():
-            found = sorted(p.name for p in directory.iterdir())
-            raise FileNotFoundError(f"{path} does not exist (this run has {jax.process_count()} processes; "
-                                    f"the checkpoint has {found})")  # fmt: skip
+            found = sorted(p.name for p in directory.iterdir() if p.name.endswith(".json"))
+            warnings.warn(f"{path} does not exist (this run has {jax.process_count()} processes, the checkpoint "
+                          f"holds {found}): the data pipeline starts from its beginning")  # fmt: skip
+            return None
         return json.loads(path.read_text())
 
 
