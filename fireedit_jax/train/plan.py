@@ -167,8 +167,9 @@ def _gib(n: int) -> str:
 
 def format_plan(p: MemoryPlan) -> str:
     mesh = ",".join(f"{k}={v}" for k, v in p.mesh.items())
+    estimate = "  — CPU compilation: an ESTIMATE of accelerator memory" if p.estimate else ""
     lines = [
-        f"platform     {p.platform}" + ("  — CPU compilation: an ESTIMATE of accelerator memory" if p.estimate else ""),
+        f"platform     {p.platform}{estimate}",
         f"mesh         {mesh}",
         f"batch        {p.batch_size} per step = {p.grad_accum} micro-batches × "
         f"{p.micro_batch_per_device:g} per device × {p.mesh['data'] * p.mesh['fsdp']} batch shards",
