@@ -126,5 +126,5 @@ def get_config(variant: str = "full") -> ml_collections.ConfigDict:
     train.dtype = "float32"
     train.trainable = ("^(unet|text_encoder|vlm|qformer|tati|hvca|clip_vision)/",)
     train.ema.enabled = False
-    config.mesh.data = 1
+    config.mesh.data = -1  # every device on the data axis (batch_size must divide by their count)
     return config

@@ -1,17 +1,45 @@
-"""The README's main command writes its outputs."""
+"""The README's main command: trains the ShapeEdit FireEdit briefly, edits, scores, reuses its run."""
 
 import json
 
+import numpy as np
+from PIL import Image
+
 from fireedit_jax import cli
+
+TINY_DEMO = ["--steps", "24", "--batch-size", "8", "--samples", "8", "--edit-steps", "2"]
 
 
 def test_demo_writes_its_files_and_reuses_the_checkpoint(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert cli.main(["demo", "--out", str(out)]) == 0
-    for name in ("edits.png", "metrics.json", "checkpoint/config.json"):
+    assert cli.main(["demo", "--out", str(out), *TINY_DEMO]) == 0
+    for name in ("edits.png", "metrics.json", "checkpoint/config.json", "checkpoint/tokenizer"):
         assert (out / name).exists(), name
+    assert Image.open(out / "edits.png").height >= 8 * 32  # one row per sample
     metrics = json.loads((out / "metrics.json").read_text())
-    assert max(metrics["conversion_max_abs_error"].values()) < 1e-4
+    assert metrics["train_steps"] == 24 and set(metrics["models"]) == {"trained", "untrained", "copy_input"}
+    for summary in metrics["models"].values():
+        assert set(summary["overall"]) >= {"success", "l1", "l2", "l1_outside"}
+        assert set(summary["refer"]) <= {"attribute", "position", "size", "corner"}
+    copy = metrics["models"]["copy_input"]["overall"]
+    assert copy["l1_outside"] == 0.0 and copy["l1"] > 0.0  # the input is the target outside the edited box
+    table = capsys.readouterr().out
+    assert "copy_input" in table and "edit success" in table
+
+    assert cli.main(["demo", "--out", str(out), *TINY_DEMO]) == 0
+    assert "reusing the training run" in capsys.readouterr().out
+    again = json.loads((out / "metrics.json").read_text())
+    assert again["train_steps"] == 24 and np.isclose(
+        again["models"]["trained"]["overall"]["l1"], metrics["models"]["trained"]["overall"]["l1"]
+    )  # same weights, same seed: the same edits
+
+    # `fireedit-jax edit` on the demo checkpoint; an unknown word is named with the known ones
+    Image.fromarray(np.full((32, 32, 3), 200, np.uint8)).save(tmp_path / "in.png")
+    edit = ["edit", "--checkpoint", str(out / "checkpoint"), "--image", str(tmp_path / "in.png"), "--steps", "2"]
+    assert cli.main([*edit, "--instruction", "add a red circle in the top left corner",
+                     "--out", str(tmp_path / "out.png")]) == 0  # fmt: skip
+    assert Image.open(tmp_path / "out.png").size == (32, 32)
     capsys.readouterr()
-    assert cli.main(["demo", "--out", str(out)]) == 0
-    assert "reusing" in capsys.readouterr().out
+    assert cli.main([*edit, "--instruction", "make the cup magenta", "--out", str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err
+    assert "cup, magenta" in err and "circle" in err and "leftmost" in err
