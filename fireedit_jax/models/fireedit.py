@@ -175,26 +175,29 @@ class EditModel:
         """int[B, L] → float[B, L, D]: CLIP last hidden states, no padding mask (as SD pipelines)."""
         return self.text_encoder.apply({"params": params["text_encoder"]}, input_ids).last_hidden_state
 
-    def condition(self, params, pixels, text_inputs, boxes=None, box_mask=None, *, deterministic: bool = True):
+    def condition(self, params, pixels, text_inputs, boxes=None, box_mask=None, *, dropout_key=None):
         """The edit's conditions, computed once per edit.
 
         Args:
-          pixels: float[B, H, W, 3] in [-1, 1] (the source image).
+          pixels: float[B, H, W, 3] in [-1, 1] (the source image); vlm: None for a text-only
+            sequence (FireEdit's stage 1: no image tokens, no visual tokens).
           text_inputs: clip_text: int[B, L] CLIP ids; vlm: (input_ids, attention_mask) from
             `build_vlm_inputs`.
           boxes, box_mask: float[B, R, 4] normalised xyxy and bool[B, R] (vlm only).
+          dropout_key: None (inference), or a key turning the VLM's LoRA dropout and the
+            Q-Former's hidden dropout on (training).
         Returns:
           ({"text": float[B, L, D], "visual": float[B, V, D] (HVCA only)}, VLM logits or None).
         """
         if self.conditioner == "clip_text":
             return {"text": self.encode_text(params, text_inputs)}, None
         input_ids, attention_mask = text_inputs
-        image = dinov2.normalize_pixels(_resize(pixels, self.vlm_image_size))
-        out = self.vlm.apply({"params": params["vlm"]}, image, input_ids, attention_mask, boxes, box_mask,
-                             deterministic=deterministic)  # fmt: skip
-        text = self.qformer.apply({"params": params["qformer"]}, out.e, deterministic=deterministic)
+        image = None if pixels is None else dinov2.normalize_pixels(_resize(pixels, self.vlm_image_size))
+        dropout = dict(deterministic=dropout_key is None, rngs=None if dropout_key is None else {"dropout": dropout_key})
+        out = self.vlm.apply({"params": params["vlm"]}, image, input_ids, attention_mask, boxes, box_mask, **dropout)
+        text = self.qformer.apply({"params": params["qformer"]}, out.e, **dropout)
         cond = {"text": text}
-        if self.hvca is not None:
+        if self.hvca is not None and pixels is not None:
             visual = jax.lax.stop_gradient(self.visual_features(params, pixels, out.vision_states))
             cond["visual"] = self.hvca.apply({"params": params["hvca"]}, visual, None, text)
         return cond, out.logits

@@ -3,8 +3,10 @@
 Shapes: B batch, H×W pixels, h×w latents, C latent channels, L text tokens, D context width.
 
 `keys` are one PRNG key per example (key[B]), so an example draws the same noise,
-timestep and dropout whichever micro-batch or device it lands on: gradient accumulation
-and sharding do not change the numbers. `parts` are float32 scalars reported as metrics.
+timestep and condition dropout whichever micro-batch or device it lands on: gradient
+accumulation and sharding do not change the numbers (the networks' own dropout, FireEdit's
+LoRA and Q-Former dropout with `train.dropout`, is drawn per micro-batch). `parts` are
+float32 scalars reported as metrics.
 
 IP2P's L_diff follows diffusers' examples/instruct_pix2pix/train_instruct_pix2pix.py:
 target latents = a VAE posterior sample · scaling_factor; the image condition = the
@@ -172,16 +174,17 @@ def make_fireedit_loss(model: EditModel, config) -> LossFn:
     if model.conditioner != "vlm":
         raise ValueError(f"the fireedit loss needs config.model.conditioner='vlm', not {model.conditioner!r}")
     if fireedit_stage(config) == 1:
-        return _alignment_loss(model)
+        return _alignment_loss(model, bool(config.train.get("dropout", True)))
     schedule = dataclass_from_dict(SchedulerConfig, config.model.scheduler)
     prob = float(config.train.cond_dropout)
+    dropout = bool(config.train.get("dropout", True))
 
     def loss_fn(params, batch, keys):
-        k_posterior, k_drop, k_diffusion = per_example(keys, 3)
+        k_posterior, k_drop, k_diffusion, k_dropout = per_example(keys, 4)
         latents, image_latents = edit_latents(model, params, batch, k_posterior)
         input_ids = batch["vlm_input_ids"]
-        cond, logits = model.condition(params, batch["source"], (input_ids, batch["vlm_attention_mask"]),
-                                       batch["boxes"], batch["box_mask"])  # fmt: skip
+        cond, logits = model.condition(params, batch["source"], (input_ids, batch["vlm_attention_mask"]), batch["boxes"],
+                                       batch["box_mask"], dropout_key=_dropout_key(k_dropout, dropout))  # fmt: skip
         l_vlm = vlm_loss(logits, input_ids, batch["vlm_target_mask"], batch["vlm_weight"])
         cond, image_latents = condition_dropout(k_drop, cond, image_latents, params["null_text"], prob)
         l_diff = diffusion_loss(model, params, latents, image_latents, cond, k_diffusion, schedule,
@@ -191,20 +194,28 @@ def make_fireedit_loss(model: EditModel, config) -> LossFn:
     return loss_fn
 
 
-def _alignment_loss(model: EditModel) -> LossFn:
+def _dropout_key(keys: jax.Array, enabled: bool):
+    """The networks' dropout key for a (micro-)batch, from its first example's key (None: off).
+
+    Dropout masks are drawn for the whole batch from one key (flax's way), so unlike the
+    other draws they depend on how the batch is split into micro-batches.
+    """
+    return keys[0] if enabled else None
+
+
+def _alignment_loss(model: EditModel, dropout: bool) -> LossFn:
     """Stage 1: L_VLM + MSE(Q-Former(e), CLIP text states) on text-only VLM sequences."""
     if model.text_encoder is None:
         raise ValueError("FireEdit's stage 1 aligns the Q-Former with the CLIP text encoder: "
                          "config.model.text_encoder is needed (the IP2P checkpoint's text encoder)")  # fmt: skip
 
     def loss_fn(params, batch, keys):
-        del keys  # nothing random
         input_ids = batch["vlm_input_ids"]
-        out = model.vlm.apply({"params": params["vlm"]}, None, input_ids, batch["vlm_attention_mask"])
-        text = model.qformer.apply({"params": params["qformer"]}, out.e)
+        cond, logits = model.condition(params, None, (input_ids, batch["vlm_attention_mask"]),
+                                       dropout_key=_dropout_key(keys, dropout))  # fmt: skip
         target = model.encode_text(params, batch["clip_ids"])
-        l_align = jnp.mean(jnp.square(text.astype(jnp.float32) - target.astype(jnp.float32)))
-        l_vlm = vlm_loss(out.logits, input_ids, batch["vlm_target_mask"], batch["vlm_weight"])
+        l_align = jnp.mean(jnp.square(cond["text"].astype(jnp.float32) - target.astype(jnp.float32)))
+        l_vlm = vlm_loss(logits, input_ids, batch["vlm_target_mask"], batch["vlm_weight"])
         return l_vlm + l_align, {"vlm": l_vlm, "align": l_align}
 
     return loss_fn
