@@ -137,7 +137,7 @@ def torch_step(pipeline, config, host_batch: dict):
         torch.nn.utils.clip_grad_norm_(unet.parameters(), train.clip_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return float(loss)
+        return float(loss.detach())
 
     return run
 
