@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 
 IMPLEMENTATIONS = ("xla", "cudnn", "splash")
+# Most scores one block of the xla kernel holds: on CPU a block that fits in cache, elsewhere large.
+CPU_BLOCK_SCORES, ACCELERATOR_BLOCK_SCORES = 2**20, 2**28
 
 
 def default_implementation() -> str:
@@ -72,8 +74,8 @@ def chunked_attention(q, k, v, *, mask=None, is_causal=False, query_chunk=None, 
 
     Heads go first ([B·K, G·T, H], the G query heads sharing a key/value head folded
     into the query rows), and at most `max_scores` scores exist at once: on CPU a
-    block fits in cache (default 2**20: one head × 256 queries at 4,096 keys), which
-    is what makes long sequences fast there; elsewhere blocks are large (2**28).
+    block fits in cache (CPU_BLOCK_SCORES: one head × 256 queries at 4,096 keys), which
+    is what makes long sequences fast there; elsewhere blocks are large.
     Softmax runs in float32; its normalisation is applied after the product with v.
 
     Args:
@@ -86,7 +88,7 @@ def chunked_attention(q, k, v, *, mask=None, is_causal=False, query_chunk=None, 
         raise ValueError(f"{n} query heads are not a multiple of {kv_heads} key/value heads")
     groups = n // kv_heads
     z, rows = b * kv_heads, groups * t  # heads and query rows per head, after folding
-    max_scores = max_scores or (2**20 if jax.default_backend() == "cpu" else 2**28)
+    max_scores = max_scores or (CPU_BLOCK_SCORES if jax.default_backend() == "cpu" else ACCELERATOR_BLOCK_SCORES)
     chunk = min(query_chunk or max(1, max_scores // s), rows)
     chunks = -(-rows // chunk)
     heads = max(d for d in range(1, z + 1) if z % d == 0 and (d == 1 or d * chunk * s <= max_scores))
