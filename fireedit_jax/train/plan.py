@@ -189,22 +189,13 @@ def format_plan(p: MemoryPlan) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from fireedit_jax.train import run as run_lib
 
-    parser.add_argument("--config", required=True, metavar="FILE[:ARG]", help="configs/X.py (or X.py:ARG)")
+    run_lib.add_config_argument(parser, "configs/X.py (or X.py:ARG); --config.path=value overrides as for `train`")
     parser.add_argument("--mesh", required=True, help="data=..,fsdp=..,tensor=.. (one size may be -1)")
     parser.add_argument("--topology", help="TPU slice to compile for without TPUs, e.g. v5e:4x4, v5p:2x2x2")
     parser.add_argument("--batch", type=int, help="global examples per step (default: train.batch_size)")
     parser.add_argument("--grad-accum", type=int, help="micro-batches per step (default: train.grad_accum)")
     parser.add_argument("--text-length", type=int, help="FireEdit: the VLM's token bucket (default: the smallest)")
     parser.add_argument("--boxes", type=int, help="FireEdit: the box bucket (default: the smallest non-zero)")
-    parse_known_args = parser.parse_known_args
-
-    def with_overrides(args=None, namespace=None):  # --config.path=value, as `train`
-        rest, overrides = run_lib.split_overrides(args if args is not None else [])
-        namespace, unknown = parse_known_args(rest, namespace)
-        namespace.overrides = overrides
-        return namespace, unknown
-
-    parser.parse_known_args = with_overrides
 
 
 def run(args: argparse.Namespace) -> int:

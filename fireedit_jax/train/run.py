@@ -366,13 +366,17 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str])
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The `train` sub-command's arguments; --config.path=value overrides land in `args.overrides`."""
-    parser.add_argument("--config", required=True, metavar="FILE[:ARG]",
-                        help="configs/X.py (or X.py:ARG); override any field with --config.path.to.field=value")
+    add_config_argument(parser, "configs/X.py (or X.py:ARG); override any field with --config.path.to.field=value")
     parser.add_argument("--workdir", required=True, help="checkpoints, tokenizer, event files and samples go here")
     parser.add_argument("--init", default=None,
                         help="start from this checkpoint when WORKDIR has none: a training run or checkpoint "
                              "(e.g. stage 2's workdir) or an inference checkpoint (converted weights)")  # fmt: skip
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def add_config_argument(parser: argparse.ArgumentParser, help: str) -> None:
+    """--config FILE[:ARG] plus any --config.path=value overrides, which land in `args.overrides`."""
+    parser.add_argument("--config", required=True, metavar="FILE[:ARG]", help=help)
     # argparse cannot declare "--config.<any path>": take the overrides out before it parses
     # (argparse calls a sub-command parser's parse_known_args with that command's arguments).
     parse_known_args = parser.parse_known_args
