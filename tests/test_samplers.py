@@ -105,8 +105,9 @@ def test_euler_ancestral_matches_diffusers(spacing, prediction_type):
     sampler = make_sampler("euler_ancestral", _config(**kw), num_steps)
     assert ref.timesteps.dtype == torch.float32
     np.testing.assert_array_equal(np.asarray(sampler.timesteps), ref.timesteps.numpy())
-    np.testing.assert_array_equal(np.asarray(sampler.coefficients["sigma"]), ref.sigmas.numpy()[:-1])
-    assert float(sampler.init_noise_sigma) == float(ref.init_noise_sigma)
+    # sigmas to float32 rounding: torch's vectorised pow(0.5) and numpy's sqrt may differ by an ulp per CPU
+    np.testing.assert_allclose(np.asarray(sampler.coefficients["sigma"]), ref.sigmas.numpy()[:-1], rtol=3e-7)
+    assert float(sampler.init_noise_sigma) == pytest.approx(float(ref.init_noise_sigma), rel=3e-7)
 
     data = torch.Generator().manual_seed(2)
     ref_noise, our_noise = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
