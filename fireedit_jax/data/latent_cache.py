@@ -47,7 +47,7 @@ from fireedit_jax import checkpoint
 from fireedit_jax.data.pipeline import DataError, make_iterator
 from fireedit_jax.data.records import EditRecord, Task
 from fireedit_jax.data.sources import SOURCE_KINDS, SchemaError, open_source
-from fireedit_jax.data.tfds_builder import _TEXTS
+from fireedit_jax.data.tfds_builder import decode_texts, encode_texts, split_source, text_features
 from fireedit_jax.data.transforms import EditTransform
 from fireedit_jax.models.fireedit import EditModel
 from fireedit_jax.train.losses import LATENT_FIELDS, encode_latents
@@ -67,7 +67,7 @@ class LatentTriplets(tfds.core.GeneratorBasedBuilder):
         super().__init__(**kwargs)
 
     def _info(self):
-        features = {name: tfds.features.Text() for name in _TEXTS}
+        features = text_features()
         latent = tfds.features.Tensor(shape=self._latent_shape, dtype=np.float32, encoding=tfds.features.Encoding.BYTES)
         features.update({name: latent for name in LATENT_FIELDS})
         features.update(
@@ -104,7 +104,7 @@ class _CropAndKeep:
 
     def __call__(self, record: EditRecord, rng=None):
         example, _ = self.pixels(record)  # no rng: centred crop, no flip
-        kept = {name: getattr(record, name) or "" for name in _TEXTS}
+        kept = encode_texts(record)
         kept.update(boxes=example["boxes"], has_boxes=record.boxes is not None, task=int(record.task))
         return {"source": example["source"], "target": example["target"], "kept": kept}, ()
 
@@ -231,17 +231,15 @@ class LatentSource:
         missing = [field for field in LATENT_FIELDS if field not in builder.info.features]
         if missing:
             raise SchemaError(f"{directory!r} is not a latent cache (`fireedit-jax cache-latents`): no {', '.join(missing)}")
-        if split not in builder.info.splits:
-            raise KeyError(f"{directory!r} has no split {split!r} (it has {', '.join(builder.info.splits)})")
         self.metadata = dict(builder.info.metadata)
-        self._data = builder.as_data_source(split)
+        self._data = split_source(builder, directory, split)
 
     def __len__(self) -> int:
         return len(self._data)
 
     def __getitem__(self, index: int) -> dict:
         example = self._data[index]
-        record = {name: example[name].decode("utf-8") or None for name in _TEXTS}
+        record = decode_texts(example)
         record.update({name: example[name] for name in LATENT_FIELDS})
         record.update(
             boxes=example["boxes"] if example["has_boxes"] else None, task=Task(int(example["task"])),

@@ -23,7 +23,28 @@ import tensorflow_datasets as tfds
 
 from fireedit_jax.data.records import EditRecord, Task
 
-_TEXTS = ("key", "instruction", "answer", "source_caption", "target_caption")
+TEXT_FIELDS = ("key", "instruction", "answer", "source_caption", "target_caption")
+
+
+def text_features() -> dict:
+    return {name: tfds.features.Text() for name in TEXT_FIELDS}
+
+
+def encode_texts(record) -> dict:
+    """A record's texts as stored ("" for None)."""
+    return {name: getattr(record, name) or "" for name in TEXT_FIELDS}
+
+
+def decode_texts(example) -> dict:
+    """Stored texts back to str (None for "")."""
+    return {name: example[name].decode("utf-8") or None for name in TEXT_FIELDS}
+
+
+def split_source(builder, directory: str, split: str):
+    """The random-access data source of `split` of the data set `builder` read from `directory`."""
+    if split not in builder.info.splits:
+        raise KeyError(f"{directory!r} has no split {split!r} (it has {', '.join(builder.info.splits)})")
+    return builder.as_data_source(split)
 
 
 class EditTriplets(tfds.core.GeneratorBasedBuilder):
@@ -36,7 +57,7 @@ class EditTriplets(tfds.core.GeneratorBasedBuilder):
         super().__init__(**kwargs)
 
     def _info(self):
-        features = {name: tfds.features.Text() for name in _TEXTS}
+        features = text_features()
         features.update(
             source_image=tfds.features.Tensor(shape=(), dtype=np.object_),
             target_image=tfds.features.Tensor(shape=(), dtype=np.object_),
@@ -62,7 +83,7 @@ def _read_bytes(image) -> bytes:
 
 
 def _encode(record: EditRecord) -> dict:
-    example = {name: getattr(record, name) or "" for name in _TEXTS}
+    example = encode_texts(record)
     example.update(
         source_image=_read_bytes(record.source_image),
         target_image=_read_bytes(record.target_image) if record.target_image is not None else b"",
@@ -87,17 +108,14 @@ class TFDSSource:
 
     def __init__(self, directory: str, split: str = "train", *, name: str | None = None):
         self.name = name or f"tfds_{split}"
-        builder = tfds.builder_from_directory(os.fspath(directory))
-        if split not in builder.info.splits:
-            raise KeyError(f"{directory!r} has no split {split!r} (it has {', '.join(builder.info.splits)})")
-        self._data = builder.as_data_source(split)
+        self._data = split_source(tfds.builder_from_directory(os.fspath(directory)), directory, split)
 
     def __len__(self) -> int:
         return len(self._data)
 
     def __getitem__(self, index: int) -> EditRecord:
         example = self._data[index]
-        texts = {name: example[name].decode("utf-8") or None for name in _TEXTS}
+        texts = decode_texts(example)
         return EditRecord(
             source_image=example["source_image"],
             target_image=example["target_image"] or None,
