@@ -8,6 +8,7 @@ converted with `convert_ip2p`, with configs/tiny.py as the config.
 import dataclasses
 import importlib.util
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -196,3 +197,29 @@ def test_ip2p_sd15_config_builds_a_sharded_unet_trainer():
     kernel = trainer.state_shardings["params"]["unet"]["mid_block"]["attentions_0"]["proj_in"]["kernel"]
     assert kernel.spec == jax.sharding.PartitionSpec(None, None, "fsdp", "tensor")  # tensor has size 1 here
     assert trainer.state_shardings["params"]["vae"]["encoder"]["conv_in"]["kernel"].spec[2] is None
+
+
+def _conv_layouts(compiled_text: str) -> set[str]:
+    return set(re.findall(r"dim_labels=([^,\s]+)", compiled_text))
+
+
+def test_unrolled_accumulation_equals_the_scan_and_keeps_cpu_convolutions_fast(converted):
+    """Two micro-batches: the Python loop (the CPU default) and lax.scan give the same step;
+    unrolled, every convolution of the compiled step is in XLA:CPU's canonical (fast) form,
+    while the scan leaves its weight-gradient convolutions in the slow non-canonical form."""
+    mesh = mesh_lib.make_mesh(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1])
+    batch = triplets(seed=3)
+    results, layouts = {}, {}
+    for unroll in (True, False):
+        config = load_config("tiny")
+        config.train.grad_accum, config.train.unroll_accumulation = 2, unroll
+        trainer = Trainer.from_config(config, mesh=mesh)
+        state = trainer.init_state(params=converted[1])
+        sharded = trainer.shard_batch(batch)
+        layouts[unroll] = _conv_layouts(trainer.step.lower(state, sharded).compile().as_text())
+        results[unroll] = jax.device_get(trainer.step(state, sharded))
+    assert layouts[True] == {"b01f_01io->b01f"}
+    assert layouts[False] - {"b01f_01io->b01f"}
+    (new_u, metrics_u), (new_s, metrics_s) = results[True], results[False]
+    np.testing.assert_allclose(metrics_u["loss"], metrics_s["loss"], rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), new_u["params"], new_s["params"])

@@ -3,7 +3,10 @@
 One `jax.jit` with explicit in/out shardings and the state donated:
   keys       one PRNG key per example from (seed, state["step"])
   micro      the batch split into `grad_accum` micro-batches, scanned with lax.scan;
-             gradients of the trainable leaves (`masks.split`) summed in float32
+             gradients of the trainable leaves (`masks.split`) summed in float32.
+             Unrolled on CPU (and for one micro-batch): XLA:CPU gives convolutions its
+             fast (Eigen / YNNPACK) kernels only in the entry computation; inside a while
+             loop or a call their gradients take a naive path, 5-40x slower
   update     global-norm clipping + AdamW (optimizer.py), optional EMA
   NaN/Inf    a non-finite loss or gradient norm keeps params, optimizer state and EMA
              as they were and counts the step as skipped; `check_skips` on the host
@@ -18,6 +21,7 @@ loss today, FireEdit's L_VLM + L_diff by registering it in `losses.LOSSES`.
 from __future__ import annotations
 
 import dataclasses
+import operator
 from typing import Any, Callable
 
 import chex
@@ -86,14 +90,18 @@ def make_train_step(
     seed: int = 0,
     ema_decay: float | None = None,
     max_traces: int | None = None,
+    unroll: bool | None = None,
 ):
     """The jitted step: (state, batch) → (state, metrics); the state argument is donated.
 
     mask: bool tree over the (unboxed) params, True where trainable. ema_decay: None
     when the state has no "ema". max_traces: raise if the step is traced more often
-    (a recompilation guard; None: no limit).
+    (a recompilation guard; None: no limit). unroll: a Python loop over the micro-batches
+    instead of lax.scan (None: on CPU or for one micro-batch).
     """
     micro_spec = PartitionSpec(None, *batch_sharding.spec)
+    if unroll is None:  # see the module docstring
+        unroll = grad_accum == 1 or mesh.devices.flat[0].platform == "cpu"
     # ZeRO-3 made explicit: weights are gathered over `fsdp` where the loss uses them
     # (gradients flow back reduce-scattered). Leaving the choice to XLA's partitioner
     # gives wrong results on data×fsdp×tensor meshes (jax 0.10.2, see test_sharding.py).
@@ -128,7 +136,13 @@ def make_train_step(
             lambda x: jnp.zeros(x.shape, jnp.float32),
             (*jax.eval_shape(loss_fn, state["params"], *first), trainable),
         )
-        (loss, parts, grads), _ = jax.lax.scan(accumulate, zeros, micro)
+        if unroll:  # straight-line code, no while loop or call around the loss
+            total = zeros
+            for i in range(grad_accum):
+                total, _ = accumulate(total, jax.tree.map(operator.itemgetter(i), micro))
+            loss, parts, grads = total
+        else:
+            (loss, parts, grads), _ = jax.lax.scan(accumulate, zeros, micro)
         loss, parts, grads = jax.tree.map(lambda x: x / grad_accum, (loss, parts, grads))
         grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, trainable)
 
@@ -181,6 +195,8 @@ def base_config() -> ml_collections.ConfigDict:
       batch_size             global examples per optimizer step (all micro-batches, all hosts)
       grad_accum             micro-batches per step (lax.scan); batch_size / grad_accum must
                              divide over the mesh's batch axes (data × fsdp)
+      unroll_accumulation    a Python loop over the micro-batches instead of lax.scan (None:
+                             on CPU or for one micro-batch; the module docstring says why)
       steps, learning_rate   total optimizer steps (the schedule's horizon), peak lr
       schedule, warmup_ratio "constant" | "cosine" after ⌈warmup_ratio·steps⌉ linear warm-up steps
       adam_b1/b2/eps, weight_decay, clip_norm (global norm; 0 = off)
@@ -203,6 +219,7 @@ def base_config() -> ml_collections.ConfigDict:
         warmup_ratio=0.0, adam_b1=0.9, adam_b2=0.999, adam_eps=1e-8, weight_decay=0.0, clip_norm=1.0,
         cond_dropout=0.05, dropout=True, max_consecutive_skips=10, trainable=("^unet/",),
         ema=section(dict(enabled=False, decay=0.9999)), dtype="bfloat16", attention=placeholder(str),
+        unroll_accumulation=placeholder(bool),
     ))  # fmt: skip
     config.mesh = section(dict(data=-1, fsdp=1, tensor=1))
     config.sharding = section(dict(rules=mesh_lib.STANDARD_RULES))
@@ -265,6 +282,7 @@ class Trainer:
             loss_fn, optimizer, schedule, mask, mesh=mesh, rules=rules, state_shardings=shardings,
             batch_sharding=batch_sharding, grad_accum=int(train.grad_accum), seed=int(config.seed),
             ema_decay=float(train.ema.decay) if ema else None, max_traces=max_traces,
+            unroll=train.get("unroll_accumulation"),
         )  # fmt: skip
         return cls(config, model, mesh, rules, mask, optimizer, schedule, abstract, shardings, batch_sharding, step)
 
