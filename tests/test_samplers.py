@@ -45,8 +45,10 @@ def test_schedule_bitwise(schedule):
 
 
 def _model_output(x_ddpm, alpha_bar, prediction_type, x0, generator):
-    """ε or v of a denoiser that predicts x0 (in DDPM space: x = √ᾱ·x0 + √(1−ᾱ)·ε), plus an error."""
+    """ε, v or x0 of a denoiser that predicts x0 (in DDPM space: x = √ᾱ·x0 + √(1−ᾱ)·ε), plus an error."""
     eps = (x_ddpm - alpha_bar**0.5 * x0) / (1 - alpha_bar) ** 0.5 + 0.3 * torch.randn(SHAPE, generator=generator)
+    if prediction_type == "sample":
+        return (x_ddpm - (1 - alpha_bar) ** 0.5 * eps) / alpha_bar**0.5
     return eps if prediction_type == "epsilon" else alpha_bar**0.5 * eps - (1 - alpha_bar) ** 0.5 * x0
 
 
@@ -69,7 +71,7 @@ def _run_ddim(ref, sampler, eta, x0_scale):
 @pytest.mark.parametrize(
     "set_alpha_to_one, eta, prediction_type, clip",
     [(False, 0.0, "epsilon", False), (True, 0.0, "epsilon", False), (False, 0.7, "epsilon", False),
-     (True, 1.0, "v_prediction", False), (False, 0.0, "epsilon", True)],
+     (True, 1.0, "v_prediction", False), (False, 0.0, "epsilon", True), (False, 0.0, "sample", True)],
 )  # fmt: skip
 def test_ddim_matches_diffusers(spacing, set_alpha_to_one, eta, prediction_type, clip):
     kw = dict(timestep_spacing=spacing, set_alpha_to_one=set_alpha_to_one, prediction_type=prediction_type,
@@ -93,6 +95,19 @@ def test_ddim_eta_noise_matters():
     rng = np.random.default_rng(0)
     out, x, n1, n2 = (rng.standard_normal((1, 4, 4, 3)).astype(np.float32) for _ in range(4))
     assert np.abs(np.asarray(_step(sampler, out, 2, x, n1) - _step(sampler, out, 2, x, n2))).max() > 1e-2
+
+
+def test_euler_ancestral_sample_prediction_is_the_implied_epsilon_step():
+    """diffusers' Euler-ancestral has no x0 ("sample") prediction: ours must step as the ε it implies."""
+    rng = np.random.default_rng(4)
+    x, x0, noise = (rng.standard_normal((1, 4, 4, 3)).astype(np.float32) for _ in range(3))
+    for i in (0, 4, 8):
+        eps_sampler = make_sampler("euler_ancestral", _config(), 9)
+        sigma = float(eps_sampler.coefficients["sigma"][i])
+        eps = (x - x0) / sigma  # the ε whose x0 = x − σ·ε is x0
+        sample_sampler = make_sampler("euler_ancestral", _config(prediction_type="sample"), 9)
+        np.testing.assert_allclose(np.asarray(_step(sample_sampler, x0, i, x, noise)),
+                                   np.asarray(_step(eps_sampler, eps, i, x, noise)), rtol=1e-5, atol=1e-5)  # fmt: skip
 
 
 @pytest.mark.parametrize("spacing", SPACINGS)
@@ -176,7 +191,7 @@ def test_from_diffusers_rejects_behaviour_changes(bad, named):
 
 @pytest.mark.parametrize(
     "field, value",
-    [("beta_schedule", "squaredcos_cap_v2"), ("prediction_type", "sample"), ("timestep_spacing", "karras")],
+    [("beta_schedule", "squaredcos_cap_v2"), ("prediction_type", "x0"), ("timestep_spacing", "karras")],
 )
 def test_config_rejects_unsupported_values(field, value):
     with pytest.raises(ValueError, match=f"{field}='{value}' is not supported"):

@@ -81,6 +81,9 @@ def _ddim_step(sampler: Sampler, c, out, x, noise):
     if sampler.prediction_type == "epsilon":
         x0 = (x - c["sqrt_one_minus_alpha"] * out) / c["sqrt_alpha"]
         eps = out
+    elif sampler.prediction_type == "sample":
+        x0 = out
+        eps = (x - c["sqrt_alpha"] * out) / c["sqrt_one_minus_alpha"]
     else:  # v_prediction
         x0 = c["sqrt_alpha"] * x - c["sqrt_one_minus_alpha"] * out
         eps = c["sqrt_alpha"] * out + c["sqrt_one_minus_alpha"] * x
@@ -96,6 +99,8 @@ def _euler_ancestral_step(sampler: Sampler, c, out, x, noise):
     sigma = c["sigma"]
     if sampler.prediction_type == "epsilon":
         x0 = x - sigma * out
+    elif sampler.prediction_type == "sample":  # not in diffusers' Euler-ancestral (it raises)
+        x0 = out
     else:  # v_prediction
         x0 = out * (-sigma / jnp.sqrt(sigma**2 + 1)) + x / (sigma**2 + 1)
     derivative = (x - x0) / sigma

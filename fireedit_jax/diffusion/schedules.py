@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 BETA_SCHEDULES = ("linear", "scaled_linear")
-PREDICTION_TYPES = ("epsilon", "v_prediction")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")  # sample: the UNet predicts x0
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 
 # What a diffusers scheduler uses for a key missing from its config dict (the

@@ -88,7 +88,7 @@ def diffusion_loss(
     a = jnp.sqrt(abar[t])[:, None, None, None]
     s = jnp.sqrt(1.0 - abar[t])[:, None, None, None]
     noisy = a * latents + s * noise
-    target = noise if schedule.prediction_type == "epsilon" else a * noise - s * latents
+    target = {"epsilon": noise, "v_prediction": a * noise - s * latents, "sample": latents}[schedule.prediction_type]
     sample = jnp.concatenate([noisy, image_latents.astype(noisy.dtype)], axis=-1)
     pred = model.denoise(params, sample, t.astype(jnp.float32), cond)
     return weighted_mean(jnp.mean(jnp.square(pred.astype(jnp.float32) - target), axis=(1, 2, 3)), weights)
