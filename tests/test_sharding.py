@@ -14,7 +14,9 @@ import importlib.util
 import json
 import os
 
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
@@ -134,6 +136,22 @@ def test_partition_specs_match_golden(sharded_trainer):
     assert got["unet/down_blocks_1/resnets_0/conv1/kernel"] == [None, None, "fsdp", "tensor"]
     assert got["vae/encoder/conv_in/kernel"] == [None, None, None, "tensor"]
     assert got["null_text"] == []
+
+
+def test_scanned_stacks_are_gathered_per_layer(sharded_trainer):
+    """The CLIP text encoder's nn.scan stack is marked for per-layer gathers (mesh.GatheredOnRead),
+    the rest is gathered whole; a box keeps its spec less fsdp and drops the scanned axis."""
+    trainer = sharded_trainer
+    leaves = jax.tree_util.tree_flatten_with_path(mesh_lib.scanned_leaves(trainer.abstract_state["params"]))[0]
+    scanned = {"/".join(str(k.key) for k in path): flag for path, flag in leaves}
+    stacked = {path for path, is_scanned in scanned.items() if is_scanned}
+    assert stacked and all(path.startswith("text_encoder/") and "/layers/" in path for path in stacked)
+    assert not scanned["unet/conv_in/kernel"]
+    box = mesh_lib.GatheredOnRead(jnp.zeros((2, 3, 4)), (None, "fsdp", "tensor"))
+    assert nn.meta.remove_axis(box, 0, {}).spec == ("fsdp", "tensor")
+    gathered = mesh_lib.gather_weights({"w": jnp.zeros((2, 8, 4))}, {"w": P(None, ("data", "fsdp"), "tensor")},
+                                       {"w": True})  # fmt: skip
+    assert gathered["w"].spec == (None, "data", "tensor")
 
 
 def test_sharded_init_splits_large_leaves(sharded_start):

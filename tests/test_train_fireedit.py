@@ -224,8 +224,10 @@ def test_vqa_samples_give_no_diffusion_gradient(stage, single_device_runs):
 
 def test_sharded_stage3_equals_single_device(initial_params, batches, single_device_runs):
     """Mesh data=2 × fsdp=2 × tensor=2: losses after each of the 3 steps equal the single-device
-    run's (rtol 1e-5, atol 1e-6); params too, to atol 5e-6 (measured: 1 of 9,216 UNet conv weights
-    1.25e-6 apart after 3 Adam steps, the 8-way reduction order; all else within 1e-6)."""
+    run's (rtol 1e-5, atol 1e-6); params too, to atol 1e-5 (measured: 1 of 9,216 UNet conv weights
+    1.25e-6 apart after 3 Adam steps, 1 of 18,432 LLaMA weights 6.7e-6 with the per-layer gathers:
+    the reduction order, which Adam's normalisation magnifies for near-zero gradients; learning
+    rate 1e-4, so a wrong update would be off by ~1e-4)."""
     mesh = mesh_lib.make_mesh(dict(data=2, fsdp=2, tensor=2))
     sharded = run_stage(3, initial_params, batches, mesh)
     single = single_device_runs(3)
@@ -234,4 +236,4 @@ def test_sharded_stage3_equals_single_device(initial_params, batches, single_dev
                                    [want["loss"], want["vlm"], want["diffusion"]], rtol=1e-5, atol=1e-6)  # fmt: skip
     got, want = _flat(sharded["history"][-1]), _flat(single["history"][-1])
     for key, value in want.items():
-        np.testing.assert_allclose(got[key], value, rtol=1e-5, atol=5e-6, err_msg=key)
+        np.testing.assert_allclose(got[key], value, rtol=1e-5, atol=1e-5, err_msg=key)

@@ -20,6 +20,7 @@ import math
 import os
 from typing import Any, Sequence
 
+import flax
 import flax.linen as nn
 import jax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
@@ -158,6 +159,12 @@ def partition_specs(abstract_boxed, mesh: Mesh, rules):
     )
 
 
+def scanned_leaves(abstract_boxed):
+    """Bool tree (unboxed structure): True for leaves whose logical axes include `layers` (nn.scan stacks)."""
+    logical = nn.get_partition_spec(abstract_boxed)
+    return jax.tree.map(lambda spec: "layers" in tuple(spec), logical, is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
 def named_shardings(specs, mesh: Mesh):
     return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
 
@@ -170,3 +177,40 @@ def batch_spec(rules) -> PartitionSpec:
 def shard_batch(batch, sharding: NamedSharding):
     """Host arrays (this process's rows) → global arrays split along the batch dimension."""
     return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
+
+
+class GatheredOnRead(flax.struct.PyTreeNode, nn.meta.AxisMetadata):
+    """A weight that a module sees gathered to `spec` (its sharding without `fsdp`) where it reads it.
+
+    `Module.param` unboxes it with the sharding constraint, so XLA all-gathers the weight
+    at its use. Under `nn.scan` the stacked axis leaves the spec, so a scanned stack
+    (LLaMA's layers) is gathered one layer at a time instead of whole.
+    """
+
+    value: Any
+    spec: tuple = flax.struct.field(pytree_node=False)
+
+    def unbox(self):
+        return jax.lax.with_sharding_constraint(self.value, PartitionSpec(*self.spec))
+
+    def replace_boxed(self, val):
+        return self.replace(value=val)
+
+    def add_axis(self, index: int, params: dict) -> GatheredOnRead:
+        return self.replace(spec=self.spec[:index] + (None,) + self.spec[index:])
+
+    def remove_axis(self, index: int, params: dict) -> GatheredOnRead:
+        return self.replace(spec=self.spec[:index] + self.spec[index + 1 :])
+
+
+def gather_weights(params, specs, on_read):
+    """`params` gathered over `fsdp` (specs: their PartitionSpecs): leaves where the bool tree
+    `on_read` is True are boxed as `GatheredOnRead` (for modules under nn.scan; nothing else
+    may read them), the rest are constrained here."""
+
+    def gather(x, spec, per_read):
+        spec = tuple(without_axes(spec, ("fsdp",)))
+        spec = spec + (None,) * (x.ndim - len(spec))
+        return GatheredOnRead(x, spec) if per_read else jax.lax.with_sharding_constraint(x, PartitionSpec(*spec))
+
+    return jax.tree.map(gather, params, specs, on_read)

@@ -91,25 +91,25 @@ def make_train_step(
     ema_decay: float | None = None,
     max_traces: int | None = None,
     unroll: bool | None = None,
+    scanned=None,
 ):
     """The jitted step: (state, batch) → (state, metrics); the state argument is donated.
 
     mask: bool tree over the (unboxed) params, True where trainable. ema_decay: None
     when the state has no "ema". max_traces: raise if the step is traced more often
     (a recompilation guard; None: no limit). unroll: a Python loop over the micro-batches
-    instead of lax.scan (None: on CPU or for one micro-batch).
+    instead of lax.scan (None: on CPU or for one micro-batch). scanned: bool tree over the
+    params, True for leaves stacked under nn.scan (gathered layer by layer; None: none).
     """
     micro_spec = PartitionSpec(None, *batch_sharding.spec)
     if unroll is None:  # see the module docstring
         unroll = grad_accum == 1 or mesh.devices.flat[0].platform == "cpu"
-    # ZeRO-3 made explicit: weights are gathered over `fsdp` where the loss uses them
-    # (gradients flow back reduce-scattered). Leaving the choice to XLA's partitioner
-    # gives wrong results on data×fsdp×tensor meshes (jax 0.10.2, see test_sharding.py).
-    gathered = jax.tree.map(
-        lambda s: NamedSharding(mesh, mesh_lib.without_axes(s.spec, ("fsdp",))),
-        state_shardings["params"],
-        is_leaf=lambda x: isinstance(x, NamedSharding),
-    )
+    # ZeRO-3 made explicit: weights are gathered over `fsdp` where the loss uses them,
+    # scanned stacks one layer at a time (mesh.GatheredOnRead); gradients flow back
+    # reduce-scattered. Leaving the choice to XLA's partitioner gives wrong results on
+    # data×fsdp×tensor meshes (jax 0.10.2, see test_sharding.py).
+    param_specs = jax.tree.map(lambda s: s.spec, state_shardings["params"], is_leaf=lambda x: isinstance(x, NamedSharding))
+    scanned = jax.tree.map(lambda _: False, param_specs) if scanned is None else scanned
 
     def step(state, batch):
         with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(rules):
@@ -123,7 +123,7 @@ def make_train_step(
 
         def value_and_grad(t, b, k):
             def loss(p):
-                return loss_fn(jax.lax.with_sharding_constraint(masks.combine(p, frozen), gathered), b, k)
+                return loss_fn(mesh_lib.gather_weights(masks.combine(p, frozen), param_specs, scanned), b, k)
 
             return jax.value_and_grad(loss, has_aux=True)(t)
 
@@ -282,7 +282,7 @@ class Trainer:
             loss_fn, optimizer, schedule, mask, mesh=mesh, rules=rules, state_shardings=shardings,
             batch_sharding=batch_sharding, grad_accum=int(train.grad_accum), seed=int(config.seed),
             ema_decay=float(train.ema.decay) if ema else None, max_traces=max_traces,
-            unroll=train.get("unroll_accumulation"),
+            unroll=train.get("unroll_accumulation"), scanned=mesh_lib.scanned_leaves(abstract_params),
         )  # fmt: skip
         return cls(config, model, mesh, rules, mask, optimizer, schedule, abstract, shardings, batch_sharding, step)
 
