@@ -329,7 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="the end-to-end demo (writes outputs/demo/)")
     demo.add_argument("--out", default="outputs/demo")
     demo.add_argument("--fresh", action="store_true", help="retrain from scratch instead of reusing OUT/train")
-    demo.add_argument("--steps", type=int, default=400, help="training steps")
+    demo.add_argument("--steps", type=int, default=1100, help="training steps")
     demo.add_argument("--batch-size", type=int, default=16)
     demo.add_argument("--samples", type=int, default=64, help="test scenes edited and scored")
     demo.add_argument("--edit-steps", type=int, default=20, help="denoising steps per edit")
