@@ -28,12 +28,14 @@ SCHEDULE = {1: (2e-4, 120_000), 2: (1e-5, 5_000), 3: (1e-5, 25_000)}
 
 
 def model_config(*, use_regions=True, use_tati=True, use_hvca=True) -> ml_collections.ConfigDict:
-    llm = LlamaConfig.llama_7b(num_new_tokens=len(NEW_TOKENS))
+    # remat: each LLaMA layer / UNet block recomputed in the backward pass, so activations and
+    # the per-layer fsdp gathers (train/step.py) are not kept for all layers at once
+    llm = LlamaConfig.llama_7b(num_new_tokens=len(NEW_TOKENS), remat=True)
     vision = DINOv2Config.vit_l14()
     clip_vision = CLIPVisionConfig.vit_l14()
     bridges = bridge_configs(llm, vision, clip_vision, (77, 768))
     return ml_collections.ConfigDict({
-        "conditioner": "vlm", "unet": dataclasses.asdict(UNetConfig.sd15(decoupled=use_hvca)),
+        "conditioner": "vlm", "unet": dataclasses.asdict(UNetConfig.sd15(decoupled=use_hvca, remat=True)),
         "vae": dataclasses.asdict(VAEConfig.sd15()), "scheduler": dataclasses.asdict(SchedulerConfig()),
         "sampler": "euler_ancestral", "llm": dataclasses.asdict(llm), "vision": dataclasses.asdict(vision),
         "clip_vision": dataclasses.asdict(clip_vision), "use_regions": use_regions, "use_tati": use_tati,
