@@ -12,6 +12,8 @@ Rows, float32, one device:
             torch AdamW
   fireedit  our full FireEdit stage-3 step (configs/tiny_fireedit.py:3: VLM with regions,
             Q-Former, HVCA, TATI, decoupled UNet; L_VLM + L_diff) on pixels
+  fire_scan the same step with train.unroll_accumulation=False: the micro-batch loop as
+            lax.scan (one trip), where XLA:CPU's convolution gradients take a slow path
 
 Model FLOPs per example come from train/flops.py (matrix products of the loss, 3F for
 trained layers, 2F for frozen ones the gradient passes, F for the frozen rest); the torch
@@ -171,17 +173,19 @@ def main(argv=None):
           f"first step (compile + run) {time.perf_counter() - start:.0f} s", flush=True)
     results = interleaved({"ours": ours, "torch": torch_step(pipeline, config, host)}, args.runs, args.warmup)
 
-    fire_config = run_lib.load_config(os.path.join(ROOT, "configs", "tiny_fireedit.py") + ":3")
-    fire_config.train.batch_size = args.fireedit_batch
-    fire_trainer = Trainer.from_config(fire_config)
-    fire_host = fireedit_batch(fire_config, fire_trainer, args.fireedit_batch, rng)
+    fire_steps = {}
+    for name, unroll in (("fireedit", None), ("fire_scan", False)):  # the default (unrolled on CPU), lax.scan
+        fire_config = run_lib.load_config(os.path.join(ROOT, "configs", "tiny_fireedit.py") + ":3")
+        fire_config.train.batch_size, fire_config.train.unroll_accumulation = args.fireedit_batch, unroll
+        fire_trainer = Trainer.from_config(fire_config)
+        fire_host = fireedit_batch(fire_config, fire_trainer, args.fireedit_batch, np.random.default_rng(1))
+        fire_steps[name] = jax_step(fire_trainer, fire_host)
+        start = time.perf_counter()
+        fire_steps[name]()
+        print(f"{name}: {fire_trainer.trainable_count() / 1e6:.2f}M trainable, first step (compile + run) "
+              f"{time.perf_counter() - start:.0f} s", flush=True)
     fire_flops = flops.train_flops_per_example(fire_config, fire_host)
-    fire = jax_step(fire_trainer, fire_host)
-    start = time.perf_counter()
-    fire()
-    print(f"fireedit: {fire_trainer.trainable_count() / 1e6:.2f}M trainable, first step (compile + run) "
-          f"{time.perf_counter() - start:.0f} s", flush=True)
-    results.update(interleaved({"fireedit": fire}, args.runs, args.warmup))
+    results.update(interleaved(fire_steps, args.runs, args.warmup))
     medians = {name: wall for name, (wall, _, _) in results.items()}
 
     print(f"jax {jax.__version__} ({jax.devices()[0].platform}), torch {torch.__version__}, float32, "
@@ -190,8 +194,11 @@ def main(argv=None):
     print(row("ip2p", medians["ours"], args.batch, ip2p_flops))
     print(row("torch", medians["torch"], args.batch, ip2p_flops))
     print(row("fireedit", medians["fireedit"], args.fireedit_batch, fire_flops))
+    print(row("fire_scan", medians["fire_scan"], args.fireedit_batch, fire_flops))
     print("IP2P step, ours against torch:")
     report_ratio({name: results[name] for name in ("ours", "torch")}, "ours", "torch", unit=1e3, label="ms")
+    print("FireEdit step, micro-batches unrolled (the CPU default) against lax.scan:")
+    report_ratio({name: results[name] for name in fire_steps}, "fireedit", "fire_scan", unit=1e3, label="ms")
 
 
 if __name__ == "__main__":
