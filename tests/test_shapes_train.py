@@ -37,7 +37,7 @@ def test_every_variant_builds_with_its_components(variant):
     want |= {"hvca", "clip_vision"} if variant == "full" else set()
     assert present == want
     assert ("regions" in params["vlm"]) == (variant != "none") if "vlm" in params else True
-    assert model.latent_factor == 4 and model.unet.config.decoupled == (variant == "full")
+    assert model.latent_factor == 2 and model.unet.config.decoupled == (variant == "full")  # 2x unshuffle
 
 
 def test_a_short_run_of_the_shapes_config_lowers_the_loss(tmp_path):
@@ -49,6 +49,6 @@ def test_a_short_run_of_the_shapes_config_lowers_the_loss(tmp_path):
     loss = np.array([line["loss"] for line in lines])
     vlm = np.array([line["vlm"] for line in lines])
     assert len(loss) == STEPS and np.all(np.isfinite(loss))
-    # L_VLM falls first; L_diff stays near 1 for ~100 steps of 16 in this config (README), too long for a test
+    # L_VLM and the loss fall within the short run; the edits themselves need far longer (README)
     assert loss[-6:].mean() < 0.98 * loss[:6].mean(), loss
     assert vlm[-6:].mean() < 0.98 * vlm[:6].mean(), vlm
