@@ -24,6 +24,7 @@ import argparse
 import dataclasses
 import math
 import os
+import re
 
 import flax.linen as nn
 import jax
@@ -76,10 +77,15 @@ def parse_mesh(text: str) -> dict[str, int]:
     return sizes
 
 
+TOPOLOGY_EXAMPLES = "v5e:4x4, v5p:2x2x2, v6e:8x8"
+
+
 def topology_devices(topology: str) -> list:
     """The devices of a TPU slice, e.g. "v5e:4x4", for deviceless compilation through libtpu."""
     from jax.experimental import topologies
 
+    if not re.fullmatch(r"v\d+[a-z]*:\d+(x\d+)+", topology):
+        raise ValueError(f"TPU topology {topology!r} is not KIND:AxB[xC] (examples: {TOPOLOGY_EXAMPLES})")
     try:
         import libtpu  # noqa: F401
     except ImportError:
@@ -90,7 +96,7 @@ def topology_devices(topology: str) -> list:
     try:
         return list(topologies.get_topology_desc(topology_name=topology, platform="tpu").devices)
     except Exception as error:  # noqa: BLE001 - libtpu's message names the problem
-        raise ValueError(f"TPU topology {topology!r}: {error} (examples: v5e:4x4, v5p:2x2x2, v6e:8x8)") from None
+        raise ValueError(f"TPU topology {topology!r}: {error} (examples: {TOPOLOGY_EXAMPLES})") from None
 
 
 def local_devices(count: int) -> list:
