@@ -216,8 +216,9 @@ def test_unrolled_accumulation_equals_the_scan_and_keeps_cpu_convolutions_fast(c
         trainer = Trainer.from_config(config, mesh=mesh)
         state = trainer.init_state(params=converted[1])
         sharded = trainer.shard_batch(batch)
-        layouts[unroll] = _conv_layouts(trainer.step.lower(state, sharded).compile().as_text())
-        results[unroll] = jax.device_get(trainer.step(state, sharded))
+        compiled = trainer.step.lower(state, sharded).compile()
+        layouts[unroll] = _conv_layouts(compiled.as_text())
+        results[unroll] = jax.device_get(compiled(state, sharded))
     assert layouts[True] == {"b01f_01io->b01f"}
     assert layouts[False] - {"b01f_01io->b01f"}
     (new_u, metrics_u), (new_s, metrics_s) = results[True], results[False]
