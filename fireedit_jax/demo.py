@@ -49,8 +49,8 @@ def test_samples(config, count: int, split: str = "test") -> list[dict]:
     """The first `count` ShapeEdit samples of `split` drawn as the config's eval source draws them."""
     from fireedit_jax.data.shapes import ShapeEditSource, ShapesConfig
 
-    spec = config.data.eval
-    source = ShapeEditSource(split, max(count, 1), ShapesConfig(size=int(spec.size), seed=int(spec.seed)))
+    fields = {k: v for k, v in config.data.eval.items() if k not in ("kind", "split", "num_samples")}
+    source = ShapeEditSource(split, max(count, 1), ShapesConfig(**fields))
     return [source[i] for i in range(count)]
 
 
@@ -89,7 +89,7 @@ def edits_grid(samples, outputs, rows: int = ROWS_SHOWN, zoom: int = ZOOM) -> Im
     """input · instruction · output · target, one sample per row."""
     rows = min(rows, len(samples))
     side = samples[0]["source"].shape[0] * zoom
-    text_width, pad = 3 * side, 4
+    text_width, pad = side * 3 // 2, 4  # 28 characters of PIL's default font
     grid = Image.new("RGB", (3 * side + text_width + 4 * pad, rows * (side + pad) + pad), "white")
     draw = ImageDraw.Draw(grid)
     up = lambda a: Image.fromarray(a).resize((side, side), Image.NEAREST)  # noqa: E731

@@ -46,9 +46,8 @@ def test_a_short_run_of_the_shapes_config_lowers_the_loss(tmp_path):
     result = train_and_evaluate(config, str(tmp_path / "run"), progress=False)
     assert result.step == STEPS
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    loss = np.array([line["loss"] for line in lines])
-    vlm = np.array([line["vlm"] for line in lines])
-    assert len(loss) == STEPS and np.all(np.isfinite(loss))
-    # L_VLM and the loss fall within the short run; the edits themselves need far longer (README)
+    loss, diffusion, vlm = (np.array([line[k] for line in lines]) for k in ("loss", "diffusion", "vlm"))
+    assert len(loss) == STEPS and np.all(np.isfinite(loss)) and np.all(np.isfinite(vlm))
+    # the demo trains on L_diff alone (train.vlm_weight 0; L_VLM is reported): it falls in the short run
+    np.testing.assert_allclose(loss, diffusion, rtol=1e-6)
     assert loss[-6:].mean() < 0.98 * loss[:6].mean(), loss
-    assert vlm[-6:].mean() < 0.98 * vlm[:6].mean(), vlm

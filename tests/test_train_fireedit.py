@@ -152,8 +152,12 @@ def batches(tokenizers):
 
 
 def run_stage(stage: int, initial_params, batches, mesh) -> dict:
-    """Three steps of `stage` (stages 2, 3: a VQA-only batch, then two edit batches) on `mesh`."""
-    trainer = Trainer.from_config(tiny_config(stage), mesh=mesh)
+    """Three steps of `stage` (stages 2, 3: a VQA-only batch, then two edit batches) on `mesh`;
+    stage 2 weighs L_VLM by 0.5 (train.vlm_weight)."""
+    config = tiny_config(stage)
+    if stage == 2:
+        config.train.vlm_weight = 0.5
+    trainer = Trainer.from_config(config, mesh=mesh)
     params = dict(initial_params)
     if stage > 1:
         del params["text_encoder"]
@@ -191,10 +195,10 @@ def test_stage_steps_train_exactly_the_stage_leaves(stage, single_device_runs, t
     run = single_device_runs(stage)
     trainer = run["trainer"]
     assert trainer.trainable_count() == _info_counts(trainer.config, tmp_path, capsys)[stage]
-    parts = ("vlm", "align") if stage == 1 else ("vlm", "diffusion")
+    parts = {"vlm": 1.0, "align": 1.0} if stage == 1 else {"vlm": trainer.config.train.vlm_weight, "diffusion": 1.0}
     for metrics in run["metrics"]:
         assert np.isfinite([metrics[k] for k in ("loss", "grad_norm", *parts)]).all() and metrics["skipped"] == 0
-        assert metrics["loss"] == pytest.approx(sum(metrics[k] for k in parts), rel=1e-5)
+        assert metrics["loss"] == pytest.approx(sum(w * metrics[k] for k, w in parts.items()), rel=1e-5)
     mask, before, after = _flat(trainer.mask), _flat(run["before"]), _flat(run["history"][-1])
     assert before.keys() == after.keys() == mask.keys()
     frozen = [k for k, trained in mask.items() if not trained]

@@ -172,6 +172,21 @@ def test_decoupled_unet_equals_plain_unet_without_visual(conv_proj, highest_prec
         UNet(config).apply(params, sample, t, context, visual)
 
 
+def test_zero_init_cross_out_starts_the_unet_unconditioned(conv_proj):
+    """zero_init_cross_out: at init the context does not reach the output; without it, it does."""
+    _, _, config, _ = conv_proj
+    sample, t, context = _inputs(config, LATENT_SIZE["conv_proj"])
+    other = np.random.default_rng(2).normal(size=context.shape).astype(np.float32)
+    for zero in (True, False):
+        unet = UNet(UNetConfig(**{**config.__dict__, "zero_init_cross_out": zero}))
+        params = flax.linen.meta.unbox(jax.jit(unet.init)(jax.random.key(0), sample, t, context))
+        flat = flax.traverse_util.flatten_dict(params["params"], sep="/")
+        cross_out = [v for k, v in flat.items() if k.endswith("attn2/to_out/kernel")]
+        assert cross_out and all(bool(jnp.all(v == 0)) == zero for v in cross_out)
+        change = np.max(np.abs(np.asarray(unet.apply(params, sample, t, context) - unet.apply(params, sample, t, other))))
+        assert (change == 0.0) if zero else (change > 1e-4), (zero, change)
+
+
 # ------------------------------------------------------------------ strict conversion
 
 

@@ -341,6 +341,8 @@ def generate(config: ShapesConfig, split: str, index: int) -> dict:
     rng = np.random.default_rng([config.seed, SPLITS.index(split), index])
     kind = KINDS[rng.integers(len(KINDS))]
     refers = REFERS if kind == "add" else REFERS[:-1]
+    if config.max_objects < 2:  # position and size pick among two or more
+        refers = tuple(r for r in refers if r in ("attribute", "corner"))
     refer = refers[rng.integers(len(refers))]
     for _ in range(_MAX_ATTEMPTS):
         objects = _sample_scene(rng, config)

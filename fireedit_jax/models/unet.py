@@ -109,6 +109,9 @@ class UNetConfig:
     remat: bool = False  # rematerialise each resnet / transformer block in the backward pass
     decoupled: bool = False  # add the visual branch (to_k_ip, to_v_ip) to every cross-attention
     visual_scale: float = 1.0  # λ
+    # Cross-attentions' to_out starts at zero (adapter style): a UNet trained from scratch
+    # then starts unconditioned instead of learning to suppress its random condition.
+    zero_init_cross_out: bool = False
 
     def __post_init__(self):
         levels = len(self.block_out_channels)
@@ -234,6 +237,7 @@ class Attention(nn.Module):
     heads: int
     decoupled: bool = False
     visual_scale: float = 1.0
+    zero_init_out: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     attention: str | None = None
@@ -263,7 +267,8 @@ class Attention(nn.Module):
         elif visual is not None:
             raise ValueError("visual tokens given to a UNet without the decoupled branch (config.decoupled=False)")
         out = out.reshape(*x.shape[:2], width)
-        return dense(width, ("heads", "embed"), name="to_out", **kw)(out)
+        init = dict(kernel_init=nn.initializers.zeros) if self.zero_init_out else {}
+        return dense(width, ("heads", "embed"), name="to_out", **init, **kw)(out)
 
 
 class TransformerBlock(nn.Module):
@@ -279,11 +284,11 @@ class TransformerBlock(nn.Module):
     def __call__(self, x, context, visual):
         """x: float[B, T, C]; context: float[B, S, D]; visual: float[B, V, D] | None → float[B, T, C]."""
         cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        attn = lambda name, decoupled: Attention(  # noqa: E731
-            self.heads, decoupled, cfg.visual_scale, attention=self.attention, name=name, **kw
+        attn = lambda name, decoupled, zero: Attention(  # noqa: E731
+            self.heads, decoupled, cfg.visual_scale, zero, attention=self.attention, name=name, **kw
         )
-        x = x + attn("attn1", False)(LayerNorm(name="norm1", **kw)(x))
-        x = x + attn("attn2", cfg.decoupled)(LayerNorm(name="norm2", **kw)(x), context, visual)
+        x = x + attn("attn1", False, False)(LayerNorm(name="norm1", **kw)(x))
+        x = x + attn("attn2", cfg.decoupled, cfg.zero_init_cross_out)(LayerNorm(name="norm2", **kw)(x), context, visual)
         return x + GEGLUFeedForward(name="ff", **kw)(LayerNorm(name="norm3", **kw)(x))
 
 

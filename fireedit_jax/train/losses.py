@@ -18,7 +18,8 @@ image latent (and FireEdit's visual tokens) become zeros; so text-only, image-on
 both are dropped with probability p each.
 
 FireEdit (`make_fireedit_loss`, by `config.stage`, default 3):
-  stages 2, 3  L = L_VLM + L_diff: L_VLM the VLM's next-token NLL of its reply (the [IMG]
+  stages 2, 3  L = w·L_VLM + L_diff (w = train.vlm_weight, the paper's 1; the ShapeEdit demo's
+               0: see configs/shapes.py): L_VLM the VLM's next-token NLL of its reply (the [IMG]
                tokens, or a VQA answer), L_diff as IP2P's with the conditions of
                `EditModel.condition` (Q-Former → TATI, HVCA's visual tokens). Per-example
                weights from the record's task (data/records.py LOSS_WEIGHTS): a VQA
@@ -178,6 +179,7 @@ def make_fireedit_loss(model: EditModel, config) -> LossFn:
     schedule = dataclass_from_dict(SchedulerConfig, config.model.scheduler)
     prob = float(config.train.cond_dropout)
     dropout = bool(config.train.get("dropout", True))
+    vlm_weight = float(config.train.get("vlm_weight", 1.0))
 
     def loss_fn(params, batch, keys):
         k_posterior, k_drop, k_diffusion, k_dropout = per_example(keys, 4)
@@ -189,7 +191,7 @@ def make_fireedit_loss(model: EditModel, config) -> LossFn:
         cond, image_latents = condition_dropout(k_drop, cond, image_latents, params["null_text"], prob)
         l_diff = diffusion_loss(model, params, latents, image_latents, cond, k_diffusion, schedule,
                                 batch["diffusion_weight"])  # fmt: skip
-        return l_vlm + l_diff, {"vlm": l_vlm, "diffusion": l_diff}
+        return vlm_weight * l_vlm + l_diff, {"vlm": l_vlm, "diffusion": l_diff}
 
     return loss_fn
 

@@ -201,6 +201,7 @@ def base_config() -> ml_collections.ConfigDict:
       schedule, warmup_ratio "constant" | "cosine" after ⌈warmup_ratio·steps⌉ linear warm-up steps
       adam_b1/b2/eps, weight_decay, clip_norm (global norm; 0 = off)
       cond_dropout           p of IP2P's condition dropout (text, image, both: p each)
+      vlm_weight             L = vlm_weight · L_VLM + L_diff for FireEdit (1: the paper's)
       dropout                the networks' own dropout in training (FireEdit: LoRA 0.05, Q-Former 0.1)
       max_consecutive_skips  K: stop after K steps in a row with a non-finite loss or gradient
       trainable              path regexes of the trained leaves (e.g. "^unet/"); the rest is frozen
@@ -217,7 +218,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.train = section(dict(
         loss="ip2p", batch_size=8, grad_accum=1, steps=1000, learning_rate=1e-4, schedule="constant",
         warmup_ratio=0.0, adam_b1=0.9, adam_b2=0.999, adam_eps=1e-8, weight_decay=0.0, clip_norm=1.0,
-        cond_dropout=0.05, dropout=True, max_consecutive_skips=10, trainable=("^unet/",),
+        cond_dropout=0.05, vlm_weight=1.0, dropout=True, max_consecutive_skips=10, trainable=("^unet/",),
         ema=section(dict(enabled=False, decay=0.9999)), dtype="bfloat16", attention=placeholder(str),
         unroll_accumulation=placeholder(bool),
     ))  # fmt: skip
