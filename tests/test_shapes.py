@@ -216,6 +216,23 @@ def test_every_instruction_picks_exactly_one_object(samples):
         assert (new[axis + 2] < anchor[axis]) if side in ("left", "above") else (new[axis] > anchor[axis + 2])
 
 
+def test_one_object_scenes_refer_by_attribute_and_the_demo_draws_them():
+    """max_objects=1: position and size need two candidates, so only attribute (and corner)
+    references are drawn; the demo's test split follows the config's eval spec."""
+    from fireedit_jax import demo
+
+    one = shapes.ShapesConfig(size=32, max_objects=1)
+    drawn = [shapes.generate(one, "train", i) for i in range(40)]
+    assert all(len(s["objects"]) == 1 for s in drawn)
+    assert {s["refer"] for s in drawn} == {"attribute", "corner"}
+    config = demo.demo_config(1, 8)
+    config.data.eval.max_objects = 1
+    tests = demo.test_samples(config, 4)
+    assert [len(s["objects"]) for s in tests] == [1] * 4
+    want = shapes.generate(shapes.ShapesConfig(size=32, max_objects=1), "test", 3)
+    np.testing.assert_array_equal(tests[3]["source"], want["source"])
+
+
 def test_heldout_pairs_are_only_produced_in_heldout(samples):
     for split in ("train", "test"):
         produced = {(s["colour"], s["shape"]) for s in samples[split]}
