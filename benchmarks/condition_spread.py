@@ -22,8 +22,6 @@ import numpy as np
 
 from fireedit_jax import demo
 from fireedit_jax.data.shapes import COLOURS, SHAPES
-from fireedit_jax.models import dinov2
-from fireedit_jax.models.fireedit import _resize
 from fireedit_jax.pipeline import Editor
 
 
@@ -41,10 +39,8 @@ def spreads(editor: Editor, scene: dict) -> dict[str, tuple[float, float]]:
     pixels = jnp.asarray(np.stack([scene["source"]] * len(texts)), jnp.float32) / 127.5 - 1.0
     text_inputs, boxes, box_mask = editor.text_inputs(texts, [scene["boxes"]] * len(texts))
     model, params = editor.model, editor.params
-    image = dinov2.normalize_pixels(_resize(pixels, model.vlm_image_size))
-    stages = {"[IMG] states e": model.vlm.apply({"params": params["vlm"]}, image, *text_inputs, boxes, box_mask).e}
-    cond, _ = model.condition(params, pixels, text_inputs, boxes, box_mask)
-    stages["Q-Former"] = cond["text"]
+    cond, vlm_out = model.condition(params, pixels, text_inputs, boxes, box_mask)
+    stages = {"[IMG] states e": vlm_out.e, "Q-Former": cond["text"]}
     if model.tati is not None:
         for t in (999.0, 500.0, 50.0):
             stages[f"TATI t={t:.0f}"] = model.tati.apply({"params": params["tati"]}, cond["text"], jnp.full(len(texts), t))

@@ -187,7 +187,8 @@ class EditModel:
           dropout_key: None (inference), or a key turning the VLM's LoRA dropout and the
             Q-Former's hidden dropout on (training).
         Returns:
-          ({"text": float[B, L, D], "visual": float[B, V, D] (HVCA only)}, VLM logits or None).
+          ({"text": float[B, L, D], "visual": float[B, V, D] (HVCA only)}, the VLMOutput (its
+          [IMG] states e and logits) or None).
         """
         if self.conditioner == "clip_text":
             return {"text": self.encode_text(params, text_inputs)}, None
@@ -200,7 +201,7 @@ class EditModel:
         if self.hvca is not None and pixels is not None:
             visual = jax.lax.stop_gradient(self.visual_features(params, pixels, out.vision_states))
             cond["visual"] = self.hvca.apply({"params": params["hvca"]}, visual, None, text)
-        return cond, out.logits
+        return cond, out
 
     def visual_features(self, params, pixels, vlm_vision_states=None) -> jax.Array:
         """HVCA's input: CLIP penultimate and DINOv2 last states at each of `hvca_sizes`, on tokens.
