@@ -15,7 +15,8 @@ split, on its position/size references (scenes with several similar objects), on
 held-out split, on the test split's removals, and preservation L1 outside the edited box;
 mean ± half the range over seeds.
 Not run in CI: on the 2-core CPU one row-seed of 600 steps costs about 10 minutes. A re-run
-reuses the row-seeds whose OUT/<row>_seed<seed>/scores.json exists (and resumes unfinished training).
+reuses the row-seeds whose OUT/<row>_seed<seed>/scores.json exists (refusing one of another budget)
+and resumes unfinished training.
 """
 
 from __future__ import annotations
@@ -53,9 +54,14 @@ def run_one(variant: str, seed: int, args) -> dict:
     from fireedit_jax.train.run import train_and_evaluate
 
     workdir = os.path.join(args.out, f"{variant}_seed{seed}")
+    budget = {k: getattr(args, k) for k in ("steps", "batch_size", "samples", "edit_steps")}
     if os.path.exists(os.path.join(workdir, "scores.json")):
         with open(os.path.join(workdir, "scores.json")) as f:
-            return json.load(f)
+            result = json.load(f)
+        if {k: result.get(k) for k in budget} != budget:
+            raise SystemExit(f"{workdir} was scored with {({k: result.get(k) for k in budget})}, not {budget}: "
+                             "pass another --out")  # fmt: skip
+        return result
     config = demo.demo_config(args.steps, args.batch_size, variant, seed=seed)
     start = time.perf_counter()
     train_and_evaluate(config, os.path.join(workdir, "train"))
@@ -71,7 +77,7 @@ def run_one(variant: str, seed: int, args) -> dict:
     result = {
         "test": scores["test"]["overall"]["success"], "position/size": position_size(scores["test"]),
         "heldout": scores["heldout"]["overall"]["success"], "l1_outside": scores["test"]["overall"]["l1_outside"],
-        "train_seconds": round(train_seconds, 1), "summaries": scores,
+        **budget, "train_seconds": round(train_seconds, 1), "summaries": scores,
     }  # fmt: skip
     with open(os.path.join(workdir, "scores.json"), "w") as f:
         json.dump(result, f, indent=1)

@@ -186,7 +186,7 @@ def make_fireedit_loss(model: EditModel, config) -> LossFn:
         latents, image_latents = edit_latents(model, params, batch, k_posterior)
         input_ids = batch["vlm_input_ids"]
         cond, vlm_out = model.condition(params, batch["source"], (input_ids, batch["vlm_attention_mask"]), batch["boxes"],
-                                       batch["box_mask"], dropout_key=_dropout_key(k_dropout, dropout))  # fmt: skip
+                                        batch["box_mask"], dropout_key=_dropout_key(k_dropout, dropout))  # fmt: skip
         l_vlm = vlm_loss(vlm_out.logits, input_ids, batch["vlm_target_mask"], batch["vlm_weight"])
         cond, image_latents = condition_dropout(k_drop, cond, image_latents, params["null_text"], prob)
         l_diff = diffusion_loss(model, params, latents, image_latents, cond, k_diffusion, schedule,
@@ -214,7 +214,7 @@ def _alignment_loss(model: EditModel, dropout: bool) -> LossFn:
     def loss_fn(params, batch, keys):
         input_ids = batch["vlm_input_ids"]
         cond, vlm_out = model.condition(params, None, (input_ids, batch["vlm_attention_mask"]),
-                                       dropout_key=_dropout_key(keys, dropout))  # fmt: skip
+                                        dropout_key=_dropout_key(keys, dropout))  # fmt: skip
         target = model.encode_text(params, batch["clip_ids"])
         l_align = jnp.mean(jnp.square(cond["text"].astype(jnp.float32) - target.astype(jnp.float32)))
         l_vlm = vlm_loss(vlm_out.logits, input_ids, batch["vlm_target_mask"], batch["vlm_weight"])
