@@ -58,9 +58,9 @@ def run_one(variant: str, seed: int, args) -> dict:
     if os.path.exists(os.path.join(workdir, "scores.json")):
         with open(os.path.join(workdir, "scores.json")) as f:
             result = json.load(f)
-        if {k: result.get(k) for k in budget} != budget:
-            raise SystemExit(f"{workdir} was scored with {({k: result.get(k) for k in budget})}, not {budget}: "
-                             "pass another --out")  # fmt: skip
+        scored_with = {k: result.get(k) for k in budget}
+        if scored_with != budget:
+            raise SystemExit(f"{workdir} was scored with {scored_with}, not {budget}: pass another --out")
         return result
     config = demo.demo_config(args.steps, args.batch_size, variant, seed=seed)
     start = time.perf_counter()
@@ -112,10 +112,7 @@ def main(argv=None) -> int:
     parser.add_argument("--variants", nargs="+", default=list(ROWS), choices=list(ROWS))
     parser.add_argument("--out", default="outputs/ablation")
     args = parser.parse_args(argv)
-    import jax
-
-    if not jax.config.jax_compilation_cache_dir:  # the second seed of a row reuses the first's compilations
-        jax.config.update("jax_compilation_cache_dir", os.path.join(args.out, "jax_cache"))
+    demo.use_compilation_cache(args.out)
     results = {v: [run_one(v, seed, args) for seed in args.seeds] for v in args.variants}
     table = markdown(results, args)
     print(table)

@@ -35,6 +35,14 @@ ROWS_SHOWN = 8
 ZOOM = 4  # edits.png shows the 32 px images at 128 px
 
 
+def use_compilation_cache(out_dir: str) -> None:
+    """Caches compilations in OUT/jax_cache unless a cache is set: a re-run loads its step and edit loop."""
+    import jax
+
+    if not jax.config.jax_compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", os.path.join(out_dir, "jax_cache"))
+
+
 def demo_config(steps: int, batch_size: int, variant: str = "full", seed: int = 0):
     """configs/shapes.py (`variant`) with the demo's budget."""
     from fireedit_jax.train.run import load_config
@@ -126,13 +134,10 @@ def run_demo(
     from fireedit_jax.train import checkpoints as ckpt_lib
     from fireedit_jax.train.run import train_and_evaluate
 
-    import jax
-
     if fresh and os.path.isdir(out_dir):
         shutil.rmtree(out_dir)
     os.makedirs(out_dir, exist_ok=True)
-    if not jax.config.jax_compilation_cache_dir:  # a re-run loads its compiled step and edit loop
-        jax.config.update("jax_compilation_cache_dir", os.path.join(out_dir, "jax_cache"))
+    use_compilation_cache(out_dir)
     workdir, export_dir = os.path.join(out_dir, "train"), os.path.join(out_dir, "checkpoint")
     config = demo_config(steps, batch_size, seed=seed)
     print(f"fireedit-jax demo: a tiny FireEdit trained from scratch on ShapeEdit ({steps} steps of {batch_size}),")
