@@ -280,6 +280,7 @@ def test_success_of_target_and_of_copying_the_source(size, samples, samples_32):
     copied = metrics.evaluate(sources, targets, chosen)
     assert all(r["l1"] == r["l2"] == r["l1_outside"] == 0 for r in exact)
     assert all(r["l1_outside"] == 0 and r["l1"] > 0 for r in copied)  # only the box differs
+    assert all(r["kept"] == 1.0 and r["specific"] == r["success"] for r in exact + copied)
     for kind in shapes.KINDS:
         assert np.mean([r["success"] for r in exact if r["kind"] == kind]) >= 0.99, kind
         assert np.mean([r["success"] for r in copied if r["kind"] == kind]) <= 0.01, kind
@@ -322,6 +323,20 @@ def test_success_fails_for_the_wrong_edit(samples):
     for sample, output, expected in cases:
         (record,) = metrics.evaluate(output[None], sample["target"][None], [sample])
         assert record["success"] == float(expected), (sample["instruction"], record)
+
+
+def test_kept_counts_the_other_objects_an_edit_destroyed(samples):
+    sample = next(s for s in samples["train"] if s["kind"] == "remove" and len(s["objects"]) >= 3)
+    size = sample["target"].shape[0]
+    others = [o for i, o in enumerate(sample["objects"]) if i != sample["object"]]
+    wiped = sample["target"].copy()
+    x0, y0, x1, y1 = (np.asarray(others[0]["box"]) * size).round().astype(int)
+    wiped[y0:y1, x0:x1] = metrics.ring_colour(wiped, (x0, y0, x1, y1)) * 255  # another object: background
+    (exact,) = metrics.evaluate(sample["target"][None], sample["target"][None], [sample])
+    (record,) = metrics.evaluate(wiped[None], sample["target"][None], [sample])
+    assert exact["success"] == exact["specific"] == exact["kept"] == 1.0
+    assert record["success"] == 1.0 and record["specific"] == 0.0
+    assert record["kept"] == pytest.approx(1 - 1 / len(others))
 
 
 # ---------------------------------------------------------------------------- tokenizer

@@ -19,6 +19,11 @@ samples of `ShapeEditSource` or lines of samples.jsonl serve as they are).
     add      pixels of the requested colour match the requested shape best, IoU ≥ MIN_IOU
   evidence      the number each test thresholds: colour cover, shape / add IoU, remove's
                 left-over fraction
+  kept          the fraction of the scene's other objects (every source object but the edited
+                one) still there: ≥ MIN_KEPT of the object's mask has a palette colour (1.0
+                when there are none). Success only looks inside the edited box, so a model
+                that fades every object "removes" the referred one too: kept shows it
+  specific      success with every other object kept (the edit, and only the edit)
 """
 
 from __future__ import annotations
@@ -35,7 +40,8 @@ MIN_COVER = 0.5
 MIN_IOU = 0.5
 MAX_LEFT = 0.1
 MAX_BOX_L1 = 0.1
-SUMMARY_METRICS = ("l1", "l2", "l1_outside", "success")
+MIN_KEPT = 0.5
+SUMMARY_METRICS = ("l1", "l2", "l1_outside", "success", "kept", "specific")
 
 _PALETTE = np.asarray([PALETTE[c] for c in COLOURS], np.float32)
 
@@ -121,23 +127,38 @@ def _best_shape(pixels: np.ndarray, want: str) -> float:
     return float(ious[want]) if wins else 0.0
 
 
+def coloured_fraction(output, box, shape: str) -> float:
+    """The fraction of `shape`'s mask in the normalised `box` of `output` classified to a palette colour."""
+    x0, y0, x1, y1 = pixel_box(box, *output.shape[:2])
+    labels = palette_labels(output[y0:y1, x0:x1], ring_colour(output, (x0, y0, x1, y1)))
+    return float(np.mean(labels[shape_mask(shape, x1 - x0, y1 - y0)] >= 0))
+
+
+def kept(output, edit: Mapping) -> float:
+    """The fraction of the source's objects other than the edited one still present in `output`."""
+    others = [o for i, o in enumerate(edit["objects"]) if i != edit["object"]]
+    if not others:
+        return 1.0
+    return float(np.mean([coloured_fraction(output, o["box"], o["shape"]) >= MIN_KEPT for o in others]))
+
+
 def judge(output, target, edit: Mapping) -> tuple[bool, float]:
     """(success, evidence) for one output uint8/float[H, W, 3] and its edit metadata."""
     x0, y0, x1, y1 = pixel_box(edit["box"], *output.shape[:2])
     if x1 <= x0 or y1 <= y0:
         return False, 0.0
-    labels = palette_labels(output[y0:y1, x0:x1], ring_colour(output, (x0, y0, x1, y1)))
     kind = edit["kind"]
+    if kind == "remove":
+        left = coloured_fraction(output, edit["box"], edit["shape"])
+        box_l1 = float(l1(output[y0:y1, x0:x1], target[y0:y1, x0:x1]))
+        return left <= MAX_LEFT and box_l1 <= MAX_BOX_L1, left
+    labels = palette_labels(output[y0:y1, x0:x1], ring_colour(output, (x0, y0, x1, y1)))
     if kind == "colour":
         area = shape_mask(edit["shape"], x1 - x0, y1 - y0).sum()
         counts = np.bincount(labels[labels >= 0], minlength=len(COLOURS))
         want = COLOURS.index(edit["colour"])
         cover = counts[want] / area
         return bool(cover >= MIN_COVER and counts[want] == counts.max()), float(cover)
-    if kind == "remove":
-        left = float(np.mean(labels[shape_mask(edit["shape"], x1 - x0, y1 - y0)] >= 0))
-        box_l1 = float(l1(output[y0:y1, x0:x1], target[y0:y1, x0:x1]))
-        return left <= MAX_LEFT and box_l1 <= MAX_BOX_L1, left
     if kind in ("shape", "add"):
         pixels = labels >= 0 if kind == "shape" else labels == COLOURS.index(edit["colour"])
         iou = _best_shape(pixels, edit["shape"])
@@ -148,7 +169,8 @@ def judge(output, target, edit: Mapping) -> tuple[bool, float]:
 def evaluate(outputs, targets, edits: Sequence[Mapping]) -> list[dict]:
     """Per-sample metrics of a batch: outputs, targets uint8/float[B, H, W, 3]; edits: B metadata dicts.
 
-    Returns [{"kind", "refer", "l1", "l2", "l1_outside", "success", "evidence"}] (floats).
+    Returns [{"kind", "refer", "l1", "l2", "l1_outside", "success", "evidence", "kept", "specific"}]
+    (floats); edits also need "objects" and "object" (the ShapeEdit sample's) for kept.
     """
     outputs, targets = _pair(outputs, targets)
     if len(edits) != len(outputs):
@@ -158,10 +180,12 @@ def evaluate(outputs, targets, edits: Sequence[Mapping]) -> list[dict]:
     records = []
     for i, edit in enumerate(edits):
         success, evidence = judge(outputs[i], targets[i], edit)
+        others_kept = kept(outputs[i], edit)
         records.append({
             "kind": edit["kind"], "refer": edit["refer"],
             "l1": float(distances[0][i]), "l2": float(distances[1][i]), "l1_outside": float(distances[2][i]),
             "success": float(success), "evidence": evidence,
+            "kept": others_kept, "specific": float(success and others_kept == 1.0),
         })  # fmt: skip
     return records
 
