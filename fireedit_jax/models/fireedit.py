@@ -80,6 +80,8 @@ class EditModel:
     clip_vision: CLIPVisionModel | None = None
     vlm_image_size: int = 448
     hvca_sizes: tuple[int, ...] = (224, 448)
+    coord_channels: bool = False  # the UNet also reads x, y ∈ [−1, 1] (two input channels)
+    source_blend: bool = False  # x0 = m·source + (1 − m)·content, both from the UNet (x0 prediction)
 
     @classmethod
     def from_config(cls, model: ml_collections.ConfigDict, *, dtype=jnp.float32, attention: str | None = None):
@@ -90,7 +92,10 @@ class EditModel:
             unet=UNet(dataclass_from_dict(UNetConfig, model.unet), **kw),
             vae=VAE(dataclass_from_dict(VAEConfig, model.vae), **kw),
             conditioner=model.conditioner,
+            coord_channels=bool(model.get("coord_channels", False)),
+            source_blend=bool(model.get("source_blend", False)),
         )
+        _check_unet_channels(parts["unet"].config, parts["vae"].config, model)
         if model.conditioner == "clip_text" or model.get("text_encoder") is not None:
             parts["text_encoder"] = CLIPTextModel(dataclass_from_dict(CLIPTextConfig, model.text_encoder), **kw)
         if model.conditioner == "vlm":
@@ -248,7 +253,35 @@ class EditModel:
         text = cond["text"]
         if self.tati is not None:
             text = self.tati.apply({"params": params["tati"]}, text, t)
-        return self.unet.apply({"params": params["unet"]}, latents_in, t, text, cond.get("visual"))
+        unet_in = jnp.concatenate([latents_in, coordinates(latents_in)], -1) if self.coord_channels else latents_in
+        out = self.unet.apply({"params": params["unet"]}, unet_in, t, text, cond.get("visual"))
+        if not self.source_blend:
+            return out
+        # latents_in = noisy ‖ image latent (unscaled; zeros in the image-null branches)
+        content, logits = jnp.split(out, 2, axis=-1)
+        source = latents_in[..., -content.shape[-1] :] * self.vae.config.scaling_factor
+        keep = jax.nn.sigmoid(logits.astype(jnp.float32))
+        return (keep * source + (1.0 - keep) * content).astype(out.dtype)
+
+
+def coordinates(x: jax.Array) -> jax.Array:
+    """float[B, h, w, C] → float[B, h, w, 2]: each cell's (x, y), −1 at the left / top edge, +1 at the right / bottom."""
+    b, h, w, _ = x.shape
+    ys, xs = jnp.meshgrid(jnp.linspace(-1.0, 1.0, h), jnp.linspace(-1.0, 1.0, w), indexing="ij")
+    return jnp.broadcast_to(jnp.stack([xs, ys], -1), (b, h, w, 2)).astype(x.dtype)
+
+
+def _check_unet_channels(unet: UNetConfig, vae: VAEConfig, model: ml_collections.ConfigDict) -> None:
+    """The UNet's channels must fit the input and output that coord_channels and source_blend give it."""
+    coords, blend = bool(model.get("coord_channels", False)), bool(model.get("source_blend", False))
+    if blend and model.scheduler.get("prediction_type") != "sample":
+        raise ValueError("source_blend mixes the source latent into an x0 prediction: it needs "
+                         "scheduler.prediction_type='sample'")  # fmt: skip
+    latent = vae.latent_channels
+    want = (2 * latent + 2 * coords, latent * (1 + blend))
+    if (unet.in_channels, unet.out_channels) != want:
+        raise ValueError(f"the UNet has {unet.in_channels} input / {unet.out_channels} output channels; {latent} "
+                         f"latent channels with coord_channels={coords}, source_blend={blend} need {want[0]} / {want[1]}")
 
 
 def trainable_counts(tree) -> dict[str, int]:
