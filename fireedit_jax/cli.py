@@ -87,7 +87,7 @@ def _demo(args) -> int:
     from fireedit_jax.demo import run_demo
 
     run_demo(args.out, fresh=args.fresh, steps=args.steps, batch_size=args.batch_size, samples=args.samples,
-             edit_steps=args.edit_steps)  # fmt: skip
+             edit_steps=args.edit_steps, guidance=(args.image_guidance, args.text_guidance))  # fmt: skip
     return 0
 
 
@@ -326,13 +326,17 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_arguments(plan_parser)
     plan_parser.set_defaults(run=plan.run)
 
+    from fireedit_jax.demo import GUIDANCE, STEPS  # numpy and PIL only
+
     demo = commands.add_parser("demo", help="the end-to-end demo (writes outputs/demo/)")
     demo.add_argument("--out", default="outputs/demo")
     demo.add_argument("--fresh", action="store_true", help="retrain from scratch instead of reusing OUT/train")
-    demo.add_argument("--steps", type=int, default=1100, help="training steps")
+    demo.add_argument("--steps", type=int, default=STEPS, help=f"training steps (default {STEPS})")
     demo.add_argument("--batch-size", type=int, default=16)
     demo.add_argument("--samples", type=int, default=64, help="test scenes edited and scored")
     demo.add_argument("--edit-steps", type=int, default=20, help="denoising steps per edit")
+    demo.add_argument("--image-guidance", type=float, default=GUIDANCE[0], help=f"s_I (default {GUIDANCE[0]})")
+    demo.add_argument("--text-guidance", type=float, default=GUIDANCE[1], help=f"s_T (default {GUIDANCE[1]})")
     demo.set_defaults(run=_demo)
     return parser
 

@@ -19,12 +19,13 @@ def test_demo_writes_its_files_and_reuses_the_checkpoint(tmp_path, capsys):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["train_steps"] == 24 and set(metrics["models"]) == {"trained", "untrained", "copy_input"}
     for summary in metrics["models"].values():
-        assert set(summary["overall"]) >= {"success", "l1", "l2", "l1_outside"}
+        assert set(summary["overall"]) >= {"success", "specific", "kept", "l1", "l2", "l1_outside"}
         assert set(summary["refer"]) <= {"attribute", "position", "size", "corner"}
     copy = metrics["models"]["copy_input"]["overall"]
     assert copy["l1_outside"] == 0.0 and copy["l1"] > 0.0  # the input is the target outside the edited box
+    assert copy["kept"] == 1.0 and copy["specific"] == copy["success"] == 0.0
     table = capsys.readouterr().out
-    assert "copy_input" in table and "edit success" in table
+    assert "copy_input" in table and "edit success" in table and "specific" in table
 
     assert cli.main(["demo", "--out", str(out), *TINY_DEMO]) == 0
     assert "reusing the training run" in capsys.readouterr().out
