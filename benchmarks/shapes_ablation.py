@@ -17,8 +17,9 @@ on the held-out split; on the test split, success judged in the box alone, the f
 of other objects kept, and preservation L1 outside the edited box; mean ± half the range
 over seeds.
 Not run in CI: on the 2-core CPU one row-seed of the demo's 1,500 steps costs about 10 minutes. A re-run
-reuses the row-seeds whose OUT/<row>_seed<seed>/scores.json exists (refusing one of another budget;
---rescore edits and scores their checkpoints again) and resumes unfinished training.
+reuses the row-seeds whose OUT/<row>_seed<seed>/scores.json exists (refusing one trained with another
+budget, and one scored with other settings unless --rescore, which edits and scores its checkpoint
+again) and resumes unfinished training.
 """
 
 from __future__ import annotations
@@ -56,15 +57,19 @@ def run_one(variant: str, seed: int, args) -> dict:
     from fireedit_jax.train.run import train_and_evaluate
 
     workdir = os.path.join(args.out, f"{variant}_seed{seed}")
-    budget = {k: getattr(args, k) for k in ("steps", "batch_size", "samples", "edit_steps")}
+    budget = {k: getattr(args, k) for k in ("steps", "batch_size")}  # what trained the checkpoint
+    settings = {k: getattr(args, k) for k in ("samples", "edit_steps", "guidance")}  # what scored it
     if os.path.exists(os.path.join(workdir, "scores.json")):
         with open(os.path.join(workdir, "scores.json")) as f:
             result = json.load(f)
-        scored_with = {k: result.get(k) for k in budget}
-        if scored_with != budget:
-            raise SystemExit(f"{workdir} was scored with {scored_with}, not {budget}: pass another --out")
-        if not args.rescore:
+        trained_with = {k: result.get(k) for k in budget}
+        if trained_with != budget:
+            raise SystemExit(f"{workdir} was trained with {trained_with}, not {budget}: pass another --out")
+        scored_with = {k: result.get(k) for k in settings}
+        if scored_with == settings and not args.rescore:
             return result
+        if not args.rescore:
+            raise SystemExit(f"{workdir} was scored with {scored_with}, not {settings}: pass --rescore or another --out")
         train_seconds = result["train_seconds"]
     else:
         start = time.perf_counter()
@@ -72,7 +77,7 @@ def run_one(variant: str, seed: int, args) -> dict:
                            os.path.join(workdir, "train"))  # fmt: skip
         train_seconds = round(time.perf_counter() - start, 1)
         ckpt_lib.export(os.path.join(workdir, "train"), os.path.join(workdir, "checkpoint"))
-    result = {**score(workdir, f"{variant} seed {seed}", args), **budget, "train_seconds": train_seconds}
+    result = {**score(workdir, f"{variant} seed {seed}", args), **budget, **settings, "train_seconds": train_seconds}
     with open(os.path.join(workdir, "scores.json"), "w") as f:
         json.dump(result, f, indent=1)
     return result
@@ -87,7 +92,7 @@ def score(workdir: str, name: str, args) -> dict:
     for split in ("test", "heldout"):
         samples = demo.test_samples(editor.config, args.samples, split)
         outputs = demo.edit_samples(editor, samples, steps=args.edit_steps, batch_size=args.batch_size,
-                                    desc=f"{name} {split}")  # fmt: skip
+                                    guidance=tuple(args.guidance), desc=f"{name} {split}")  # fmt: skip
         scores[split] = demo.score(outputs, samples)
     return {
         "test": scores["test"]["overall"]["specific"], "position/size": position_size(scores["test"]),
@@ -110,7 +115,7 @@ def markdown(results: dict, args) -> str:
             cells.append(f"{values.mean():.3f} ± {spread:.3f}")
         lines.append(f"| {ROWS[variant]} | {' | '.join(cells)} |")
     lines.append(f"\n{args.steps} steps × batch {args.batch_size}, seeds {args.seeds}, {args.samples} scenes per split, "
-                 f"{args.edit_steps} denoising steps, guidance s_I / s_T {demo.GUIDANCE[0]} / {demo.GUIDANCE[1]}.")  # fmt: skip
+                 f"{args.edit_steps} denoising steps, guidance s_I / s_T {args.guidance[0]} / {args.guidance[1]}.")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -121,10 +126,13 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--samples", type=int, default=128, help="scenes per split")
     parser.add_argument("--edit-steps", type=int, default=20)
+    parser.add_argument("--guidance", type=float, nargs=2, default=list(demo.GUIDANCE), metavar=("S_I", "S_T"),
+                        help=f"image and text guidance of the edits (the demo's {demo.GUIDANCE[0]} {demo.GUIDANCE[1]})")
     parser.add_argument("--variants", nargs="+", default=list(ROWS), choices=list(ROWS))
     parser.add_argument("--out", default="outputs/ablation")
     parser.add_argument("--rescore", action="store_true",
-                        help="edit and score the finished row-seeds again (after a change to the metrics)")
+                        help="edit and score the finished row-seeds again (other --samples / --edit-steps / --guidance, "
+                             "or after a change to the metrics)")
     args = parser.parse_args(argv)
     demo.use_compilation_cache(args.out)
     results = {v: [run_one(v, seed, args) for seed in args.seeds] for v in args.variants}
