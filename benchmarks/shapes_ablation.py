@@ -1,6 +1,6 @@
 """The paper's Table 3 ablation on ShapeEdit, plus the InstructPix2Pix-style text-encoder baseline.
 
-    .venv/bin/python benchmarks/shapes_ablation.py --steps 600 --seeds 0 1 --out outputs/ablation
+    .venv/bin/python benchmarks/shapes_ablation.py --seeds 0 1 --samples 128 --out outputs/ablation
 
 Rows (configs/shapes.py variants), each trained from scratch with the same budget
 (steps × batch) and seeds:

@@ -1,0 +1,89 @@
+"""benchmarks/shapes_ablation.py's bookkeeping: which finished row-seeds it reuses, refuses or re-scores,
+and its table (the training and editing themselves are the demo's, tested in test_demo.py)."""
+
+import importlib.util
+import json
+import os
+import types
+
+import pytest
+
+PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "shapes_ablation.py")
+spec = importlib.util.spec_from_file_location("shapes_ablation", PATH)
+ablation = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(ablation)
+
+
+def _args(out, **changes):
+    args = dict(steps=1500, batch_size=16, samples=128, edit_steps=20, guidance=[1.0, 3.0], rescore=False, out=str(out))
+    return types.SimpleNamespace(**{**args, **changes})
+
+
+def _summary(specific, success, kept, refer_specific=None):
+    overall = {"count": 4, "specific": specific, "success": success, "kept": kept, "l1_outside": 0.01}
+    refer = {k: {"count": 2, "specific": v} for k, v in (refer_specific or {}).items()}
+    return {"overall": overall, "refer": refer}
+
+
+def _finished(out, variant, seed, value, **recorded):
+    result = {
+        "test": value, "position/size": value, "heldout": value, "l1_outside": 0.01,
+        "summaries": {"test": _summary(value, value + 0.1, 0.9)},
+        **{k: v for k, v in vars(_args(out)).items() if k in ("steps", "batch_size", "samples", "edit_steps",
+                                                              "guidance")},  # fmt: skip
+        "train_seconds": 1.0, **recorded,
+    }  # fmt: skip
+    os.makedirs(out / f"{variant}_seed{seed}")
+    (out / f"{variant}_seed{seed}" / "scores.json").write_text(json.dumps(result))
+    return result
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """Training or scoring in these tests is a bug: each raises."""
+    import fireedit_jax.train.run
+
+    def refuse(*_, **__):
+        raise AssertionError("trained or scored a finished row-seed")
+
+    monkeypatch.setattr(fireedit_jax.train.run, "train_and_evaluate", refuse)
+    monkeypatch.setattr(ablation, "score", refuse)
+
+
+def test_a_finished_row_seed_is_reused_with_the_same_budget_and_settings(tmp_path, no_work):
+    stored = _finished(tmp_path, "full", 0, 0.25)
+    assert ablation.run_one("full", 0, _args(tmp_path)) == stored
+
+
+def test_another_budget_is_refused_even_with_rescore(tmp_path, no_work):
+    _finished(tmp_path, "full", 0, 0.25)
+    for rescore in (False, True):
+        with pytest.raises(SystemExit, match="trained with"):
+            ablation.run_one("full", 0, _args(tmp_path, steps=600, rescore=rescore))
+
+
+def test_other_settings_need_rescore(tmp_path, no_work, monkeypatch):
+    _finished(tmp_path, "full", 0, 0.25, guidance=None)  # scored before --guidance was recorded
+    with pytest.raises(SystemExit, match="--rescore"):
+        ablation.run_one("full", 0, _args(tmp_path))
+    rescored = {"test": 0.5, "position/size": 0.5, "heldout": 0.5, "l1_outside": 0.0, "summaries": {}}
+    monkeypatch.setattr(ablation, "score", lambda *_: rescored)
+    result = ablation.run_one("full", 0, _args(tmp_path, rescore=True))
+    assert result["test"] == 0.5 and result["guidance"] == [1.0, 3.0] and result["train_seconds"] == 1.0
+    assert json.loads((tmp_path / "full_seed0" / "scores.json").read_text()) == result
+
+
+def test_position_size_weights_by_count():
+    summary = {"refer": {"position": {"count": 1, "specific": 1.0}, "size": {"count": 3, "specific": 0.0},
+                         "attribute": {"count": 9, "specific": 1.0}}}  # fmt: skip
+    assert ablation.position_size(summary) == 0.25
+
+
+def test_table_gives_mean_and_half_range_over_seeds(tmp_path):
+    runs = [_finished(tmp_path, "none", 0, 0.2), _finished(tmp_path, "none", 1, 0.4)]
+    table = ablation.markdown({"none": runs}, _args(tmp_path, seeds=[0, 1]))
+    row = next(line for line in table.splitlines() if line.startswith("| none"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1:4] == ["0.300 ± 0.100"] * 3  # test, position/size, heldout
+    assert cells[4] == "0.400 ± 0.100" and cells[5] == "0.900 ± 0.000"  # box success, others kept
+    assert "guidance s_I / s_T 1.0 / 3.0" in table
