@@ -249,19 +249,28 @@ class EditModel:
     # ------------------------------------------------------------------ every step
 
     def denoise(self, params, latents_in: jax.Array, t: jax.Array, cond) -> jax.Array:
-        """The edit loop's denoiser: TATI (if on) makes the text condition time-aware, then the UNet."""
+        """The edit loop's denoiser: the UNet's output, or with source_blend its blend with the source."""
+        out = self.unet_output(params, latents_in, t, cond)
+        if not self.source_blend:
+            return out
+        # latents_in = noisy ‖ image latent (unscaled; zeros in the image-null branches)
+        content, keep = blend_parts(out)
+        source = latents_in[..., -content.shape[-1] :] * self.vae.config.scaling_factor
+        return (keep * source + (1.0 - keep) * content).astype(out.dtype)
+
+    def unet_output(self, params, latents_in: jax.Array, t: jax.Array, cond) -> jax.Array:
+        """TATI (if on) makes the text condition time-aware; the UNet reads latents_in (‖ coordinates if on)."""
         text = cond["text"]
         if self.tati is not None:
             text = self.tati.apply({"params": params["tati"]}, text, t)
         unet_in = jnp.concatenate([latents_in, coordinates(latents_in)], -1) if self.coord_channels else latents_in
-        out = self.unet.apply({"params": params["unet"]}, unet_in, t, text, cond.get("visual"))
-        if not self.source_blend:
-            return out
-        # latents_in = noisy ‖ image latent (unscaled; zeros in the image-null branches)
-        content, logits = jnp.split(out, 2, axis=-1)
-        source = latents_in[..., -content.shape[-1] :] * self.vae.config.scaling_factor
-        keep = jax.nn.sigmoid(logits.astype(jnp.float32))
-        return (keep * source + (1.0 - keep) * content).astype(out.dtype)
+        return self.unet.apply({"params": params["unet"]}, unet_in, t, text, cond.get("visual"))
+
+
+def blend_parts(out: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """A source_blend UNet's output float[B, h, w, 2C] → (content float[B, h, w, C], keep float32 in (0, 1))."""
+    content, logits = jnp.split(out, 2, axis=-1)
+    return content, jax.nn.sigmoid(logits.astype(jnp.float32))
 
 
 def coordinates(x: jax.Array) -> jax.Array:

@@ -1,0 +1,78 @@
+"""Where does a source-blend ShapeEdit checkpoint decide to edit? The keep mask, teacher-forced.
+
+    .venv/bin/python benchmarks/keep_mask.py --checkpoint outputs/demo/checkpoint [--samples 64]
+
+For the first --samples test scenes, the target latent is noised at each of --timesteps and
+given to the denoiser with the source latent and the full condition, as in training. Per edit
+kind it prints the mean keep mask m (x0 = m·source + (1 − m)·content, configs/shapes.py's
+source_blend) on the latent cells the edit changes and on all other cells, and the content's
+L1 to the target on the changed cells beside the source's. A keep near 1 on the changed cells
+at large t means the model copies the source where it should edit: the sampler's first
+steps, which fix the layout, see only noise there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fireedit_jax import demo
+from fireedit_jax.data.shapes import KINDS
+from fireedit_jax.diffusion.schedules import alphas_cumprod
+from fireedit_jax.models.fireedit import blend_parts
+from fireedit_jax.pipeline import Editor
+
+
+def keep_on_edits(editor: Editor, samples: list[dict], timesteps, seed: int = 0) -> dict:
+    """{t: {kind: (keep on changed cells, keep elsewhere, content L1 there, source L1 there)}}."""
+    model, params = editor.model, editor.params
+    pixels = lambda key: jnp.asarray(np.stack([s[key] for s in samples]), jnp.float32) / 127.5 - 1.0  # noqa: E731
+    source, scale = model.encode_image(params, pixels("source")), model.vae.config.scaling_factor
+    target = model.encode_image(params, pixels("target")) * scale
+    boxes = [s["boxes"] for s in samples]
+    cond, _ = model.condition(params, pixels("source"), *editor.text_inputs([s["instruction"] for s in samples], boxes))
+    source_l1 = np.abs(np.asarray(source * scale - target)).mean(-1)
+    changed = source_l1 > 1e-3  # bool[B, h, w]
+    kinds = np.array([s["kind"] for s in samples])
+    abar = alphas_cumprod(editor.scheduler_config)
+    parts = jax.jit(lambda x, t: blend_parts(model.unet_output(params, x, t, cond)))
+    result = {}
+    for t in timesteps:
+        noise = jax.random.normal(jax.random.PRNGKey(seed + t), target.shape)
+        noisy = np.sqrt(abar[t]) * target + np.sqrt(1.0 - abar[t]) * noise
+        content, keep = parts(jnp.concatenate([noisy, source], -1), jnp.full(len(samples), float(t)))
+        keep, content_l1 = np.asarray(keep).mean(-1), np.abs(np.asarray(content - target)).mean(-1)
+        result[t] = {}
+        for kind in KINDS:
+            pick = kinds == kind
+            on, off = changed & pick[:, None, None], ~changed & pick[:, None, None]
+            if on.any():
+                result[t][kind] = (keep[on].mean(), keep[off].mean(), content_l1[on].mean(), source_l1[on].mean())
+    return result
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--checkpoint", required=True, help="a ShapeEdit FireEdit checkpoint with source_blend")
+    parser.add_argument("--samples", type=int, default=64, help="test scenes")
+    parser.add_argument("--timesteps", type=int, nargs="+", default=[100, 500, 900])
+    args = parser.parse_args(argv)
+    editor = Editor.from_pretrained(args.checkpoint)
+    if not editor.model.source_blend:
+        parser.error(f"{args.checkpoint} predicts x0 directly (model.source_blend off): it has no keep mask")
+    samples = demo.test_samples(editor.config, args.samples)
+    print(f"{'t':>4s} {'kind':7s} {'edits':>5s} {'keep on changed':>15s} {'keep elsewhere':>14s} "
+          f"{'content L1':>10s} {'source L1':>9s}  (on the changed latent cells)")
+    kinds = [s["kind"] for s in samples]
+    for t, rows in keep_on_edits(editor, samples, args.timesteps).items():
+        for kind, (on, off, content, source) in rows.items():
+            print(f"{t:4d} {kind:7s} {kinds.count(kind):5d} {on:15.3f} {off:14.3f} {content:10.3f} {source:9.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
