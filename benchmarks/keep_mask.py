@@ -1,6 +1,6 @@
 """Where does a source-blend ShapeEdit checkpoint decide to edit? The keep mask, teacher-forced.
 
-    .venv/bin/python benchmarks/keep_mask.py --checkpoint outputs/demo/checkpoint [--samples 64]
+    .venv/bin/python benchmarks/keep_mask.py --checkpoint outputs/demo/checkpoint [--samples 64] [--no-instruction]
 
 For the first --samples test scenes, the target latent is noised at each of --timesteps and
 given to the denoiser with the source latent and the full condition, as in training. Per edit
@@ -8,7 +8,8 @@ kind it prints the mean keep mask m (x0 = m·source + (1 − m)·content, config
 source_blend) on the latent cells the edit changes and on all other cells, and the content's
 L1 to the target on the changed cells beside the source's. A keep near 1 on the changed cells
 at large t means the model copies the source where it should edit: the sampler's first
-steps, which fix the layout, see only noise there.
+steps, which fix the layout, see only noise there. --no-instruction: the null text in place
+of the instruction (the guidance's image-only branch): how much of the mask the instruction sets.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from fireedit_jax.models.fireedit import blend_parts
 from fireedit_jax.pipeline import Editor
 
 
-def keep_on_edits(editor: Editor, samples: list[dict], timesteps, seed: int = 0) -> dict:
+def keep_on_edits(editor: Editor, samples: list[dict], timesteps, *, instruction: bool = True, seed: int = 0) -> dict:
     """{t: {kind: (keep on changed cells, keep elsewhere, content L1 there, source L1 there)}}."""
     model, params = editor.model, editor.params
     pixels = lambda key: jnp.asarray(np.stack([s[key] for s in samples]), jnp.float32) / 127.5 - 1.0  # noqa: E731
@@ -35,6 +36,9 @@ def keep_on_edits(editor: Editor, samples: list[dict], timesteps, seed: int = 0)
     target = model.encode_image(params, pixels("target")) * scale
     boxes = [s["boxes"] for s in samples]
     cond, _ = model.condition(params, pixels("source"), *editor.text_inputs([s["instruction"] for s in samples], boxes))
+    if not instruction:
+        image_only = model.branches(params, cond)[1]
+        cond = {**image_only, "text": jnp.broadcast_to(image_only["text"], cond["text"].shape)}
     source_l1 = np.abs(np.asarray(source * scale - target)).mean(-1)
     changed = source_l1 > 1e-3  # bool[B, h, w]
     kinds = np.array([s["kind"] for s in samples])
@@ -60,6 +64,7 @@ def main(argv=None) -> int:
     parser.add_argument("--checkpoint", required=True, help="a ShapeEdit FireEdit checkpoint with source_blend")
     parser.add_argument("--samples", type=int, default=64, help="test scenes")
     parser.add_argument("--timesteps", type=int, nargs="+", default=[100, 500, 900])
+    parser.add_argument("--no-instruction", action="store_true", help="the null text in place of the instruction")
     args = parser.parse_args(argv)
     editor = Editor.from_pretrained(args.checkpoint)
     if not editor.model.source_blend:
@@ -68,7 +73,7 @@ def main(argv=None) -> int:
     print(f"{'t':>4s} {'kind':7s} {'edits':>5s} {'keep on changed':>15s} {'keep elsewhere':>14s} "
           f"{'content L1':>10s} {'source L1':>9s}  (on the changed latent cells)")
     kinds = [s["kind"] for s in samples]
-    for t, rows in keep_on_edits(editor, samples, args.timesteps).items():
+    for t, rows in keep_on_edits(editor, samples, args.timesteps, instruction=not args.no_instruction).items():
         for kind, (on, off, content, source) in rows.items():
             print(f"{t:4d} {kind:7s} {kinds.count(kind):5d} {on:15.3f} {off:14.3f} {content:10.3f} {source:9.3f}")
     return 0
