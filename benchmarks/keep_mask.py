@@ -25,21 +25,25 @@ from fireedit_jax import demo
 from fireedit_jax.data.shapes import KINDS
 from fireedit_jax.diffusion.schedules import alphas_cumprod
 from fireedit_jax.models.fireedit import blend_parts
+from fireedit_jax.models.vae import scale_latents
 from fireedit_jax.pipeline import Editor
+from fireedit_jax.train.losses import encode_latents
 
 
 def keep_on_edits(editor: Editor, samples: list[dict], timesteps, *, instruction: bool = True, seed: int = 0) -> dict:
-    """{t: {kind: (keep on changed cells, keep elsewhere, content L1 there, source L1 there)}}."""
+    """{t: {kind: (edits, keep on changed cells, keep elsewhere, content L1 there, source L1 there)}}."""
     model, params = editor.model, editor.params
     pixels = lambda key: jnp.asarray(np.stack([s[key] for s in samples]), jnp.float32) / 127.5 - 1.0  # noqa: E731
-    source, scale = model.encode_image(params, pixels("source")), model.vae.config.scaling_factor
-    target = model.encode_image(params, pixels("target")) * scale
+    source_pixels = pixels("source")
+    latents = encode_latents(model, params, source_pixels, pixels("target"))  # as training encodes them
+    source = latents["source_latents"]  # the image condition, unscaled
+    target = scale_latents(latents["target_latents_mean"], model.vae.config)
     boxes = [s["boxes"] for s in samples]
-    cond, _ = model.condition(params, pixels("source"), *editor.text_inputs([s["instruction"] for s in samples], boxes))
+    cond, _ = model.condition(params, source_pixels, *editor.text_inputs([s["instruction"] for s in samples], boxes))
     if not instruction:
         image_only = model.branches(params, cond)[1]
         cond = {**image_only, "text": jnp.broadcast_to(image_only["text"], cond["text"].shape)}
-    source_l1 = np.abs(np.asarray(source * scale - target)).mean(-1)
+    source_l1 = np.abs(np.asarray(scale_latents(source, model.vae.config) - target)).mean(-1)
     changed = source_l1 > 1e-3  # bool[B, h, w]
     kinds = np.array([s["kind"] for s in samples])
     abar = alphas_cumprod(editor.scheduler_config)
@@ -55,7 +59,8 @@ def keep_on_edits(editor: Editor, samples: list[dict], timesteps, *, instruction
             pick = kinds == kind
             on, off = changed & pick[:, None, None], ~changed & pick[:, None, None]
             if on.any():
-                result[t][kind] = (keep[on].mean(), keep[off].mean(), content_l1[on].mean(), source_l1[on].mean())
+                result[t][kind] = (int(pick.sum()), keep[on].mean(), keep[off].mean(), content_l1[on].mean(),
+                                   source_l1[on].mean())  # fmt: skip
     return result
 
 
@@ -72,10 +77,9 @@ def main(argv=None) -> int:
     samples = demo.test_samples(editor.config, args.samples)
     print(f"{'t':>4s} {'kind':7s} {'edits':>5s} {'keep on changed':>15s} {'keep elsewhere':>14s} "
           f"{'content L1':>10s} {'source L1':>9s}  (on the changed latent cells)")
-    kinds = [s["kind"] for s in samples]
     for t, rows in keep_on_edits(editor, samples, args.timesteps, instruction=not args.no_instruction).items():
-        for kind, (on, off, content, source) in rows.items():
-            print(f"{t:4d} {kind:7s} {kinds.count(kind):5d} {on:15.3f} {off:14.3f} {content:10.3f} {source:9.3f}")
+        for kind, (edits, on, off, content, source) in rows.items():
+            print(f"{t:4d} {kind:7s} {edits:5d} {on:15.3f} {off:14.3f} {content:10.3f} {source:9.3f}")
     return 0
 
 

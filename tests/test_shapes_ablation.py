@@ -19,18 +19,17 @@ def _args(out, **changes):
     return types.SimpleNamespace(**{**args, **changes})
 
 
-def _summary(specific, success, kept, refer_specific=None):
-    overall = {"count": 4, "specific": specific, "success": success, "kept": kept, "l1_outside": 0.01}
-    refer = {k: {"count": 2, "specific": v} for k, v in (refer_specific or {}).items()}
-    return {"overall": overall, "refer": refer}
+def _summary(specific, success, kept):
+    return {"overall": {"count": 4, "specific": specific, "success": success, "kept": kept, "l1_outside": 0.01}}
 
 
 def _finished(out, variant, seed, value, **recorded):
+    """A row-seed's scores.json as run_one writes it, trained and scored with _args' budget and settings."""
+    args = vars(_args(out))
     result = {
         "test": value, "position/size": value, "heldout": value, "l1_outside": 0.01,
         "summaries": {"test": _summary(value, value + 0.1, 0.9)},
-        **{k: v for k, v in vars(_args(out)).items() if k in ("steps", "batch_size", "samples", "edit_steps",
-                                                              "guidance")},  # fmt: skip
+        **{k: args[k] for k in ("steps", "batch_size", "samples", "edit_steps", "guidance")},
         "train_seconds": 1.0, **recorded,
     }  # fmt: skip
     os.makedirs(out / f"{variant}_seed{seed}")
