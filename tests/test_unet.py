@@ -97,6 +97,27 @@ def test_parity_linear_projection_odd_size(tmp_path, highest_precision):
     assert err <= 1e-4
 
 
+def test_parity_text_addition_embedding(tmp_path, highest_precision):
+    """addition_embed_type="text": the context attention-pooled into the time embedding, as diffusers'."""
+    torch.manual_seed(2)
+    model = UNet2DConditionModel(in_channels=8, out_channels=4, addition_embed_type="text",
+                                 addition_embed_type_num_heads=4, **TINY["conv_proj"]).eval()  # fmt: skip
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    state, config = _saved(model, tmp_path)
+    assert config.addition_embed_type == "text" and config.addition_embed_type_num_heads == 4
+    params = convert_unet(state, config)
+    assert set(params["params"]["add_embedding"]) == {"norm1", "pool", "proj", "norm2"}
+    err = verify_unet(model, params, config, size=LATENT_SIZE["conv_proj"])
+    print(f"text addition embedding max abs err {err:.2e}")
+    assert err <= 1e-4
+    without = jax.tree.map(lambda x: x, params)
+    del without["params"]["add_embedding"]
+    plain = UNetConfig(**{**config.__dict__, "addition_embed_type": None})
+    assert verify_unet(model, without, plain, size=LATENT_SIZE["conv_proj"]) > 1e-2  # the pooled path counts
+
+
 def test_parity_from_pickle(conv_proj, tmp_path, highest_precision):
     model, _, config, from_safetensors = conv_proj
     state, _ = _saved(model, tmp_path, safe=False)
@@ -172,17 +193,20 @@ def test_decoupled_unet_equals_plain_unet_without_visual(conv_proj, highest_prec
         UNet(config).apply(params, sample, t, context, visual)
 
 
-def test_zero_init_cross_out_starts_the_unet_unconditioned(conv_proj):
-    """zero_init_cross_out: at init the context does not reach the output; without it, it does."""
+@pytest.mark.parametrize("addition", [None, "text"])
+def test_zero_init_cross_out_starts_the_unet_unconditioned(conv_proj, addition):
+    """zero_init_cross_out: at init the context does not reach the output (by cross-attention, or
+    the text add embedding); without it, it does."""
     _, _, config, _ = conv_proj
     sample, t, context = _inputs(config, LATENT_SIZE["conv_proj"])
     other = np.random.default_rng(2).normal(size=context.shape).astype(np.float32)
     for zero in (True, False):
-        unet = UNet(UNetConfig(**{**config.__dict__, "zero_init_cross_out": zero}))
+        unet = UNet(UNetConfig(**{**config.__dict__, "zero_init_cross_out": zero, "addition_embed_type": addition,
+                                  "addition_embed_type_num_heads": 4}))  # fmt: skip
         params = flax.linen.meta.unbox(jax.jit(unet.init)(jax.random.key(0), sample, t, context))
         flat = flax.traverse_util.flatten_dict(params["params"], sep="/")
-        cross_out = [v for k, v in flat.items() if k.endswith("attn2/to_out/kernel")]
-        assert cross_out and all(bool(jnp.all(v == 0)) == zero for v in cross_out)
+        zeroed = [v for k, v in flat.items() if k.endswith(("attn2/to_out/kernel", "add_embedding/norm2/scale"))]
+        assert len(zeroed) == 4 + (addition is not None) and all(bool(jnp.all(v == 0)) == zero for v in zeroed)
         change = np.max(np.abs(np.asarray(unet.apply(params, sample, t, context) - unet.apply(params, sample, t, other))))
         assert (change == 0.0) if zero else (change > 1e-4), (zero, change)
 

@@ -35,8 +35,8 @@ def flax_path(key: str, ndim: int) -> tuple[tuple[str, ...], core.Transform] | N
     for old, new in _RENAMES:
         key = key.replace(old, new)
     *modules, leaf = re.sub(r"\.(\d+)(?=\.)", r"_\1", key).split(".")  # resnets.1.conv1 → resnets_1.conv1
-    if leaf == "bias":
-        return ("params", *modules, "bias"), core.identity
+    if leaf in ("bias", "positional_embedding"):  # the latter: the add embedding's AttentionPooling
+        return ("params", *modules, leaf), core.identity
     if leaf != "weight":
         return None
     if ndim == 1:  # GroupNorm / LayerNorm

@@ -7,6 +7,8 @@ Feature maps are NHWC.
 FireEdit makes every cross-attention decoupled (IP-Adapter style):
   Z' = Attn(Q, K1(context), V1(context)) + λ·Attn(Q, K2(visual), V2(visual)), then to_out,
 with bias-free K2/V2 (`to_k_ip`, `to_v_ip`) that exist only when `config.decoupled`.
+Optionally (`addition_embed_type="text"`, diffusers' option of that name) the context is also
+attention-pooled into the time embedding; SD1.5 and IP2P have no such path.
 """
 
 from __future__ import annotations
@@ -49,7 +51,6 @@ _FIXED_DIFFUSERS_FIELDS = {
     "num_attention_heads": None,
     "dual_cross_attention": False,
     "class_embed_type": None,
-    "addition_embed_type": None,
     "addition_time_embed_dim": None,
     "num_class_embeds": None,
     "resnet_time_scale_shift": "default",
@@ -70,9 +71,9 @@ _FIXED_DIFFUSERS_FIELDS = {
     "reverse_transformer_layers_per_block": None,
 }
 # Fields that change nothing here: the nominal sample size; upcast_attention (our
-# attention already takes scores and softmax in float32); the add-embedding heads
-# (unused without an add-embedding).
-_INERT_DIFFUSERS_FIELDS = ("sample_size", "upcast_attention", "addition_embed_type_num_heads")
+# attention already takes scores and softmax in float32).
+_INERT_DIFFUSERS_FIELDS = ("sample_size", "upcast_attention")
+ADDITION_EMBED_TYPES = (None, "text")
 
 
 def _per_level(value, levels: int, name: str) -> tuple:
@@ -109,8 +110,13 @@ class UNetConfig:
     remat: bool = False  # rematerialise each resnet / transformer block in the backward pass
     decoupled: bool = False  # add the visual branch (to_k_ip, to_v_ip) to every cross-attention
     visual_scale: float = 1.0  # λ
-    # Cross-attentions' to_out starts at zero (adapter style): a UNet trained from scratch
-    # then starts unconditioned instead of learning to suppress its random condition.
+    # "text": diffusers' TextTimeEmbedding, the context attention-pooled into the time
+    # embedding (DeepFloyd IF's; a global path for the condition beside cross-attention)
+    addition_embed_type: str | None = None
+    addition_embed_type_num_heads: int = 64
+    # Cross-attentions' to_out (and the add embedding's last norm scale) start at zero
+    # (adapter style): a UNet trained from scratch then starts unconditioned instead of
+    # learning to suppress its random condition.
     zero_init_cross_out: bool = False
 
     def __post_init__(self):
@@ -125,6 +131,11 @@ class UNetConfig:
             if unknown:
                 raise ValueError(f"{name}: unsupported block types {unknown}; supported: {allowed}")
             set_(name, types)
+        if self.addition_embed_type not in ADDITION_EMBED_TYPES:
+            raise ValueError(f"addition_embed_type={self.addition_embed_type!r}; supported: {ADDITION_EMBED_TYPES}")
+        if self.addition_embed_type and self.cross_attention_dim % self.addition_embed_type_num_heads:
+            raise ValueError(f"cross_attention_dim {self.cross_attention_dim} must divide into "
+                             f"addition_embed_type_num_heads={self.addition_embed_type_num_heads}")  # fmt: skip
         for level, (channels, heads) in enumerate(zip(self.block_out_channels, self.num_heads)):
             if channels % heads or channels % self.norm_num_groups:
                 raise ValueError(
@@ -400,6 +411,47 @@ class UpBlock(nn.Module):
         return x
 
 
+class AttentionPooling(nn.Module):
+    """DeepFloyd IF's pooling: a query from the tokens' mean (+ a learnt embedding) attends over it and them."""
+
+    heads: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        """x: float[B, S, D] → float[B, D]."""
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        b, _, d = x.shape
+        position = self.param("positional_embedding", nn.initializers.normal(d**-0.5), (1, d), self.param_dtype)
+        query = jnp.mean(x, axis=1, keepdims=True) + position.astype(x.dtype)  # float[B, 1, D]
+        tokens = jnp.concatenate([query, x], axis=1)
+
+        def heads(name, y):  # → float[B, L, N, D / N]
+            return dense(d, ("embed", "heads"), name=name, **kw)(y).reshape(b, -1, self.heads, d // self.heads)
+
+        q, k, v = heads("q_proj", query), heads("k_proj", tokens), heads("v_proj", tokens)
+        return dot_product_attention(q, k, v).reshape(b, d)
+
+
+class TextTimeEmbedding(nn.Module):
+    """diffusers' TextTimeEmbedding: LayerNorm, AttentionPooling, Linear, LayerNorm (→ added to the time embedding)."""
+
+    dim: int
+    heads: int
+    zero_init: bool = False  # norm2's scale starts at zero: nothing is added at init
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, context):
+        """context: float[B, S, D] → float[B, dim]."""
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        pooled = AttentionPooling(self.heads, name="pool", **kw)(LayerNorm(name="norm1", **kw)(context))
+        x = dense(self.dim, ("embed", "mlp"), name="proj", **kw)(pooled)
+        return LayerNorm(axis_name="mlp", zero_scale=self.zero_init, name="norm2", **kw)(x)
+
+
 class UNet(nn.Module):
     """ε-prediction UNet of Stable Diffusion 1.x (InstructPix2Pix with in_channels=8)."""
 
@@ -429,6 +481,9 @@ class UNet(nn.Module):
         )
         temb = TimestepMLP(cfg.time_embed_dim, name="time_embedding", **kw)(temb.astype(self.dtype))
         context = context.astype(self.dtype)
+        if cfg.addition_embed_type == "text":
+            temb = temb + TextTimeEmbedding(cfg.time_embed_dim, cfg.addition_embed_type_num_heads,
+                                            cfg.zero_init_cross_out, name="add_embedding", **kw)(context)  # fmt: skip
         visual = None if visual is None else visual.astype(self.dtype)
 
         x = _constrain(conv(cfg.block_out_channels[0], name="conv_in", **kw)(sample.astype(self.dtype)))

@@ -26,6 +26,7 @@ class LayerNorm(nn.Module):
     use_scale: bool = True
     use_bias: bool = True
     axis_name: str = "embed"
+    zero_scale: bool = False  # the scale starts at 0 (the output at its bias)
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -34,7 +35,8 @@ class LayerNorm(nn.Module):
         y = _standardize(x.astype(jnp.float32), -1, self.epsilon)
         d = x.shape[-1]
         if self.use_scale:
-            y = y * self.param("scale", partitioned(nn.initializers.ones, (self.axis_name,)), (d,), self.param_dtype)
+            init = nn.initializers.zeros if self.zero_scale else nn.initializers.ones
+            y = y * self.param("scale", partitioned(init, (self.axis_name,)), (d,), self.param_dtype)
         if self.use_bias:
             y = y + self.param("bias", partitioned(nn.initializers.zeros, (self.axis_name,)), (d,), self.param_dtype)
         return y.astype(self.dtype)
