@@ -36,7 +36,7 @@ ZOOM = 4  # edits.png shows the 32 px images at 128 px
 # (s_I, s_T) of the demo's edits: the paper's 1.5 / 7.5 amplify every difference between the
 # branches of a model trained from scratch into halos (L1 outside the box 0.028 against 0.010)
 GUIDANCE = (1.0, 3.0)
-STEPS = 1500  # training steps of 16 (about 8-12 minutes on a 2-core CPU)
+STEPS = 1500  # training steps of 16 (about 8-14 minutes on a 2-core CPU)
 
 
 def use_compilation_cache(out_dir: str) -> None:
