@@ -44,9 +44,9 @@ TINY = {
 LATENT_SIZE = {"conv_proj": 8, "linear_proj": 10}
 
 
-def _torch_unet(name, seed=0):
+def _torch_unet(name, seed=0, **overrides):
     torch.manual_seed(seed)
-    model = UNet2DConditionModel(in_channels=8, out_channels=4, **TINY[name]).eval()
+    model = UNet2DConditionModel(in_channels=8, out_channels=4, **{**TINY[name], **overrides}).eval()
     with torch.no_grad():  # move every norm and bias off its 1/0 init, so a swapped mapping shows
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -99,12 +99,7 @@ def test_parity_linear_projection_odd_size(tmp_path, highest_precision):
 
 def test_parity_text_addition_embedding(tmp_path, highest_precision):
     """addition_embed_type="text": the context attention-pooled into the time embedding, as diffusers'."""
-    torch.manual_seed(2)
-    model = UNet2DConditionModel(in_channels=8, out_channels=4, addition_embed_type="text",
-                                 addition_embed_type_num_heads=4, **TINY["conv_proj"]).eval()  # fmt: skip
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+    model = _torch_unet("conv_proj", seed=2, addition_embed_type="text", addition_embed_type_num_heads=4)
     state, config = _saved(model, tmp_path)
     assert config.addition_embed_type == "text" and config.addition_embed_type_num_heads == 4
     params = convert_unet(state, config)
@@ -112,8 +107,7 @@ def test_parity_text_addition_embedding(tmp_path, highest_precision):
     err = verify_unet(model, params, config, size=LATENT_SIZE["conv_proj"])
     print(f"text addition embedding max abs err {err:.2e}")
     assert err <= 1e-4
-    without = jax.tree.map(lambda x: x, params)
-    del without["params"]["add_embedding"]
+    without = {"params": {k: v for k, v in params["params"].items() if k != "add_embedding"}}
     plain = UNetConfig(**{**config.__dict__, "addition_embed_type": None})
     assert verify_unet(model, without, plain, size=LATENT_SIZE["conv_proj"]) > 1e-2  # the pooled path counts
 
