@@ -12,11 +12,13 @@ import sys
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from micro import micro_config
 
 MESH = "data=1,fsdp=2,tensor=1"
 STEPS, BATCH = 3, 8
+WORKER_TIMEOUT = 900  # seconds
 
 
 def global_batch(step: int, config) -> dict:
@@ -29,8 +31,6 @@ def global_batch(step: int, config) -> dict:
 def train(devices, rows: slice) -> tuple[np.ndarray, dict]:
     """STEPS steps over `devices`, this process feeding `rows` of each global batch →
     (loss and gradient norm per step, params gathered to the host)."""
-    from jax.experimental import multihost_utils
-
     from fireedit_jax.train import mesh as mesh_lib
     from fireedit_jax.train.step import Trainer
 
@@ -65,7 +65,7 @@ def test_two_processes_agree_with_one(tmp_path):
     ]
     losses, params = train(jax.devices()[:2], slice(None))  # meanwhile: one process, 2 devices
     for worker in workers:
-        out, _ = worker.communicate(timeout=900)
+        out, _ = worker.communicate(timeout=WORKER_TIMEOUT)
         assert worker.returncode == 0, out[-3000:]
     for i in range(2):
         result = np.load(tmp_path / f"out{i}.npz")
@@ -81,7 +81,11 @@ def worker(process_id: int, port: int, out: str) -> None:
     cache = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".jax_cache")
     jax.config.update("jax_compilation_cache_dir", os.environ.get("FIREEDIT_JAX_CACHE", cache))  # as conftest
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=process_id)
+    # a worker can lag minutes behind its peer on a loaded CPU: wait as long as the test does
+    jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=process_id,
+                               initialization_timeout=WORKER_TIMEOUT, shutdown_timeout_seconds=WORKER_TIMEOUT)
+    # gloo gives a peer 30 s to join the first collective: meet while both are still in step
+    multihost_utils.sync_global_devices("initialized")
     assert jax.device_count() == 2 and jax.local_device_count() == 1
     half = BATCH // 2
     losses, params = train(jax.devices(), slice(process_id * half, (process_id + 1) * half))
