@@ -233,6 +233,16 @@ def test_one_object_scenes_refer_by_attribute_and_the_demo_draws_them():
     np.testing.assert_array_equal(tests[3]["source"], want["source"])
 
 
+def test_kinds_restrict_the_edits_drawn():
+    """ShapesConfig.kinds: a sub-task; a list (a config file's) is accepted, an unknown kind refused."""
+    only = shapes.ShapesConfig(size=32, kinds=["colour", "remove"])
+    assert only.kinds == ("colour", "remove")
+    assert {shapes.generate(only, "train", i)["kind"] for i in range(40)} == {"colour", "remove"}
+    for kinds in (("recolour",), ()):
+        with pytest.raises(ValueError, match="colour, shape, remove, add"):
+            shapes.ShapesConfig(kinds=kinds)
+
+
 def test_heldout_pairs_are_only_produced_in_heldout(samples):
     for split in ("train", "test"):
         produced = {(s["colour"], s["shape"]) for s in samples[split]}

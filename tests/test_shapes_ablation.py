@@ -15,7 +15,8 @@ spec.loader.exec_module(ablation)
 
 
 def _args(out, **changes):
-    args = dict(steps=1500, batch_size=16, samples=128, edit_steps=20, guidance=[1.0, 3.0], rescore=False, out=str(out))
+    args = dict(steps=1500, batch_size=16, kinds=None, max_objects=None, samples=128, edit_steps=20,
+                guidance=[1.0, 3.0], rescore=False, out=str(out))  # fmt: skip
     return types.SimpleNamespace(**{**args, **changes})
 
 
@@ -61,6 +62,24 @@ def test_another_budget_is_refused_even_with_rescore(tmp_path, no_work):
             ablation.run_one("full", 0, _args(tmp_path, steps=600, rescore=rescore))
 
 
+def test_a_sub_task_is_another_training(tmp_path, no_work):
+    _finished(tmp_path, "full", 0, 0.25)  # the whole task: no kinds / max_objects recorded
+    with pytest.raises(SystemExit, match="trained with"):
+        ablation.run_one("full", 0, _args(tmp_path, kinds=["colour"]))
+
+
+def test_row_config_trains_and_scores_on_the_sub_task(tmp_path):
+    from fireedit_jax import demo
+
+    config = ablation.row_config("clip_text", 1, _args(tmp_path, kinds=["colour"], max_objects=1))
+    assert config.seed == 1 and config.train.steps == 1500
+    for source in (config.data.sources.shapes, config.data.eval):
+        assert tuple(source.kinds) == ("colour",) and source.min_objects == source.max_objects == 1
+    samples = demo.test_samples(config, 8)
+    assert {s["kind"] for s in samples} == {"colour"} and all(len(s["objects"]) == 1 for s in samples)
+    assert "kinds" not in ablation.row_config("clip_text", 1, _args(tmp_path)).data.eval
+
+
 def test_other_settings_need_rescore(tmp_path, no_work, monkeypatch):
     _finished(tmp_path, "full", 0, 0.25, guidance=None)  # scored before --guidance was recorded
     with pytest.raises(SystemExit, match="--rescore"):
@@ -86,3 +105,8 @@ def test_table_gives_mean_and_half_range_over_seeds(tmp_path):
     assert cells[1:4] == ["0.300 ± 0.100"] * 3  # test, position/size, heldout
     assert cells[4] == "0.400 ± 0.100" and cells[5] == "0.900 ± 0.000"  # box success, others kept
     assert "guidance s_I / s_T 1.0 / 3.0" in table
+    for run in runs:  # one-object scenes have no position/size reference
+        run["position/size"] = float("nan")
+    table = ablation.markdown({"none": runs}, _args(tmp_path, seeds=[0, 1]))
+    row = next(line for line in table.splitlines() if line.startswith("| none"))
+    assert [c.strip() for c in row.strip("|").split("|")][2] == "–"

@@ -116,6 +116,7 @@ class ShapesConfig:
       centre and edge must be than every other candidate's.
     box_jitter: region proposals' corners move by N(0, box_jitter × object side).
     distractor_boxes: extra random boxes appended to the proposals.
+    kinds: the edit kinds drawn, uniformly (a subset of KINDS: a sub-task, e.g. colour alone).
     """
 
     size: int = 64
@@ -128,6 +129,13 @@ class ShapesConfig:
     seed: int = 0
     box_jitter: float = 0.0
     distractor_boxes: int = 0
+    kinds: tuple[str, ...] = KINDS
+
+    def __post_init__(self):
+        object.__setattr__(self, "kinds", tuple(self.kinds))  # a config file's list
+        unknown = [k for k in self.kinds if k not in KINDS]
+        if unknown or not self.kinds:
+            raise ValueError(f"ShapesConfig.kinds={self.kinds!r}: choose one or more of {', '.join(KINDS)}")
 
     def side(self, size: str) -> int:
         """Pixel side of a "small" or "big" object: odd, so shapes are symmetric."""
@@ -339,7 +347,7 @@ def generate(config: ShapesConfig, split: str, index: int) -> dict:
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; known: {', '.join(SPLITS)}")
     rng = np.random.default_rng([config.seed, SPLITS.index(split), index])
-    kind = KINDS[rng.integers(len(KINDS))]
+    kind = config.kinds[rng.integers(len(config.kinds))]
     refers = REFERS if kind == "add" else REFERS[:-1]
     if config.max_objects < 2:  # position and size pick among two or more
         refers = tuple(r for r in refers if r in ("attribute", "corner"))
