@@ -145,7 +145,8 @@ def main(argv=None) -> int:
                         help=f"image and text guidance of the edits (the demo's {demo.GUIDANCE[0]} {demo.GUIDANCE[1]})")
     parser.add_argument("--variants", nargs="+", default=list(ROWS), choices=list(ROWS))
     parser.add_argument("--kinds", nargs="+", choices=KINDS, help="a sub-task: only these edit kinds (default all)")
-    parser.add_argument("--max-objects", type=int, help="a sub-task: at most this many objects per scene (default 5)")
+    parser.add_argument("--max-objects", type=int,
+                        help="a sub-task: at most this many objects per scene (default: configs/shapes.py's)")
     parser.add_argument("--out", default="outputs/ablation")
     parser.add_argument("--rescore", action="store_true",
                         help="edit and score the finished row-seeds again (other --samples / --edit-steps / --guidance, "
