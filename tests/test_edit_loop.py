@@ -36,10 +36,10 @@ def toy_denoise(params, latents_in, t, cond):
     """ε = x + 0.2·tanh(x_in·W)·(1 + t/1000) + 0.1·mean_tokens(cond)·V, x the noisy latents.
 
     Mostly "the noise is the input", so latents keep realistic magnitudes under
-    guidance; the small terms make it depend on the image channels, t and the text.
+    guidance; the small terms make it depend on the image channels (if any), t and the text.
     """
     TRACES["denoise"] += 1
-    mixed = jnp.tanh(latents_in @ params["w_in"]) * (1 + t / 1000)[:, None, None, None]
+    mixed = jnp.tanh(latents_in @ params["w_in"][: latents_in.shape[-1]]) * (1 + t / 1000)[:, None, None, None]
     text = (cond.mean(1) @ params["w_cond"])[:, None, None, :]
     return latents_in[..., :C] + 0.2 * mixed + 0.1 * text
 
@@ -47,7 +47,7 @@ def toy_denoise(params, latents_in, t, cond):
 def toy_denoise_torch(latents_in, t, cond):
     x = latents_in.permute(0, 2, 3, 1)
     t = t.float().expand(x.shape[0])
-    mixed = torch.tanh(x @ torch.from_numpy(W_IN)) * (1 + t / 1000)[:, None, None, None]
+    mixed = torch.tanh(x @ torch.from_numpy(W_IN[: x.shape[-1]])) * (1 + t / 1000)[:, None, None, None]
     text = (cond.mean(1) @ torch.from_numpy(W_COND))[:, None, None, :]
     return (x[..., :C] + 0.2 * mixed + 0.1 * text).permute(0, 3, 1, 2)
 
@@ -173,3 +173,61 @@ def test_sample_edit_needs_noise_or_key():
     sampler = make_sampler("euler_ancestral", SchedulerConfig(), STEPS)
     with pytest.raises(ValueError, match="pass `key`"):
         sample_edit(toy_denoise, PARAMS, sampler, IMAGE, COND, 7.5, 1.5, initial_noise=np.zeros((B, H, W, C)))
+
+
+# ------------------------------------------------------------------ masked sampling and text guidance
+
+MASK = (np.random.default_rng(1).uniform(size=(B, H, W, 1)) > 0.5).astype(np.float32)
+SOURCE = np.random.default_rng(2).standard_normal((B, H, W, C)).astype(np.float32)  # scaled source latents
+TEXT_COND = stack_branches(TEXT, NULL_TEXT, NULL_TEXT)[: 2 * B]  # (full, unconditional)
+
+
+def reference_inpaint_loop(scheduler, text_scale, initial_noise, generator, image_channels, eta=None):
+    """diffusers' StableDiffusionInpaintPipeline loop (its `(uncond, text)` order, chunk(2)): with no
+    image channels (a 4-channel UNet), the latents outside the mask are replaced after every step by
+    the source noised to the next timestep; with image channels (9-channel UNet), they are concatenated."""
+    if hasattr(scheduler, "set_begin_index"):  # as its get_timesteps does at strength 1
+        scheduler.set_begin_index(0)
+    text, null = torch.from_numpy(TEXT), torch.from_numpy(NULL_TEXT).expand(B, L, D)
+    prompt_embeds = torch.cat([null, text])
+    mask = torch.from_numpy(MASK).permute(0, 3, 1, 2)
+    source = torch.from_numpy(SOURCE).permute(0, 3, 1, 2)
+    noise = initial_noise
+    latents = noise * scheduler.init_noise_sigma
+    timesteps = scheduler.timesteps
+    for i, t in enumerate(timesteps):
+        model_in = scheduler.scale_model_input(torch.cat([latents] * 2), t)
+        if image_channels is not None:
+            model_in = torch.cat([model_in, torch.cat([image_channels] * 2)], dim=1)
+        eps_uncond, eps_text = toy_denoise_torch(model_in, t, prompt_embeds).chunk(2)
+        eps = eps_uncond + text_scale * (eps_text - eps_uncond)
+        latents = scheduler.step(eps, t, latents, generator=generator, **({} if eta is None else {"eta": eta})).prev_sample
+        if image_channels is None:
+            proper = source
+            if i < len(timesteps) - 1:
+                proper = scheduler.add_noise(source, noise, torch.tensor([timesteps[i + 1]]))
+            latents = (1 - mask) * proper + mask * latents
+    return latents.permute(0, 2, 3, 1).numpy()
+
+
+@pytest.mark.parametrize("name", CASES)
+@pytest.mark.parametrize("layout", ["blend", "channels"])
+def test_masked_loop_matches_diffusers_inpainting(edit, highest_precision, name, layout):
+    """Text guidance with masked sampling (4-channel UNet) or with the mask and masked latents as
+    image channels (9-channel UNet, here toy-sized: C + C image channels), against diffusers' loop."""
+    cls, kw, eta = CASES[name]
+    scheduler = cls(**IP2P, **kw)
+    scheduler.set_timesteps(STEPS)
+    sampler = make_sampler(name.split("_eta")[0], SchedulerConfig.from_diffusers({**IP2P, **kw}), STEPS, eta=eta or 0.0)
+    initial_ref, generator, initial, step_noise = _noise(seed=7)
+    channels = torch.from_numpy(IMAGE).permute(0, 3, 1, 2) if layout == "channels" else None
+    want = reference_inpaint_loop(scheduler, 5.0, initial_ref, generator, channels, eta=eta)
+    got = edit(PARAMS, sampler, IMAGE if layout == "channels" else None, TEXT_COND, text_scale=5.0, guidance="text",
+               blend=(MASK, SOURCE) if layout == "blend" else None, latent_shape=(B, H, W, C),
+               initial_noise=initial, step_noise=step_noise)  # fmt: skip
+    err = np.abs(np.asarray(got) - want).max()
+    print(f"{name} {layout}: max error {err:.2e}")
+    assert err <= 1e-5
+    if layout == "blend":  # after the last step the outside is the clean source exactly
+        outside = MASK[..., 0] == 0
+        np.testing.assert_allclose(np.asarray(got)[outside], SOURCE[outside], atol=1e-6)

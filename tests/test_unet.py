@@ -265,3 +265,78 @@ def test_remat_matches(conv_proj, highest_precision):
     loss_remat, grads_remat = loss_and_grad(UNetConfig(**{**config.__dict__, "remat": True}))
     np.testing.assert_allclose(loss_remat, loss, rtol=1e-6)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5), grads_remat, grads)
+
+
+# ------------------------------------------------------------------ gated injection (GLIGEN's gated self-attention)
+
+
+def test_gated_self_attention_matches_diffusers(highest_precision):
+    """Our GatedSelfAttention against diffusers' GatedSelfAttentionDense (random weights, gates moved off 0)."""
+    from diffusers.models.attention import GatedSelfAttentionDense
+
+    from fireedit_jax.convert.unet import flax_path
+    from fireedit_jax.models.unet import GatedSelfAttention
+
+    torch.manual_seed(0)
+    reference = GatedSelfAttentionDense(query_dim=16, context_dim=24, n_heads=4, d_head=4).eval()
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    state = {k: v.numpy() for k, v in reference.state_dict().items()}
+    params = {}
+    for key, value in state.items():  # named as inside a block, so the key mapping is the UNet's
+        path, transform = flax_path(f"fuser.{key}", value.ndim)
+        node = params
+        for part in path[2:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = np.asarray(transform(value))
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2, 12, 16)).astype(np.float32)
+    objs = rng.normal(size=(2, 5, 24)).astype(np.float32)
+    with torch.no_grad():
+        want = reference(torch.from_numpy(x), torch.from_numpy(objs)).numpy()
+    got = GatedSelfAttention(heads=4).apply({"params": params}, x, objs)
+    err = float(np.max(np.abs(np.asarray(got) - want)))
+    print(f"gated self-attention max abs err {err:.2e}")
+    assert err <= 1e-4 and np.max(np.abs(want - x)) > 1e-2  # the gates are open: the layer does something
+
+
+def test_parity_gligen_unet(tmp_path, highest_precision):
+    """A diffusers UNet with attention_type="gated" converts (fusers and their gates; position_net
+    ignored) and matches UNet2DConditionModel given the same grounding tokens."""
+    model = _torch_unet("conv_proj", seed=4, attention_type="gated")
+    state, config = _saved(model, tmp_path)
+    assert config.gated_injection and any(".fuser.alpha_attn" in k for k in state)
+    params = convert_unet(state, config)
+    fusers = [p for p in flax.traverse_util.flatten_dict(params) if "fuser" in p]
+    assert fusers and all(not any(k.startswith("position_net") for k in p) for p in fusers)
+    err = verify_unet(model, params, config, size=LATENT_SIZE["conv_proj"])
+    print(f"GLIGEN UNet max abs err {err:.2e}")
+    assert err <= 1e-4
+
+
+def test_gated_injection_closed_gates_is_the_plain_unet_bit_for_bit(conv_proj):
+    """An SD/IP2P checkpoint into a gated UNet: the fusers are left to a fresh init (declared fresh);
+    with φ = 0 the output equals the plain UNet's exactly, with grounding or without; opened gates change it."""
+    _, state, config, params = conv_proj
+    gated = UNetConfig(**{**config.__dict__, "gated_injection": True})
+    converted = convert_unet(state, gated)  # no fuser in the checkpoint: fresh, not an error
+    assert not any("fuser" in p for p in flax.traverse_util.flatten_dict(converted))
+    sample, t, context = _inputs(config, LATENT_SIZE["conv_proj"])
+    unet = UNet(gated)
+    fresh = flax.linen.meta.unbox(jax.jit(unet.init)(jax.random.key(1), sample, t, context))
+    full = flax.traverse_util.unflatten_dict(
+        {**flax.traverse_util.flatten_dict(fresh), **flax.traverse_util.flatten_dict(params)}
+    )
+    grounding = np.random.default_rng(5).normal(size=(2, 6, config.cross_attention_dim)).astype(np.float32)
+    plain = np.asarray(jax.jit(UNet(config).apply)(params, sample, t, context))
+    apply = jax.jit(unet.apply)
+    np.testing.assert_array_equal(np.asarray(apply(full, sample, t, context, None, grounding)), plain)
+    np.testing.assert_array_equal(np.asarray(apply(full, sample, t, context)), plain)
+    opened = jax.tree_util.tree_map_with_path(
+        lambda path, x: x + 0.5 if "alpha" in jax.tree_util.keystr(path) else x, full
+    )
+    moved = np.asarray(apply(opened, sample, t, context, None, grounding))
+    assert np.max(np.abs(moved - plain)) > 1e-3
+    with pytest.raises(ValueError, match="gated"):
+        UNet(config).apply(params, sample, t, context, None, grounding)

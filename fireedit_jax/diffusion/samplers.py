@@ -62,6 +62,12 @@ class Sampler:
         """diffusers' `scale_model_input(x, timesteps[i])`."""
         return x / self.input_divisor[i]
 
+    def renoise(self, x0: jax.Array, noise: jax.Array, i) -> jax.Array:
+        """x0 noised to the level of the latents after step i (clean after the last step): diffusers'
+        `add_noise(x0, noise, timesteps[i + 1])`, what masked sampling puts outside the mask."""
+        c = self.coefficients
+        return c["renoise_signal"][i] * x0.astype(jnp.float32) + c["renoise_noise"][i] * noise.astype(jnp.float32)
+
     def step(self, model_output: jax.Array, i, x: jax.Array, noise: jax.Array | None = None) -> jax.Array:
         """x_{t_i} → x_{t_{i+1}}: diffusers' `step(model_output, timesteps[i], x).prev_sample`.
 
@@ -170,6 +176,9 @@ def make_sampler(name: str, config: SchedulerConfig, num_steps: int, *, eta: flo
         divisor = np.ones(steps, np.float32)
         init_sigma = np.float32(1.0)
         coefficients = _ddim_coefficients(config, timesteps, num_steps, eta)
+        abar_next = alphas_cumprod(config)[timesteps[1:].astype(np.int64)]
+        coefficients["renoise_signal"] = np.append(np.sqrt(abar_next), np.float32(1.0))
+        coefficients["renoise_noise"] = np.append(np.sqrt(np.float32(1.0) - abar_next), np.float32(0.0))
         clip = config.clip_sample_range if config.clip_sample else None
         stochastic = eta > 0
     else:
@@ -179,7 +188,8 @@ def make_sampler(name: str, config: SchedulerConfig, num_steps: int, *, eta: flo
         divisor = np.sqrt(sigma**2 + np.float32(1.0))
         largest = sigmas.max()
         init_sigma = largest if spacing in ("linspace", "trailing") else np.sqrt(largest**2 + np.float32(1.0))
-        coefficients = {"sigma": sigma, "sigma_up": sigma_up, "sigma_down": np.sqrt(sigma_to**2 - sigma_up**2)}
+        coefficients = {"sigma": sigma, "sigma_up": sigma_up, "sigma_down": np.sqrt(sigma_to**2 - sigma_up**2),
+                        "renoise_signal": np.ones_like(sigma_to), "renoise_noise": sigma_to}  # fmt: skip
         clip, stochastic = None, True
     return Sampler(
         timesteps=jnp.asarray(timesteps, jnp.float32),

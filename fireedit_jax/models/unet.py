@@ -9,6 +9,11 @@ FireEdit makes every cross-attention decoupled (IP-Adapter style):
 with bias-free K2/V2 (`to_k_ip`, `to_v_ip`) that exist only when `config.decoupled`.
 Optionally (`addition_embed_type="text"`, diffusers' option of that name) the context is also
 attention-pooled into the time embedding; SD1.5 and IP2P have no such path.
+
+Mask-guided editing (PromptEditDiff) injects spatial tokens G (the mask encoder's) with
+`gated_injection`: each transformer block gets GLIGEN's gated self-attention after its
+self-attention, H = H + tanh(φ_a)·Attn([H, Linear(G)])[:T], H = H + tanh(φ_d)·FF(H), with φ = 0
+at init, so a converted UNet is unchanged until the gates train (diffusers' `attention_type="gated"`).
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import numpy as np
 
 from fireedit_jax.nn.attention import dot_product_attention
 from fireedit_jax.nn.embeddings import TimestepMLP, sinusoidal_embedding
-from fireedit_jax.nn.linear import conv, dense
+from fireedit_jax.nn.linear import conv, dense, partitioned
 from fireedit_jax.nn.mlp import GEGLUFeedForward
 from fireedit_jax.nn.norms import GroupNorm, LayerNorm
 
@@ -64,7 +69,6 @@ _FIXED_DIFFUSERS_FIELDS = {
     "conv_in_kernel": 3,
     "conv_out_kernel": 3,
     "projection_class_embeddings_input_dim": None,
-    "attention_type": "default",
     "class_embeddings_concat": False,
     "mid_block_only_cross_attention": None,
     "cross_attention_norm": None,
@@ -74,6 +78,7 @@ _FIXED_DIFFUSERS_FIELDS = {
 # attention already takes scores and softmax in float32).
 _INERT_DIFFUSERS_FIELDS = ("sample_size", "upcast_attention")
 ADDITION_EMBED_TYPES = (None, "text")
+ATTENTION_TYPES = ("default", "gated")  # diffusers' names; "gated" = gated_injection
 
 
 def _per_level(value, levels: int, name: str) -> tuple:
@@ -118,6 +123,9 @@ class UNetConfig:
     # (adapter style): a UNet trained from scratch then starts unconditioned instead of
     # learning to suppress its random condition.
     zero_init_cross_out: bool = False
+    # GLIGEN's gated self-attention in every transformer block, reading grounding tokens
+    # (float[B, G, cross_attention_dim], the mask encoder's); tanh gates start at zero.
+    gated_injection: bool = False
 
     def __post_init__(self):
         levels = len(self.block_out_channels)
@@ -170,18 +178,22 @@ class UNetConfig:
             if len(set(cross_dim)) != 1:
                 problems.append(f"cross_attention_dim={cross_dim!r} (one width for every level)")
             cross_dim = cross_dim[0]
+        if config.get("attention_type", "default") not in ATTENTION_TYPES:
+            problems.append(f"attention_type={config['attention_type']!r} (supported: {ATTENTION_TYPES})")
         if config.get("norm_num_groups", 32) is None:
             problems.append("norm_num_groups=None (GroupNorm is required)")
         names = {f.name for f in dataclasses.fields(cls)}
-        known = names | set(_FIXED_DIFFUSERS_FIELDS) | set(_INERT_DIFFUSERS_FIELDS) | {"attention_head_dim"}
+        known = names | set(_FIXED_DIFFUSERS_FIELDS) | set(_INERT_DIFFUSERS_FIELDS)
+        known |= {"attention_head_dim", "attention_type"}
         problems += [f"{k} (unknown field)" for k in sorted(set(config) - known)]
         if problems:
             raise ValueError("unsupported UNet2DConditionModel config: " + "; ".join(problems))
         kwargs = {k: _normalise(v) for k, v in config.items() if k in names}
         kwargs["cross_attention_dim"] = cross_dim
+        kwargs["gated_injection"] = config.get("attention_type", "default") == "gated"
         if "attention_head_dim" in config:
             kwargs["num_heads"] = _normalise(config["attention_head_dim"])
-        return cls(**kwargs, **ours)
+        return cls(**{**kwargs, **ours})
 
 
 def _normalise(value):
@@ -292,15 +304,48 @@ class TransformerBlock(nn.Module):
     attention: str | None = None
 
     @nn.compact
-    def __call__(self, x, context, visual):
-        """x: float[B, T, C]; context: float[B, S, D]; visual: float[B, V, D] | None → float[B, T, C]."""
+    def __call__(self, x, context, visual, grounding):
+        """x: float[B, T, C]; context: float[B, S, D]; visual: float[B, V, D] | None;
+        grounding: float[B, G, D] | None (gated_injection) → float[B, T, C]."""
         cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         attn = lambda name, decoupled, zero: Attention(  # noqa: E731
             self.heads, decoupled, cfg.visual_scale, zero, attention=self.attention, name=name, **kw
         )
         x = x + attn("attn1", False, False)(LayerNorm(name="norm1", **kw)(x))
+        if cfg.gated_injection:
+            if grounding is None and self.is_initializing():
+                grounding = jnp.zeros((x.shape[0], 1, context.shape[-1]), x.dtype)  # creates the fuser
+            if grounding is not None:
+                x = GatedSelfAttention(self.heads, attention=self.attention, name="fuser", **kw)(x, grounding)
+        elif grounding is not None:
+            raise ValueError("grounding tokens given to a UNet without gated injection (config.gated_injection=False)")
         x = x + attn("attn2", cfg.decoupled, cfg.zero_init_cross_out)(LayerNorm(name="norm2", **kw)(x), context, visual)
         return x + GEGLUFeedForward(name="ff", **kw)(LayerNorm(name="norm3", **kw)(x))
+
+
+class GatedSelfAttention(nn.Module):
+    """GLIGEN's GatedSelfAttentionDense: the features attend over themselves and the projected
+    grounding tokens (only the feature positions are kept), then a GEGLU feed-forward, each
+    added through a tanh gate that starts at zero."""
+
+    heads: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    attention: str | None = None
+
+    @nn.compact
+    def __call__(self, x, grounding):
+        """x: float[B, T, C]; grounding: float[B, G, D] → float[B, T, C]."""
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        tokens = dense(x.shape[-1], ("embed", "mlp"), name="linear", **kw)(grounding.astype(self.dtype))
+        both = LayerNorm(name="norm1", **kw)(jnp.concatenate([x, tokens], axis=1))
+        attended = Attention(self.heads, attention=self.attention, name="attn", **kw)(both)[:, : x.shape[1]]
+
+        def gate(name):  # tanh(φ), φ a learnt scalar from 0: the block starts as the identity
+            return jnp.tanh(self.param(name, partitioned(nn.initializers.zeros, ()), (), self.param_dtype)).astype(x.dtype)
+
+        x = x + gate("alpha_attn") * attended
+        return x + gate("alpha_dense") * GEGLUFeedForward(name="ff", **kw)(LayerNorm(name="norm2", **kw)(x))
 
 
 class SpatialTransformer(nn.Module):
@@ -314,8 +359,8 @@ class SpatialTransformer(nn.Module):
     attention: str | None = None
 
     @nn.compact
-    def __call__(self, x, context, visual):
-        """x: float[B, H, W, C]; context: float[B, S, D]; visual: float[B, V, D] | None → float[B, H, W, C]."""
+    def __call__(self, x, context, visual, grounding):
+        """x: float[B, H, W, C]; context: float[B, S, D]; visual, grounding: float[B, ·, D] | None → float[B, H, W, C]."""
         cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         b, height, width, channels = x.shape
 
@@ -328,7 +373,7 @@ class SpatialTransformer(nn.Module):
         h = h.reshape(b, height * width, channels)
         for i in range(self.num_layers):
             h = TransformerBlock(cfg, self.heads, attention=self.attention, name=f"transformer_blocks_{i}", **kw)(
-                h, context, visual
+                h, context, visual, grounding
             )
         h = project("proj_out", h.reshape(b, height, width, channels))
         return _constrain(x + h)
@@ -344,7 +389,7 @@ class DownBlock(nn.Module):
     attention: str | None = None
 
     @nn.compact
-    def __call__(self, x, temb, context, visual):
+    def __call__(self, x, temb, context, visual, grounding):
         """Returns the output and the skip tensors for the decoder, highest resolution first."""
         cfg, i, kw = self.config, self.level, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         channels = cfg.block_out_channels[i]
@@ -355,7 +400,7 @@ class DownBlock(nn.Module):
                 x = _maybe_remat(SpatialTransformer, cfg)(
                     cfg, cfg.num_heads[i], cfg.transformer_layers_per_block[i],
                     attention=self.attention, name=f"attentions_{j}", **kw,
-                )(x, context, visual)
+                )(x, context, visual, grounding)
             skips.append(x)
         if i < len(cfg.block_out_channels) - 1:
             x = conv(channels, strides=2, name="downsampler", **kw)(x)
@@ -372,14 +417,14 @@ class MidBlock(nn.Module):
     attention: str | None = None
 
     @nn.compact
-    def __call__(self, x, temb, context, visual):
+    def __call__(self, x, temb, context, visual, grounding):
         cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         channels = cfg.block_out_channels[-1]
         x = _maybe_remat(ResnetBlock, cfg)(cfg, channels, name="resnets_0", **kw)(x, temb)
         x = _maybe_remat(SpatialTransformer, cfg)(
             cfg, cfg.num_heads[-1], cfg.transformer_layers_per_block[-1],
             attention=self.attention, name="attentions_0", **kw,
-        )(x, context, visual)
+        )(x, context, visual, grounding)
         return _maybe_remat(ResnetBlock, cfg)(cfg, channels, name="resnets_1", **kw)(x, temb)
 
 
@@ -393,7 +438,7 @@ class UpBlock(nn.Module):
     attention: str | None = None
 
     @nn.compact
-    def __call__(self, x, skips, temb, context, visual, upsample_size=None):
+    def __call__(self, x, skips, temb, context, visual, grounding, upsample_size=None):
         """skips: this level's encoder tensors, consumed last first; upsample_size: (H, W) or None."""
         cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         level = len(cfg.block_out_channels) - 1 - self.index  # the encoder level at this resolution
@@ -405,7 +450,7 @@ class UpBlock(nn.Module):
                 x = _maybe_remat(SpatialTransformer, cfg)(
                     cfg, cfg.num_heads[level], cfg.transformer_layers_per_block[level],
                     attention=self.attention, name=f"attentions_{j}", **kw,
-                )(x, context, visual)
+                )(x, context, visual, grounding)
         if upsample_size is not None:
             x = conv(channels, name="upsampler", **kw)(upsample_nearest(x, upsample_size))
         return x
@@ -461,7 +506,7 @@ class UNet(nn.Module):
     attention: str | None = None
 
     @nn.compact
-    def __call__(self, sample, timesteps, context, visual=None):
+    def __call__(self, sample, timesteps, context, visual=None, grounding=None):
         """Predicts the noise.
 
         Args:
@@ -469,6 +514,8 @@ class UNet(nn.Module):
           timesteps: float[B] (or a scalar), in the scheduler's 0..1000 range.
           context: float[B, S, D] text conditioning (D = cross_attention_dim).
           visual: float[B, V, D] visual tokens for the decoupled branch, or None.
+          grounding: float[B, G, D] tokens for the gated self-attention (gated_injection), or
+            None: the fusers are skipped, exactly as a UNet without them.
         Returns:
           float[B, H, W, Cout].
         """
@@ -485,19 +532,20 @@ class UNet(nn.Module):
             temb = temb + TextTimeEmbedding(cfg.time_embed_dim, cfg.addition_embed_type_num_heads,
                                             cfg.zero_init_cross_out, name="add_embedding", **kw)(context)  # fmt: skip
         visual = None if visual is None else visual.astype(self.dtype)
+        grounding = None if grounding is None else grounding.astype(self.dtype)
 
         x = _constrain(conv(cfg.block_out_channels[0], name="conv_in", **kw)(sample.astype(self.dtype)))
         skips = [x]
         for i in range(levels):
-            x, level_skips = DownBlock(cfg, i, name=f"down_blocks_{i}", **blocks)(x, temb, context, visual)
+            x, level_skips = DownBlock(cfg, i, name=f"down_blocks_{i}", **blocks)(x, temb, context, visual, grounding)
             skips += level_skips
-        x = MidBlock(cfg, name="mid_block", **blocks)(x, temb, context, visual)
+        x = MidBlock(cfg, name="mid_block", **blocks)(x, temb, context, visual, grounding)
         for u in range(levels):
             n = cfg.layers_per_block[levels - 1 - u] + 1
             skips, level_skips = skips[:-n], skips[-n:]
             # Upsample to the next skip's size, so odd sizes round-trip as in diffusers.
             size = tuple(skips[-1].shape[1:3]) if u < levels - 1 else None
-            x = UpBlock(cfg, u, name=f"up_blocks_{u}", **blocks)(x, level_skips, temb, context, visual, size)
+            x = UpBlock(cfg, u, name=f"up_blocks_{u}", **blocks)(x, level_skips, temb, context, visual, grounding, size)
         x = nn.silu(GroupNorm(cfg.norm_num_groups, cfg.norm_eps, name="conv_norm_out", **kw)(x))
         return conv(cfg.out_channels, name="conv_out", **kw)(x)
 
