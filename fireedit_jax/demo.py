@@ -180,7 +180,8 @@ def run_demo(
     with open(os.path.join(out_dir, "metrics.json"), "w") as f:
         json.dump(summary, f, indent=1)
     print(table(results))
+    settings = f"--steps {edit_steps} --image-guidance {guidance[0]} --text-guidance {guidance[1]}"
     print(f"wrote {out_dir}/edits.png and {out_dir}/metrics.json; edit with\n"
-          f"  fireedit-jax edit --checkpoint {export_dir} --image-guidance {guidance[0]} --text-guidance {guidance[1]} "
-          "--image IMAGE --instruction 'make the red circle blue'")  # fmt: skip
+          f"  fireedit-jax edit --checkpoint {export_dir} {settings} --image IMAGE --instruction 'make the red circle blue'\n"
+          f"or in a web page:\n  fireedit-jax serve --checkpoint {export_dir} {settings}")  # fmt: skip
     return summary

@@ -26,6 +26,7 @@ def test_demo_writes_its_files_and_reuses_the_checkpoint(tmp_path, capsys):
     assert copy["kept"] == 1.0 and copy["specific"] == copy["success"] == 0.0
     table = capsys.readouterr().out
     assert "copy_input" in table and "edit success" in table and "specific" in table
+    assert f"fireedit-jax serve --checkpoint {out / 'checkpoint'} --steps 2 " in table  # the web page, same settings
 
     assert cli.main(["demo", "--out", str(out), *TINY_DEMO]) == 0
     assert "reusing the training run" in capsys.readouterr().out

@@ -1,0 +1,203 @@
+"""`fireedit-jax serve`'s logic without a browser: working sizes, boxes, mask, history, progress, one edit at a time.
+
+tests/test_serve_browser.py runs the page itself in headless Chromium.
+"""
+
+import contextvars
+import threading
+import time
+import types
+
+import ml_collections
+import numpy as np
+import pytest
+from PIL import Image
+
+from fireedit_jax import cli, images, serve
+from fireedit_jax.data.proposals import BoxError
+
+
+class FakeEditor:
+    """Editor.edit's signature (without `mask`, as today) and what a checkpoint's config tells the page;
+    records the images it gets and how many edits overlap."""
+
+    def __init__(self, conditioner="vlm", regions=True, resolution=512):
+        self.config = ml_collections.ConfigDict({"resolution": resolution, "model": {"sampler": "ddim"}})
+        vlm = types.SimpleNamespace(regions=object() if regions else None)
+        self.model = types.SimpleNamespace(conditioner=conditioner, vlm=vlm)
+        self.calls, self.active, self.most_active = [], 0, 0
+        self._count = threading.Lock()
+
+    def edit(self, image, instruction, *, steps=100, image_guidance=1.5, text_guidance=7.5, seed=0, scheduler=None,
+             boxes=None, progress=True):  # fmt: skip
+        with self._count:
+            self.active += 1
+            self.most_active = max(self.most_active, self.active)
+        time.sleep(0.05)
+        self.calls.append({"size": image.size, "steps": steps, "scheduler": scheduler, "boxes": boxes})
+        for step in range(steps):
+            if callable(progress):
+                progress(step)
+        with self._count:
+            self.active -= 1
+        return Image.fromarray(255 - np.asarray(image))
+
+
+class MaskEditor(FakeEditor):
+    """The Editor once mask-guided editing lands: `edit` takes a mask."""
+
+    def edit(self, image, instruction, *, mask=None, **kwargs):
+        self.mask = mask
+        return super().edit(image, instruction, **kwargs)
+
+
+def test_working_sizes_are_few_and_fixed_points_of_working_size():
+    assert serve.bucket_sizes(512) == [(512, 512), (576, 448), (448, 576)]
+    assert serve.bucket_sizes(32) == [(64, 64)]  # the demo checkpoint compiles one size
+    for resolution in (32, 256, 512, 768):
+        for size in serve.bucket_sizes(resolution):
+            assert images.working_size(*size, resolution) == size  # the Editor keeps the size it is given
+    sizes = serve.bucket_sizes(512)
+    assert serve.nearest_bucket(1920, 1080, sizes) == (576, 448)
+    assert serve.nearest_bucket(333, 517, sizes) == (448, 576)
+    assert serve.nearest_bucket(1000, 990, sizes) == (512, 512)
+
+
+def test_boxes_parse_and_a_bad_box_is_named():
+    boxes = serve.parse_boxes("0.1 0.2 0.5 0.6\n\n 0.25, 0.25, 1, 0.9 \n", (32, 32))
+    np.testing.assert_allclose(boxes, [[0.1, 0.2, 0.5, 0.6], [0.25, 0.25, 1, 0.9]], rtol=1e-6)
+    assert serve.parse_boxes("", (32, 32)).shape == (0, 4)
+    with pytest.raises(BoxError, match=r"outside the image.*\[0, 1\]") as err:
+        serve.parse_boxes("0.1 0.1 0.2 0.2\n0.5 0.5 1.4 0.9", (32, 32))
+    assert "box 1" in str(err.value) and "in a 32×32 image" in str(err.value)
+    for bad in ("0.1 0.2 0.5", "a b c d", "0.1 0.2 0.3 0.4 0.5"):
+        with pytest.raises(BoxError, match="must be four numbers"):
+            serve.parse_boxes(bad, (32, 32))
+    with pytest.raises(BoxError, match="zero area"):
+        serve.parse_boxes("0.5 0.5 0.5 0.9", (32, 32))
+
+
+def test_two_clicks_make_a_box_that_holds_both_pixels_and_it_is_drawn():
+    shown = serve.shown_size(32, 32)
+    assert shown == (320, 320)  # a 32 px scene is enlarged to be clicked on
+    assert serve.shown_size(4000, 3000) == (768, 576) and serve.shown_size(500, 400) == (500, 400)
+    corner, text = serve.add_corner(None, "", 200, 40, shown)
+    assert corner == (200, 40) and text == ""
+    corner, text = serve.add_corner(corner, text, 63, 159, shown)  # the second corner above and left of the first
+    assert corner is None
+    np.testing.assert_allclose(serve.parse_boxes(text, (32, 32)), [[63 / 320, 40 / 320, 201 / 320, 160 / 320]],
+                               atol=1e-3)  # fmt: skip
+    _, two = serve.add_corner((0, 0), text, 319, 319, shown)
+    assert two.splitlines() == [text, "0.000 0.000 1.000 1.000"]
+
+    scene = Image.new("RGB", (32, 32), (200, 200, 200))
+    picture = np.asarray(serve.shown_input(scene, "0.25 0.25 0.75 0.75", corner=(10, 300)))
+    assert picture.shape == (320, 320, 3)
+    assert tuple(picture[80, 160]) == serve.BOX_COLOUR and tuple(picture[160, 160]) == (200, 200, 200)
+    assert tuple(picture[300, 10]) == serve.CORNER_COLOUR
+    unreadable = np.asarray(serve.shown_input(scene, "0.5 0.5 1.4 0.9"))
+    assert (unreadable == 200).all()  # a bad box is not drawn (the edit names it)
+
+
+def test_painted_mask_is_the_union_of_the_layers_at_the_image_size():
+    layer = np.zeros((40, 60, 4), np.uint8)
+    other = layer.copy()
+    layer[5:10, 5:20, 3] = 255
+    other[30:35, 50:55, 3] = 200
+    other[0:2, 0:2, 3] = 60  # a faint fringe of a lossy export
+    mask = serve.painted_mask({"background": None, "layers": [layer, other], "composite": None}, (60, 40))
+    assert mask.dtype == bool and mask.shape == (40, 60)
+    assert mask.sum() == 5 * 15 + 5 * 5 and not mask[0, 0] and mask[7, 10] and mask[32, 52]
+    assert serve.painted_mask({"layers": [layer]}, (30, 20)).shape == (20, 30)  # the canvas at another scale
+    assert serve.painted_mask({"layers": [np.zeros((8, 8, 4), np.uint8)]}, (8, 8)) is None
+    assert serve.painted_mask({"background": layer, "layers": []}, (8, 8)) is None
+    assert serve.painted_mask(None, (8, 8)) is None
+
+
+def test_history_keeps_the_input_and_every_turn():
+    source, first, second = (Image.new("RGB", (4, 4), c) for c in ("red", "green", "blue"))
+    history = serve.add_turn([], source, first, "make it green")
+    assert [caption for _, caption in history] == ["input", "1. make it green"] and history[0][0] is source
+    history = serve.add_turn(history, first, second, "make it blue")  # "Edit again": the result is the input
+    assert [caption for _, caption in history] == ["input", "1. make it green", "2. make it blue"]
+    assert history[-1][0] is second
+
+
+def test_step_progress_runs_in_the_requests_context_from_another_thread():
+    request = contextvars.ContextVar("request", default=None)
+    seen = []
+    request.set("event 7")
+    reporter = serve.StepProgress(lambda value, **kw: seen.append((request.get(), value, kw["desc"])), steps=3)
+    request.set(None)  # what XLA's callback thread sees
+    thread = threading.Thread(target=lambda: [reporter(step) for step in range(3)])
+    thread.start()
+    thread.join()
+    assert seen == [("event 7", (i, 3), "denoising") for i in (1, 2, 3)] and reporter.done == 3
+
+
+def test_the_service_edits_one_request_at_a_time_at_its_working_size():
+    editor = FakeEditor(resolution=512)
+    service = serve.EditService(editor)
+    assert not service.takes_mask and service.uses_boxes and service.default_sampler == "ddim"
+    landscape = Image.fromarray(np.random.default_rng(0).integers(0, 256, (300, 500, 3), np.uint8))
+    results = []
+
+    def edit():
+        results.append(service.edit(landscape, "make it blue", steps=3, image_guidance=1.5, text_guidance=7.5, seed=0))
+
+    threads = [threading.Thread(target=edit) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert editor.most_active == 1  # the lock: never two edits (two compilations) at once
+    assert [call["size"] for call in editor.calls] == [(576, 448)] * 3  # 5:3 is edited at the 4:3 working size
+    assert all(result.size == (500, 300) for result in results)  # and returned at its own size
+    assert service.compiled == {((576, 448), 3, "ddim")}
+    assert service.compile_key((640, 480), 3, None) in service.compiled  # another 4:3 upload compiles nothing new
+    assert service.compile_key((640, 480), 3, "euler_ancestral") not in service.compiled
+
+    mask = np.zeros((300, 500), bool)
+    with pytest.raises(ValueError, match="mask-guided editing is not available"):
+        service.edit(landscape, "make it blue", steps=1, image_guidance=1, text_guidance=1, seed=0, mask=mask)
+    masked = serve.EditService(MaskEditor())
+    mask[100:200, 250:] = True
+    assert masked.takes_mask
+    masked.edit(landscape, "make it blue", steps=1, image_guidance=1, text_guidance=1, seed=0, mask=mask)
+    assert masked.editor.mask.shape == (448, 576) and masked.editor.mask.dtype == bool
+    assert masked.editor.mask[:, 300:].any() and not masked.editor.mask[:, :280].any()
+
+
+def test_a_request_gets_a_message_for_what_is_missing_or_ignored():
+    service = serve.EditService(FakeEditor())
+    scene = Image.new("RGB", (32, 32))
+    with pytest.raises(ValueError, match="upload an image first"):
+        service.check(None, "make it blue", "", None)
+    with pytest.raises(ValueError, match="type an instruction"):
+        service.check(scene, "  ", "", None)
+    with pytest.raises(BoxError, match="outside the image"):
+        service.check(scene, "make it blue", "-0.2 0 0.5 0.5", None)
+    boxes, mask, notes = service.check(scene, "make it blue", "0 0 0.5 0.5", None)
+    assert boxes.shape == (1, 4) and mask is None and notes == []
+    for editor in (FakeEditor(conditioner="clip_text"), FakeEditor(regions=False)):
+        boxes, _, notes = serve.EditService(editor).check(scene, "make it blue", "0 0 0.5 0.5", None)
+        assert boxes is None and notes == ["this checkpoint has no region input: the boxes are ignored"]
+
+
+def test_a_file_that_is_no_image_is_named_as_the_user_called_it(tmp_path):
+    (tmp_path / "notes.png").write_text("not an image")
+    with pytest.raises(images.ImageError) as err:
+        serve.load_upload(str(tmp_path / "notes.png"))
+    assert str(err.value).startswith("'notes.png' is not an image") and str(tmp_path) not in str(err.value)
+
+
+def test_serve_command_defaults_to_loopback_and_says_how_to_install_gradio(monkeypatch, capsys):
+    args = cli.build_parser().parse_args(["serve", "--checkpoint", "ckpt"])
+    assert (args.host, args.port, args.steps, args.no_warmup) == ("127.0.0.1", 7860, 100, False)
+
+    def no_gradio():
+        raise ImportError("No module named 'gradio'")
+
+    monkeypatch.setattr(serve, "import_gradio", no_gradio)
+    assert cli.main(["serve", "--checkpoint", "ckpt"]) == 2
+    assert "pip install -e '.[ui]'" in capsys.readouterr().err
