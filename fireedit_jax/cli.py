@@ -86,7 +86,8 @@ def _shapes(args) -> int:
 def _demo(args) -> int:
     from fireedit_jax.demo import run_demo
 
-    run_demo(args.out, fresh=args.fresh, steps=args.steps, batch_size=args.batch_size, samples=args.samples,
+    out = args.out or ("outputs/demo" if args.method == "fireedit" else f"outputs/demo_{args.method}")
+    run_demo(out, method=args.method, fresh=args.fresh, steps=args.steps, batch_size=args.batch_size, samples=args.samples,
              edit_steps=args.edit_steps, guidance=(args.image_guidance, args.text_guidance))  # fmt: skip
     return 0
 
@@ -266,7 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     convert = commands.add_parser("convert", help="convert PyTorch weights into a checkpoint directory")
     families = convert.add_subparsers(dest="family", required=True)
-    ip2p = families.add_parser("ip2p", help="a diffusers InstructPix2Pix directory")
+    ip2p = families.add_parser("ip2p", aliases=["sd"], help="a diffusers InstructPix2Pix directory (or Stable Diffusion: "
+                               "a 9-channel inpainting UNet, or a 4-channel one edited by masked sampling)")
     ip2p.add_argument("--src", required=True, help="directory with unet/ vae/ text_encoder/ tokenizer/ scheduler/")
     ip2p.add_argument("--out", required=True, help="checkpoint directory to write")
     ip2p.add_argument("--verify", action="store_true", help="run torch and ours on random inputs; print the max error")
@@ -329,7 +331,10 @@ def build_parser() -> argparse.ArgumentParser:
     from fireedit_jax.demo import GUIDANCE, STEPS  # numpy and PIL only
 
     demo = commands.add_parser("demo", help="the end-to-end demo (writes outputs/demo/)")
-    demo.add_argument("--out", default="outputs/demo")
+    demo.add_argument("--method", choices=("fireedit", "mask"), default="fireedit",
+                      help="fireedit: configs/shapes.py's FireEdit; mask: configs/shapes_mask.py's mask-guided "
+                           "editor, edited under the exact masks (default fireedit)")  # fmt: skip
+    demo.add_argument("--out", default=None, help="output directory (default outputs/demo, outputs/demo_mask)")
     demo.add_argument("--fresh", action="store_true", help="retrain from scratch instead of reusing OUT/train")
     demo.add_argument("--steps", type=int, default=STEPS, help=f"training steps (default {STEPS})")
     demo.add_argument("--batch-size", type=int, default=16)

@@ -29,7 +29,10 @@ import time
 import numpy as np
 from PIL import Image, ImageDraw
 
-CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "shapes.py")
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+CONFIG, MASK_CONFIG = os.path.join(CONFIGS, "shapes.py"), os.path.join(CONFIGS, "shapes_mask.py")
+# `fireedit-jax demo --method M` trains this variant; "mask*" variants are configs/shapes_mask.py's
+METHOD_VARIANTS = {"fireedit": "full", "mask": "mask"}
 MODELS = ("trained", "untrained", "copy_input")
 ROWS_SHOWN = 8
 ZOOM = 4  # edits.png shows the 32 px images at 128 px
@@ -47,11 +50,19 @@ def use_compilation_cache(out_dir: str) -> None:
         jax.config.update("jax_compilation_cache_dir", os.path.join(out_dir, "jax_cache"))
 
 
+def config_spec(variant: str) -> str:
+    """A demo / ablation variant → FILE:ARG: configs/shapes.py's variants, and configs/shapes_mask.py's
+    as "mask" (its default), "mask_blend", "mask_fireedit"."""
+    if variant.startswith("mask"):
+        return f"{MASK_CONFIG}:{variant.removeprefix('mask').removeprefix('_') or 'mask'}"
+    return f"{CONFIG}:{variant}"
+
+
 def demo_config(steps: int, batch_size: int, variant: str = "full", seed: int = 0):
-    """configs/shapes.py (`variant`) with the demo's budget."""
+    """configs/shapes.py or configs/shapes_mask.py (`config_spec(variant)`) with the demo's budget."""
     from fireedit_jax.train.run import load_config
 
-    config = load_config(f"{CONFIG}:{variant}")
+    config = load_config(config_spec(variant))
     config.train.steps, config.train.batch_size, config.seed = steps, batch_size, seed
     config.checkpoint.every = max(steps // 4, 1)
     return config
@@ -66,10 +77,15 @@ def test_samples(config, count: int, split: str = "test") -> list[dict]:
     return [source[i] for i in range(count)]
 
 
+def masked(config) -> bool:
+    """Whether the config's model edits under the samples' exact masks (trained with mask_edit)."""
+    return config.train.loss == "mask_edit"
+
+
 def edit_samples(editor, samples, *, steps: int, batch_size: int, guidance: tuple[float, float] = GUIDANCE,
                  seed: int = 0, desc: str = "editing") -> np.ndarray:  # fmt: skip
-    """uint8[N, S, S, 3]: the editor's outputs for the samples' sources, instructions and boxes;
-    guidance: (s_I, s_T)."""
+    """uint8[N, S, S, 3]: the editor's outputs for the samples' sources, instructions and boxes (and
+    their exact edit masks, for a mask-guided checkpoint); guidance: (s_I, s_T)."""
     from tqdm.auto import tqdm
 
     outputs = []
@@ -79,7 +95,8 @@ def edit_samples(editor, samples, *, steps: int, batch_size: int, guidance: tupl
             chunk = samples[start : start + batch_size]
             pixels = np.stack([s["source"] for s in chunk]).astype(np.float32) / 127.5 - 1.0
             boxes = [s["boxes"] for s in chunk] if editor.model.conditioner == "vlm" else None
-            edited = editor.edit_arrays(pixels, [s["instruction"] for s in chunk], boxes=boxes, steps=steps,
+            masks = np.stack([s["mask"] for s in chunk]).astype(np.float32) if masked(editor.config) else None
+            edited = editor.edit_arrays(pixels, [s["instruction"] for s in chunk], boxes=boxes, masks=masks, steps=steps,
                                         image_guidance=guidance[0], text_guidance=guidance[1], seed=seed,
                                         progress=lambda _: bar.update(1))  # fmt: skip
             outputs.append(np.clip((np.asarray(edited) + 1.0) * 127.5 + 0.5, 0, 255).astype(np.uint8))
@@ -139,8 +156,10 @@ def run_demo(
     edit_steps: int = 20,
     guidance: tuple[float, float] = GUIDANCE,
     seed: int = 0,
+    method: str = "fireedit",
 ) -> dict:
-    """Trains (or reuses) the demo model, edits `samples` test scenes, writes OUT; returns metrics.json's content."""
+    """Trains (or reuses) the demo model of `method` (METHOD_VARIANTS), edits `samples` test scenes,
+    writes OUT; returns metrics.json's content."""
     from fireedit_jax.pipeline import Editor
     from fireedit_jax.train import checkpoints as ckpt_lib
     from fireedit_jax.train.run import train_and_evaluate
@@ -150,9 +169,11 @@ def run_demo(
     os.makedirs(out_dir, exist_ok=True)
     use_compilation_cache(out_dir)
     workdir, export_dir = os.path.join(out_dir, "train"), os.path.join(out_dir, "checkpoint")
-    config = demo_config(steps, batch_size, seed=seed)
-    print(f"fireedit-jax demo: a tiny FireEdit trained from scratch on ShapeEdit ({steps} steps of {batch_size}),")
-    print(f"then {samples} test edits scored against exact targets. Output: {out_dir}/")
+    config = demo_config(steps, batch_size, METHOD_VARIANTS[method], seed=seed)
+    what = "a tiny FireEdit" if method == "fireedit" else "a tiny mask-guided editor (PromptEditDiff)"
+    told = " under their exact masks" if masked(config) else ""
+    print(f"fireedit-jax demo: {what} trained from scratch on ShapeEdit ({steps} steps of {batch_size}),")
+    print(f"then {samples} test edits{told} scored against exact targets. Output: {out_dir}/")
     found = ckpt_lib.find_training_checkpoint(workdir) if os.path.isdir(workdir) else None
     if found is not None:
         print(f"  reusing the training run in {workdir} (step {found[1]}; pass --fresh to retrain)")

@@ -62,3 +62,92 @@ def from_model_array(array, size: tuple[int, int] | None = None) -> Image.Image:
     if size is not None and image.size != tuple(size):
         image = image.resize(size, Image.BICUBIC)
     return image
+
+
+# ---------------------------------------------------------------- edit masks (1 = edit, 0 = keep)
+
+GREY_FRACTION = 0.05  # a mask with more grey pixels than this is a picture, not a mask
+
+
+def mask_from_image(image: Image.Image, what: str = "mask") -> np.ndarray:
+    """A mask image → bool[H, W], True where to edit: an image with transparent pixels marks the
+    edit region by transparency (DALL-E 2's edit-mask convention), any other by white. Raises
+    ImageError for a picture that is not a black-and-white mask."""
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        alpha = np.asarray(image.convert("RGBA"))[..., 3]
+        if (alpha < 128).any():
+            return alpha < 128
+    grey = np.asarray(to_rgb(image).convert("L"))
+    if np.mean((grey > 32) & (grey < 223)) > GREY_FRACTION:
+        raise ImageError(f"{what} is not a black-and-white mask: {np.mean((grey > 32) & (grey < 223)):.0%} of its "
+                         "pixels are grey. Paint the region to edit white on black (or transparent)")  # fmt: skip
+    return grey >= 128
+
+
+def load_mask(mask, size: tuple[int, int], what: str = "mask") -> np.ndarray:
+    """A mask path, PIL image or array (bool / 0-1 / 0-255) → bool[H, W] at `size` = (W, H).
+
+    A mask of another size is resized (nearest) with a warning; an empty or all-edit mask is an
+    ImageError (nothing to edit, or nothing to keep: edit without a mask instead)."""
+    import warnings
+
+    if isinstance(mask, (str, os.PathLike, Image.Image)):
+        if isinstance(mask, Image.Image):
+            image = mask
+        else:
+            path = os.fspath(mask)
+            if not os.path.exists(path):
+                raise ImageError(f"{what} {path!r} does not exist")
+            try:
+                with Image.open(path) as opened:
+                    opened.load()
+                    image = opened.copy()
+            except (UnidentifiedImageError, OSError) as err:
+                raise ImageError(f"{what} {path!r} is not a readable image file ({err})") from None
+        array = mask_from_image(image, what)
+    else:
+        array = np.asarray(mask)
+        if array.ndim == 3 and array.shape[-1] == 1:
+            array = array[..., 0]
+        if array.ndim != 2:
+            raise ImageError(f"{what}: expected a [H, W] array, got shape {array.shape}")
+        array = array > (127 if array.dtype == np.uint8 else 0.5)
+    if array.shape[::-1] != tuple(size):
+        warnings.warn(f"{what} is {array.shape[1]}×{array.shape[0]}, the image {size[0]}×{size[1]}: resized (nearest)")
+        array = np.asarray(Image.fromarray(array).resize(tuple(size), Image.NEAREST))
+    if not array.any():
+        raise ImageError(f"{what} is empty: it marks nothing to edit")
+    if array.all():
+        raise ImageError(f"{what} covers the whole image: nothing would be kept (edit without a mask instead)")
+    return array
+
+
+def box_mask(box, size: tuple[int, int]) -> np.ndarray:
+    """A normalised (x0, y0, x1, y1) box → bool[H, W] at `size` = (W, H), True inside (pixel i covers [i, i+1))."""
+    values = np.asarray(box, np.float64).reshape(-1)
+    if values.shape != (4,) or not np.all(np.isfinite(values)):
+        raise ImageError(f"mask box {list(np.asarray(box).reshape(-1))}: expected four numbers x0, y0, x1, y1")
+    if values.min() < 0 or values.max() > 1 or values[2] <= values[0] or values[3] <= values[1]:
+        raise ImageError(f"mask box {values.tolist()} must lie in [0, 1] with x0 < x1 and y0 < y1 "
+                         "(normalised: divide pixel coordinates by the width and height)")  # fmt: skip
+    width, height = size
+    x0, y0, x1, y1 = (int(np.floor(values[0] * width)), int(np.floor(values[1] * height)),
+                      int(np.ceil(values[2] * width)), int(np.ceil(values[3] * height)))  # fmt: skip
+    mask = np.zeros((height, width), bool)
+    mask[y0:y1, x0:x1] = True
+    return mask
+
+
+def soften_mask(mask: np.ndarray, dilation: int = 0, feather: float = 0.0) -> np.ndarray:
+    """bool[H, W] → float32[H, W] in [0, 1]: grown by `dilation` pixels (a square neighbourhood),
+    then feathered outwards: a pixel d pixels outside weighs smoothstep(1 − d / feather), so the
+    region marked stays fully edited and the blend fades out over `feather` pixels around it."""
+    from scipy import ndimage
+
+    out = np.asarray(mask, bool)
+    if dilation:
+        out = ndimage.binary_dilation(out, np.ones((2 * dilation + 1,) * 2, bool))
+    if not feather:
+        return out.astype(np.float32)
+    ramp = np.clip(1.0 - ndimage.distance_transform_edt(~out) / feather, 0.0, 1.0)
+    return (ramp * ramp * (3.0 - 2.0 * ramp)).astype(np.float32)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from typing import Callable, Sequence
@@ -23,12 +24,21 @@ from fireedit_jax.models.fireedit import EditModel, dataclass_from_dict
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
+METHODS = ("ip2p", "fireedit", "mask", "region")
+
+
 class Editor:
     """Edits images with instructions.
 
         editor = Editor.from_pretrained("ckpt/ip2p")
         out = editor.edit("cat.jpg", "make it a tiger")            # → PIL image
         outs = editor.edit([a, b], ["add snow", "make it night"])  # → list, one batch
+        out = editor.edit("cups.jpg", "make it blue", mask="cup_mask.png")     # mask-guided
+        out = editor.edit("cups.jpg", "make it blue", mask_box=[0.1, 0.3, 0.4, 0.8])
+
+    A mask (white where to edit) or a mask box makes the edit mask-guided: outside the mask the
+    latents are the source's at every step (masked sampling, any checkpoint), and a checkpoint
+    with a mask encoder also reads the mask through its UNet's gated self-attention.
     """
 
     def __init__(self, model: EditModel, params, config, tokenizer):
@@ -39,7 +49,52 @@ class Editor:
         self._edit = make_edit_fn(model.denoise)
         self._condition = jax.jit(model.condition)
         self._encode_image = jax.jit(model.encode_image)
+        self._image_condition = jax.jit(model.image_condition_latents)
+        self._latent_mask = jax.jit(model.latent_mask)
         self._decode = jax.jit(model.decode)
+
+    @property
+    def size_multiple(self) -> int:
+        """Image sides must be multiples of this: the latent factor times the UNet's (and the mask
+        encoder's) downsampling; 64 for SD1.5."""
+        unet_cells = 2 ** (len(self.model.unet.config.block_out_channels) - 1)
+        mask_cells = self.model.mask_encoder.config.downsample_factor if self.model.mask_encoder is not None else 1
+        return self.model.latent_factor * math.lcm(unet_cells, mask_cells)
+
+    def working_size(self, width: int, height: int) -> tuple[int, int]:
+        """(W, H) an image of that size is edited at: its aspect at about the checkpoint's resolution²
+        pixels, sides multiples of `size_multiple` (it is returned at its own size)."""
+        return images.working_size(width, height, int(self.config.get("resolution", 512)), self.size_multiple)
+
+    @property
+    def methods(self) -> tuple[str, ...]:
+        """The edit methods this checkpoint serves: its conditioner's (ip2p or fireedit) unless it
+        is an inpainting UNet, and mask (masked sampling works with any UNet; trained with a mask
+        encoder, the UNet also reads the mask). region needs a region predictor (none yet)."""
+        if self.model.image_condition == "masked":
+            return ("mask",)
+        return ("fireedit" if self.model.conditioner == "vlm" else "ip2p", "mask")
+
+    @property
+    def default_method(self) -> str:
+        return "mask" if self.model.mask_encoder is not None or self.model.image_condition == "masked" else self.methods[0]
+
+    def check_method(self, method: str | None, has_mask: bool) -> str:
+        """The method to run (None: the checkpoint's default); ValueError naming what the
+        checkpoint serves when it cannot serve `method`, or when a mask is missing for it."""
+        method = method or self.default_method
+        if method not in METHODS:
+            raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+        if method not in self.methods:
+            if method == "region":
+                why = "it has no region predictor (learnt edit regions)"
+            else:
+                why = f"its conditioner is {self.model.conditioner!r}"
+            raise ValueError(f"this checkpoint cannot edit with --method {method}: {why}. "
+                             f"It serves: {', '.join(self.methods)}")  # fmt: skip
+        if method == "mask" and not has_mask:
+            raise ValueError("--method mask needs the region to edit: a mask image (--mask) or a box (--mask-box)")
+        return method
 
     @classmethod
     def from_pretrained(cls, directory: str, *, dtype: str | None = None, attention: str | None = None) -> Editor:
@@ -64,6 +119,11 @@ class Editor:
         seed: int = 0,
         scheduler: str | None = None,
         boxes=None,
+        mask=None,
+        mask_box=None,
+        mask_dilation: int = 0,
+        mask_feather: float = 0.0,
+        method: str | None = None,
         progress: bool | Callable[[int], None] = True,
     ):
         """Edits one image (→ PIL image) or a list of images with one instruction each (→ list).
@@ -71,28 +131,48 @@ class Editor:
         Images of any size and mode are accepted; each output has its input's size.
         boxes: region proposals for the VLM, normalised xyxy: float[R, 4] for one image, a
         list of those for a list (None: no region tokens).
+        mask: where to edit (a path, PIL image or [H, W] array; white / 1 = edit, or transparent), or
+        mask_box: a normalised (x0, y0, x1, y1) box to edit in; one per image for a list. A mask of
+        another size than its image is resized with a warning.
+        mask_dilation: grow the mask by this many pixels; mask_feather: fade the blend out over this
+        many pixels around it (soft edges).
+        method: ip2p | fireedit | mask | region; None: the checkpoint's own (`check_method`).
         """
         single = isinstance(instruction, str)
         image_list = [image] if single else list(image)
         instructions = [instruction] if single else list(instruction)
-        box_list = [boxes] if single else list(boxes) if boxes is not None else [None] * len(image_list)
+        count = len(image_list)
+        per_image = lambda x: [x] if single else list(x) if x is not None else [None] * count  # noqa: E731
+        box_list, mask_list, mask_boxes = per_image(boxes), per_image(mask), per_image(mask_box)
         if len(image_list) != len(instructions):
             raise ValueError(f"{len(image_list)} images but {len(instructions)} instructions")
-        if len(box_list) != len(image_list):
-            raise ValueError(f"boxes are given for {len(box_list)} images, but there are {len(image_list)} images")
+        for what, given in (("boxes", box_list), ("masks", mask_list), ("mask boxes", mask_boxes)):
+            if len(given) != count:
+                raise ValueError(f"{what} are given for {len(given)} images, but there are {count} images")
+        if mask is not None and mask_box is not None:
+            raise ValueError("give a mask or a mask box, not both")
+        has_mask = mask is not None or mask_box is not None
+        self.check_method(method, has_mask)
         loaded = [images.load_image(x) for x in image_list]
-        resolution = int(self.config.get("resolution", 512))
+        masks = [None] * count
+        if has_mask:
+            masks = [images.load_mask(m, img.size, f"mask {i}") if m is not None else images.box_mask(b, img.size)
+                     for i, (img, m, b) in enumerate(zip(loaded, mask_list, mask_boxes))]  # fmt: skip
         outputs: list[Image.Image | None] = [None] * len(loaded)
         # one batch per working size (images of one size share a compiled loop)
         groups: dict[tuple[int, int], list[int]] = {}
         for i, img in enumerate(loaded):
-            groups.setdefault(images.working_size(*img.size, resolution), []).append(i)
+            groups.setdefault(self.working_size(*img.size), []).append(i)
         for size, members in groups.items():
             pixels = np.stack([images.to_model_array(loaded[i], size) for i in members])
+            edit_masks = None
+            if has_mask:
+                resized = [np.asarray(Image.fromarray(masks[i]).resize(size, Image.NEAREST)) for i in members]
+                edit_masks = np.stack([images.soften_mask(m, mask_dilation, mask_feather) for m in resized])
             edited = self.edit_arrays(
                 pixels, [instructions[i] for i in members], boxes=[box_list[i] for i in members], steps=steps,
                 image_guidance=image_guidance, text_guidance=text_guidance, seed=seed, scheduler=scheduler,
-                progress=progress,
+                masks=edit_masks, progress=progress,
             )  # fmt: skip
             for i, array in zip(members, np.asarray(edited)):
                 outputs[i] = images.from_model_array(array, loaded[i].size)
@@ -109,6 +189,7 @@ class Editor:
         text_guidance: float = 7.5,
         seed: int = 0,
         scheduler: str | None = None,
+        masks=None,
         initial_noise=None,
         step_noise=None,
         progress: bool | Callable[[int], None] = False,
@@ -116,19 +197,34 @@ class Editor:
         """float[B, H, W, 3] in [-1, 1] (H, W multiples of the latent factor) → edited, same range.
 
         boxes: per image float[R_i, 4] normalised xyxy or None (VLM conditioner only).
+        masks: float[B, H, W] in [0, 1], 1 = edit (soft edges blend), or None: no mask. The mask
+        encoder and an inpainting UNet read where it is > 0; masked sampling blends with it (except
+        for an inpainting UNet, which reads the masked source instead, as in diffusers).
         initial_noise: float[B, h, w, C]; step_noise: float[S, B, h, w, C] (stochastic samplers).
         """
         pixels = jnp.asarray(pixels, jnp.float32)
         factor = self.model.latent_factor
         if pixels.shape[1] % factor or pixels.shape[2] % factor:
             raise ValueError(f"image size {pixels.shape[1:3]} is not a multiple of {factor}")
+        if masks is None and self.model.image_condition == "masked":
+            raise ValueError("this checkpoint is an inpainting UNet: every edit needs a mask (or a mask box)")
         sampler = make_sampler(scheduler or self.config.model.sampler, self.scheduler_config, steps)
-        image_latents = self._encode_image(self.params, pixels)
-        cond, _ = self._condition(self.params, pixels, *self.text_inputs(instructions, boxes))
+        blend, hard, latent_mask = None, None, None
+        if masks is not None:
+            soft = jnp.asarray(masks, jnp.float32)[..., None]
+            hard = (soft > 0).astype(jnp.float32)
+            latent_mask = self._latent_mask(hard)
+            if self.model.image_condition != "masked":  # an inpainting UNet sees the source itself (diffusers' rule)
+                source = self._encode_image(self.params, pixels) * self.model.vae.config.scaling_factor
+                blend = (self._latent_mask(soft), source)
+        image_latents = self._image_condition(self.params, pixels, hard)
+        cond, _ = self._condition(self.params, pixels, *self.text_inputs(instructions, boxes), mask=latent_mask)
         cond = stack_branches(*self.model.branches(self.params, cond))
+        h, w = pixels.shape[1] // factor, pixels.shape[2] // factor
         with _progress_bar(steps, progress) as on_step:
             latents = self._edit(
                 self.params, sampler, image_latents, cond, text_scale=text_guidance, image_scale=image_guidance,
+                guidance=self.model.guidance, blend=blend, latent_shape=(len(pixels), h, w, self.model.vae.config.latent_channels),
                 seed=seed, initial_noise=initial_noise, step_noise=step_noise, progress=on_step,
             )  # fmt: skip
         return self._decode(self.params, latents)

@@ -11,7 +11,7 @@ One Editor serves every request. Gradio's queue runs one edit at a time, and a l
 Editor makes sure that two compilations never run at once. A compiled edit loop is reused while
 the working size, the step count and the sampler stay the same, so uploads are edited at a few
 working sizes only (`bucket_sizes`: square, 4:3 and 3:4 at about the checkpoint's resolution²
-pixels, sides a multiple of 64) and restored to their own size, and the step count is one of a
+pixels, sides a multiple of what the model needs, 64 for SD1.5) and restored to their own size, and the step count is one of a
 few choices. The start-up compiles every working size at the default steps and sampler; any
 other (size, steps, sampler) compiles once, on its first edit.
 
@@ -51,10 +51,11 @@ MASK_UNAVAILABLE = (
 # ---------------------------------------------------------------------------------------- working sizes
 
 
-def bucket_sizes(resolution: int) -> list[tuple[int, int]]:
-    """The working sizes (W, H) that edits run at: `images.working_size` of each aspect in ASPECTS, without repeats
-    (a 32 px checkpoint has one, 64 × 64; a 512 px one three: 512², 576 × 448, 448 × 576)."""
-    return list(dict.fromkeys(images.working_size(round(1000 * aspect), 1000, resolution) for aspect in ASPECTS))
+def bucket_sizes(working_size) -> list[tuple[int, int]]:
+    """The working sizes (W, H) that edits run at: `working_size(W, H)` (an Editor's) of each aspect in
+    ASPECTS, without repeats (the 32 px demo checkpoint has one, 32 × 32; SD1.5 at 512 px three: 512²,
+    576 × 448, 448 × 576)."""
+    return list(dict.fromkeys(working_size(round(1000 * aspect), 1000) for aspect in ASPECTS))
 
 
 def nearest_bucket(width: int, height: int, sizes) -> tuple[int, int]:
@@ -180,7 +181,7 @@ class EditService:
 
     def __init__(self, editor, sizes=None):
         self.editor = editor
-        self.sizes = list(sizes or bucket_sizes(int(editor.config.get("resolution", 512))))
+        self.sizes = list(sizes or bucket_sizes(editor.working_size))
         self.default_sampler = SAMPLERS[editor.config.model.sampler]
         self.takes_mask = "mask" in inspect.signature(editor.edit).parameters
         self.uses_boxes = editor.model.conditioner == "vlm" and editor.model.vlm.regions is not None

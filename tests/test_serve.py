@@ -52,12 +52,13 @@ class MaskEditor(FakeEditor):
 
 
 def test_working_sizes_are_few_and_fixed_points_of_working_size():
-    assert serve.bucket_sizes(512) == [(512, 512), (576, 448), (448, 576)]
-    assert serve.bucket_sizes(32) == [(64, 64)]  # the demo checkpoint compiles one size
-    for resolution in (32, 256, 512, 768):
-        for size in serve.bucket_sizes(resolution):
-            assert images.working_size(*size, resolution) == size  # the Editor keeps the size it is given
-    sizes = serve.bucket_sizes(512)
+    at = lambda resolution, multiple=64: lambda w, h: images.working_size(w, h, resolution, multiple)  # noqa: E731
+    assert serve.bucket_sizes(at(512)) == [(512, 512), (576, 448), (448, 576)]
+    assert serve.bucket_sizes(at(32, 4)) == [(32, 32)]  # the demo checkpoint (sides multiples of 4) compiles one size
+    for resolution, multiple in ((32, 4), (32, 64), (256, 64), (512, 64), (768, 64)):
+        for size in serve.bucket_sizes(at(resolution, multiple)):
+            assert at(resolution, multiple)(*size) == size  # the Editor keeps the size it is given
+    sizes = serve.bucket_sizes(at(512))
     assert serve.nearest_bucket(1920, 1080, sizes) == (576, 448)
     assert serve.nearest_bucket(333, 517, sizes) == (448, 576)
     assert serve.nearest_bucket(1000, 990, sizes) == (512, 512)

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from fireedit_jax.demo import demo_config
-from fireedit_jax.models.fireedit import EditModel, coordinates
+from fireedit_jax.models.fireedit import EditModel
+from fireedit_jax.nn.embeddings import coordinates
 from fireedit_jax.models.vae import VAE, VAEConfig
 from fireedit_jax.train.run import train_and_evaluate
 

@@ -1,6 +1,10 @@
-"""A diffusers InstructPix2Pix directory → one fireedit_jax checkpoint directory.
+"""A diffusers InstructPix2Pix (or Stable Diffusion) directory → one fireedit_jax checkpoint directory.
 
     SRC/unet/ SRC/vae/ SRC/text_encoder/ SRC/tokenizer/ SRC/scheduler/
+
+The UNet's input channels say what it is: 8 InstructPix2Pix (noisy ‖ source latents, dual
+guidance), 9 SD inpainting (noisy ‖ mask ‖ masked-image latents, text guidance; every edit
+needs a mask), 4 SD text-to-image (text guidance; it edits by masked sampling under a mask).
 """
 
 from __future__ import annotations
@@ -54,6 +58,11 @@ def ip2p_config(src: str) -> ml_collections.ConfigDict:
         sampler = "euler_ancestral"
     scheduler = SchedulerConfig.from_diffusers(scheduler_json)
     unet_json = _read_json(os.path.join(src, "unet", "config.json"))
+    latent = vae.latent_channels
+    layouts = {2 * latent: "source", 2 * latent + 1: "masked", latent: "none"}
+    if unet.in_channels not in layouts:
+        raise ValueError(f"{src}/unet has {unet.in_channels} input channels: expected {2 * latent} (InstructPix2Pix), "
+                         f"{2 * latent + 1} (SD inpainting) or {latent} (Stable Diffusion)")  # fmt: skip
     config = ml_collections.ConfigDict()
     config.resolution = int(unet_json.get("sample_size", 64)) * vae.downsample_factor
     config.model = ml_collections.ConfigDict(
@@ -64,6 +73,7 @@ def ip2p_config(src: str) -> ml_collections.ConfigDict:
             "text_encoder": dataclasses.asdict(text),
             "scheduler": dataclasses.asdict(scheduler),
             "sampler": sampler,
+            "image_condition": layouts[unet.in_channels],
         }
     )
     return config

@@ -47,12 +47,14 @@ def clip_tokenizer():
     return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
 
 
-def ip2p_pipeline(sizes: IP2PSizes = IP2PSizes(), seed: int = 0):
-    """A random `StableDiffusionInstructPix2PixPipeline` (8-channel UNet, Euler-ancestral as IP2P ships)."""
+def ip2p_pipeline(sizes: IP2PSizes = IP2PSizes(), seed: int = 0, *, in_channels: int = 8):
+    """A random `StableDiffusionInstructPix2PixPipeline` (8-channel UNet, Euler-ancestral as IP2P ships);
+    in_channels 9 (the SD inpainting UNet) or 4 (SD's): a `StableDiffusionInpaintPipeline` instead."""
     import torch
     from diffusers import (
         AutoencoderKL,
         EulerAncestralDiscreteScheduler,
+        StableDiffusionInpaintPipeline,
         StableDiffusionInstructPix2PixPipeline,
         UNet2DConditionModel,
     )
@@ -62,7 +64,7 @@ def ip2p_pipeline(sizes: IP2PSizes = IP2PSizes(), seed: int = 0):
     levels = len(sizes.unet_channels)
     unet = UNet2DConditionModel(
         sample_size=sizes.sample_size,
-        in_channels=8,
+        in_channels=in_channels,
         out_channels=4,
         block_out_channels=sizes.unet_channels,
         layers_per_block=sizes.layers_per_block,
@@ -104,15 +106,17 @@ def ip2p_pipeline(sizes: IP2PSizes = IP2PSizes(), seed: int = 0):
     scheduler = EulerAncestralDiscreteScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000, steps_offset=1
     )
-    return StableDiffusionInstructPix2PixPipeline(
+    cls = StableDiffusionInstructPix2PixPipeline if in_channels == 8 else StableDiffusionInpaintPipeline
+    return cls(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )  # fmt: skip
 
 
-def save_ip2p(directory: str, sizes: IP2PSizes = IP2PSizes(), seed: int = 0):
-    """Saves a random IP2P pipeline in diffusers' directory layout; returns the pipeline."""
-    pipeline = ip2p_pipeline(sizes, seed)
+def save_ip2p(directory: str, sizes: IP2PSizes = IP2PSizes(), seed: int = 0, *, in_channels: int = 8):
+    """Saves a random IP2P (or, in_channels 9 / 4, SD inpainting) pipeline in diffusers' directory
+    layout; returns the pipeline."""
+    pipeline = ip2p_pipeline(sizes, seed, in_channels=in_channels)
     os.makedirs(directory, exist_ok=True)
     pipeline.save_pretrained(directory)
     return pipeline

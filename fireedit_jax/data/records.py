@@ -41,6 +41,7 @@ class EditRecord:
     answer: the VQA answer text (None otherwise).
     boxes: float32[N, 4] region boxes, normalised xyxy on the source image, or None.
     source_caption / target_caption: captions of the two images where the data set has them.
+    mask_image: the encoded edit mask (white or transparent where the edit is), or None.
     """
 
     key: str
@@ -52,6 +53,7 @@ class EditRecord:
     source_caption: str | None = None
     target_caption: str | None = None
     task: Task = Task.EDIT
+    mask_image: ImageData | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "task", Task(self.task))

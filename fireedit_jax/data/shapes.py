@@ -39,6 +39,8 @@ A sample (`generate`, `ShapeEditSource[i]`) is a dict:
   object           index of the edited object in `objects` (-1 for add)
   referent         index of the object the expression picks (add: the anchor; -1 for corner)
   box              float32[4] the edited object's exact box (add: the new object's)
+  mask             bool[H, W] the exact edit region: the object's pixels (colour, remove), the
+                   old and the new shape's together (shape), the added object's (add)
   colour, shape, size   the edited object after the edit (remove: the removed object),
                    i.e. the requested colour / shape where one is requested
   from_colour, from_shape   the edited object before the edit (None for add)
@@ -197,6 +199,14 @@ def background(rng: np.random.Generator, size: int) -> np.ndarray:
     stripes = amplitude * np.sin(2 * math.pi * (x * math.cos(angle) + y * math.sin(angle)) / period + phase)
     noise = rng.uniform(-PIXEL_NOISE, PIXEL_NOISE, (size, size))
     return np.clip(np.rint(tint + (stripes + noise)[..., None]), 0, 255).astype(np.uint8)
+
+
+def object_mask(obj: Obj, size: int) -> np.ndarray:
+    """bool[size, size]: the object's pixels."""
+    mask = np.zeros((size, size), bool)
+    x0, y0, x1, y1 = obj.box
+    mask[y0:y1, x0:x1] = shape_mask(obj.shape, x1 - x0, y1 - y0)
+    return mask
 
 
 def render(backdrop: np.ndarray, objects: Sequence[Obj]) -> np.ndarray:
@@ -392,6 +402,7 @@ def generate(config: ShapesConfig, split: str, index: int) -> dict:
         "object": -1 if kind == "add" else ref.index,
         "referent": -1 if ref is None else ref.index,
         "box": np.asarray(_normalised(edited.box, config.size), np.float32),
+        "mask": object_mask(edited, config.size) | (object_mask(before, config.size) if before else False),
         "colour": edited.colour,
         "shape": edited.shape,
         "size": edited.size,

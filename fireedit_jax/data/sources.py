@@ -60,7 +60,9 @@ INSTRUCTPIX2PIX = ParquetLayout(
     },
 )
 MAGICBRUSH = ParquetLayout(
-    "magicbrush", {"source_image": "source_img", "target_image": "target_img", "instruction": "instruction"}
+    "magicbrush",
+    {"source_image": "source_img", "target_image": "target_img", "instruction": "instruction", "mask_image": "mask_img"},
+    optional=frozenset({"mask_image"}),
 )
 ULTRAEDIT = ParquetLayout(
     "ultraedit",
@@ -70,10 +72,11 @@ ULTRAEDIT = ParquetLayout(
         "instruction": "edit_prompt",
         "source_caption": "source_caption",
         "target_caption": "target_caption",  # the region-based set only
+        "mask_image": "mask_image",  # the region-based set only
     },
-    optional=frozenset({"source_caption", "target_caption"}),
+    optional=frozenset({"source_caption", "target_caption", "mask_image"}),
 )
-_IMAGE_FIELDS = ("source_image", "target_image")
+_IMAGE_FIELDS = ("source_image", "target_image", "mask_image")
 
 
 def _parquet_files(paths: str | Sequence[str]) -> list[str]:
@@ -173,7 +176,8 @@ class ParquetSource:
         values = {field: table.column(column)[row].as_py() for field, column in self._fields.items()}
         path = self._files[file_index]
         for field in _IMAGE_FIELDS:
-            values[field] = _image_value(values[field], os.path.dirname(path))
+            if field in values:
+                values[field] = _image_value(values[field], os.path.dirname(path))
         return EditRecord(key=f"{os.path.basename(path)}#{first + row}", **values)
 
     def _row_group(self, k: int):
@@ -230,10 +234,12 @@ _JSONL_FIELDS = {f.name for f in dataclasses.fields(EditRecord)} - {"key"}
 class JsonlSource:
     """A folder of images with `metadata.jsonl`: one JSON object per line with the
     `EditRecord` fields, image paths relative to the folder, `task` one of "edit",
-    "vqa", "segmentation" (default "edit"), `boxes` a list of normalised [x0, y0, x1, y1]:
+    "vqa", "segmentation" (default "edit"), `boxes` a list of normalised [x0, y0, x1, y1],
+    `mask_image` (optional) the edit region (white, or transparent, where to edit):
 
         {"source_image": "images/0_src.png", "target_image": "images/0_tgt.png",
-         "instruction": "make the left cup blue", "boxes": [[0.1, 0.2, 0.4, 0.6]]}
+         "instruction": "make the left cup blue", "boxes": [[0.1, 0.2, 0.4, 0.6]],
+         "mask_image": "images/0_mask.png"}
 
     Raises SchemaError naming the line and its missing or unknown fields.
     """

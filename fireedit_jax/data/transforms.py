@@ -1,8 +1,8 @@
 """Per-example transforms and the batch collation with static buckets.
 
-An `EditRecord` becomes an example: both images decoded to RGB and cropped by the same
-window (boxes follow the crop), optionally flipped together (boxes flipped, "left" and
-"right" swapped in the texts), texts tokenised. `EditTransform.collate` stacks examples
+An `EditRecord` becomes an example: both images (and the edit mask, when asked for) decoded
+and cropped by the same window (boxes follow the crop), optionally flipped together (boxes
+flipped, "left" and "right" swapped in the texts), texts tokenised. `EditTransform.collate` stacks examples
 and pads the ragged parts, token ids and boxes, to the smallest of a static set of
 lengths ("buckets") that fits the batch, so the train step sees few distinct shapes.
 
@@ -25,7 +25,7 @@ from PIL import Image
 
 from fireedit_jax.data.records import LOSS_WEIGHTS, BadRecord, EditRecord, ImageData, Task
 from fireedit_jax.data.vlm_inputs import DEFAULT_BOX_BUCKETS, VLMTemplate, bucket
-from fireedit_jax.images import to_rgb
+from fireedit_jax.images import ImageError, mask_from_image, to_rgb
 
 # What PIL raises on damaged files besides OSError (e.g. SyntaxError for a broken PNG chunk).
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, Image.DecompressionBombError)
@@ -51,6 +51,24 @@ def decode_image(data: ImageData, what: str = "image", min_side: int | None = No
             return to_rgb(opened)
     except _DECODE_ERRORS as error:
         raise BadRecord(f"{what} cannot be decoded: {error}") from None
+
+
+def decode_mask(data: ImageData, what: str = "mask") -> Image.Image:
+    """Encoded bytes or a path of an edit mask (white or transparent where the edit is) → an "L"
+    image, 255 inside; BadRecord naming `what` if it cannot be read or is not a mask."""
+    try:
+        opened = Image.open(io.BytesIO(data) if isinstance(data, (bytes, bytearray, memoryview)) else data)
+        with opened:
+            opened.load()
+            return Image.fromarray(mask_from_image(opened, what).astype(np.uint8) * 255, "L")
+    except (*_DECODE_ERRORS, ImageError) as error:
+        raise BadRecord(f"{what} cannot be used: {error}") from None
+
+
+def crop_resize_mask(mask: Image.Image, window: np.ndarray, size: int) -> np.ndarray:
+    """The window of an "L" mask resized to size×size (bilinear, then ≥ half) → uint8[size, size, 1] in {0, 1}."""
+    box = tuple(float(v) for v in window * np.array(mask.size * 2))
+    return (np.asarray(mask.resize((size, size), Image.BILINEAR, box=box)) >= 128).astype(np.uint8)[..., None]
 
 
 def crop_window(
@@ -174,6 +192,8 @@ class EditTransform:
       generator is given (training); without one, the centred full square, no flip.
     vlm: if set, the batch also has the VLM's sequence (`VLMTemplate.collate`; texts from
       `vlm_text_fields`).
+    mask: the example also has `mask`, uint8[S, S, 1] in {0, 1} (1 = edit), from the record's
+      mask_image; a record without one is bad (mask-guided editing trains on quads).
     """
 
     resolution: int = 256
@@ -184,6 +204,7 @@ class EditTransform:
     min_crop_scale: float = 1.0
     flip_probability: float = 0.5
     vlm: VLMTemplate | None = None
+    mask: bool = False
 
     def __call__(self, record: EditRecord, rng: np.random.Generator | None = None) -> tuple[dict, tuple[str, ...]]:
         """Returns the example (numpy arrays, ragged `boxes` and `*_ids`) and the names
@@ -203,8 +224,16 @@ class EditTransform:
         )
         if self.vlm_resolution:
             example["vlm_source"] = crop_resize(source, window, self.vlm_resolution)
+        if self.mask:
+            if record.mask_image is None:
+                raise BadRecord(f"{record.key}: no mask image (mask-guided editing trains on source, mask, instruction, target)")
+            mask = decode_mask(record.mask_image, f"{record.key}: mask image")
+            if mask.size != source.size:
+                raise BadRecord(f"{record.key}: the mask is {mask.size[0]}×{mask.size[1]}, the source image "
+                                f"{source.size[0]}×{source.size[1]}")  # fmt: skip
+            example["mask"] = crop_resize_mask(mask, window, self.resolution)
         if rng is not None and rng.uniform() < self.flip_probability:
-            for key in ("source", "target", "vlm_source"):
+            for key in ("source", "target", "vlm_source", "mask"):
                 if key in example:
                     example[key] = np.ascontiguousarray(example[key][:, ::-1])
             boxes = flip_boxes(boxes)

@@ -48,19 +48,20 @@ from fireedit_jax.diffusion.samplers import Sampler
 Denoiser = Callable[[Any, jax.Array, jax.Array, Any], jax.Array]
 
 
-def stack_branches(full, image_only, unconditional):
-    """Stacks the three branch conditions on axis 0, in diffusers' order → leaves [3B, ...].
+def stack_branches(full, *others):
+    """Stacks the branch conditions on axis 0 → leaves [nB, ...]: dual guidance (full, image-only,
+    unconditional), text guidance (full, unconditional).
 
     Each argument is a pytree of the same structure; `full`'s leaves are [B, ...] and
     the others' leaves broadcast to them (so one null-text embedding [77, D] or
     [1, 77, D] serves the whole batch).
     """
 
-    def stack(a, b, c):
+    def stack(a, *rest):
         a = jnp.asarray(a)
-        return jnp.concatenate([a] + [jnp.broadcast_to(x, a.shape).astype(a.dtype) for x in (b, c)])
+        return jnp.concatenate([a] + [jnp.broadcast_to(x, a.shape).astype(a.dtype) for x in rest])
 
-    return jax.tree.map(stack, full, image_only, unconditional)
+    return jax.tree.map(stack, full, *others)
 
 
 GUIDANCE_BRANCHES = {"dual": 3, "text": 2}
@@ -85,7 +86,7 @@ def branch_images(image_latents: jax.Array | None, guidance: str) -> jax.Array |
         return None
     if guidance == "dual":
         return stack_branches(image_latents, image_latents, jnp.zeros_like(image_latents))
-    return jnp.concatenate([image_latents] * GUIDANCE_BRANCHES[guidance])
+    return stack_branches(image_latents, image_latents)
 
 
 def sample_edit(

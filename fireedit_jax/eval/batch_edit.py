@@ -117,7 +117,6 @@ class DeviceBatcher:
         self._steps_batch = NamedSharding(self.mesh, P(None, "data"))
         # Replicated once, instead of host params being sent to the devices on every call.
         editor.params = jax.device_put(editor.params, NamedSharding(self.mesh, P()))
-        self.resolution = int(editor.config.get("resolution", 512))
         sampler_name = settings.scheduler or editor.config.model.sampler
         self.stochastic = make_sampler(sampler_name, editor.scheduler_config, settings.steps).stochastic
         self._latent_shapes: dict[tuple[int, int], tuple[int, ...]] = {}
@@ -127,7 +126,7 @@ class DeviceBatcher:
         """Yields each finished batch as [(job, output)], in completion order."""
         buckets: dict[tuple[int, int], list[EditJob]] = {}
         for job in jobs:
-            size = images.working_size(*job.image.size, self.resolution)
+            size = self.editor.working_size(*job.image.size)
             bucket = buckets.setdefault(size, [])
             bucket.append(job)
             if len(bucket) == self.batch_size:

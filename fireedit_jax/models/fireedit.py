@@ -10,7 +10,12 @@ conditioner = "vlm" (FireEdit):
 conditioner = "clip_text" (the InstructPix2Pix baseline): text = CLIP text encoder states.
 
 Switches give the paper's ablation rows: `use_regions` (region tokens), `use_tati`,
-`use_hvca`. Null conditions (DESIGN.md): text-null = params["null_text"] (CLIP("") states)
+`use_hvca`. Mask-guided editing (PromptEditDiff), with either conditioner: `mask_encoder`
+turns the edit mask into grounding tokens for the UNet's gated self-attention (computed once
+per edit, the same in every guidance branch); the edit loop's masked sampling keeps the source
+outside the mask. `image_condition` says what the UNet reads beside the noisy latents:
+"source" (IP2P, dual guidance), "masked" (SD inpainting's mask ‖ masked-image latents, text
+guidance) or "none" (SD text-to-image, text guidance; edits by masked sampling alone). Null conditions (DESIGN.md): text-null = params["null_text"] (CLIP("") states)
 in place of the Q-Former output, then through TATI; image-null = zero image latent and
 zero visual tokens (K2/V2 have no bias, so that branch adds nothing).
 """
@@ -30,14 +35,18 @@ from fireedit_jax.models.clip import CLIPTextConfig, CLIPTextModel, CLIPVisionCo
 from fireedit_jax.models.dinov2 import DINOv2Config, DINOv2Model
 from fireedit_jax.models.hvca import HVCA, HVCAConfig
 from fireedit_jax.models.llama import LlamaConfig
+from fireedit_jax.models.mask_encoder import MaskEncoder, MaskEncoderConfig
 from fireedit_jax.models.qformer import QFormer, QFormerConfig
 from fireedit_jax.models.regions import RegionEncoderConfig
 from fireedit_jax.models.tati import TATI, TATIConfig
 from fireedit_jax.models.unet import UNet, UNetConfig
 from fireedit_jax.models.vae import VAE, VAEConfig
 from fireedit_jax.models.vlm import VLM, check_vlm_configs
+from fireedit_jax.nn.embeddings import coordinates
 
 CONDITIONERS = ("clip_text", "vlm")
+# What the UNet reads beside the noisy latents, and the guidance that goes with it.
+IMAGE_CONDITIONS = {"source": "dual", "masked": "text", "none": "text"}
 
 
 def dataclass_from_dict(cls, values):
@@ -66,7 +75,7 @@ class EditModel:
     params: {"unet", "vae", "null_text": float[L, D]} and, for "clip_text", "text_encoder";
     for "vlm", "vlm", "qformer" (+ "tati" if use_tati) (+ "hvca", "clip_vision" if use_hvca)
     (+ "text_encoder" if the config has one: the frozen CLIP text encoder whose states are
-    stage 1's alignment targets).
+    stage 1's alignment targets) (+ "mask_encoder" for mask-guided editing).
     """
 
     unet: UNet
@@ -82,6 +91,8 @@ class EditModel:
     hvca_sizes: tuple[int, ...] = (224, 448)
     coord_channels: bool = False  # the UNet also reads x, y ∈ [−1, 1] (two input channels)
     source_blend: bool = False  # x0 = m·source + (1 − m)·content, both from the UNet (x0 prediction)
+    mask_encoder: MaskEncoder | None = None
+    image_condition: str = "source"  # IMAGE_CONDITIONS
 
     @classmethod
     def from_config(cls, model: ml_collections.ConfigDict, *, dtype=jnp.float32, attention: str | None = None):
@@ -94,7 +105,15 @@ class EditModel:
             conditioner=model.conditioner,
             coord_channels=bool(model.get("coord_channels", False)),
             source_blend=bool(model.get("source_blend", False)),
+            image_condition=model.get("image_condition", "source"),
         )
+        if parts["image_condition"] not in IMAGE_CONDITIONS:
+            raise ValueError(f"image_condition {parts['image_condition']!r} not in {tuple(IMAGE_CONDITIONS)}")
+        if model.get("mask_encoder") is not None:
+            if not parts["unet"].config.gated_injection:
+                raise ValueError("the mask encoder's tokens enter through the UNet's gated self-attention: "
+                                 "a mask_encoder needs unet.gated_injection=True")  # fmt: skip
+            parts["mask_encoder"] = MaskEncoder(dataclass_from_dict(MaskEncoderConfig, model.mask_encoder), dtype=dtype)
         _check_unet_channels(parts["unet"].config, parts["vae"].config, model)
         if model.conditioner == "clip_text" or model.get("text_encoder") is not None:
             parts["text_encoder"] = CLIPTextModel(dataclass_from_dict(CLIPTextConfig, model.text_encoder), **kw)
@@ -143,11 +162,16 @@ class EditModel:
     def latent_factor(self) -> int:
         return self.vae.config.downsample_factor
 
+    @property
+    def guidance(self) -> str:
+        """The edit loop's guidance mode for this UNet's image condition: "dual" or "text"."""
+        return IMAGE_CONDITIONS[self.image_condition]
+
     # ------------------------------------------------------------------ params
 
     def init(self, key: jax.Array) -> dict[str, Any]:
         """Fresh (boxed, logically partitioned) params; `jax.eval_shape` it for the tree."""
-        keys = iter(jax.random.split(key, 8))
+        keys = iter(jax.random.split(key, 9))
         f, length, width = self.latent_factor, self.context_length, self.context_dim
         text = jnp.zeros((1, length, width))
         params = {
@@ -167,6 +191,9 @@ class EditModel:
             params["qformer"] = self.qformer.init(next(keys), e)["params"]
         if self.tati is not None:
             params["tati"] = self.tati.init(next(keys), text, jnp.zeros((1,)))["params"]
+        if self.mask_encoder is not None:
+            cells = self.mask_encoder.config.downsample_factor
+            params["mask_encoder"] = self.mask_encoder.init(next(keys), jnp.zeros((1, cells, cells, 1)))["params"]
         if self.hvca is not None:
             size = self.clip_vision.config.image_size
             params["clip_vision"] = self.clip_vision.init(next(keys), jnp.zeros((1, size, size, 3)))["params"]
@@ -180,7 +207,7 @@ class EditModel:
         """int[B, L] → float[B, L, D]: CLIP last hidden states, no padding mask (as SD pipelines)."""
         return self.text_encoder.apply({"params": params["text_encoder"]}, input_ids).last_hidden_state
 
-    def condition(self, params, pixels, text_inputs, boxes=None, box_mask=None, *, dropout_key=None):
+    def condition(self, params, pixels, text_inputs, boxes=None, box_mask=None, *, mask=None, dropout_key=None):
         """The edit's conditions, computed once per edit.
 
         Args:
@@ -189,20 +216,25 @@ class EditModel:
           text_inputs: clip_text: int[B, L] CLIP ids; vlm: (input_ids, attention_mask) from
             `build_vlm_inputs`.
           boxes, box_mask: float[B, R, 4] normalised xyxy and bool[B, R] (vlm only).
+          mask: float[B, h, w, 1] the edit mask at latent resolution (`latent_mask`), read by the
+            mask encoder (+ "grounding"); None, or a model without one: no grounding tokens.
           dropout_key: None (inference), or a key turning the VLM's LoRA dropout and the
             Q-Former's hidden dropout on (training).
         Returns:
-          ({"text": float[B, L, D], "visual": float[B, V, D] (HVCA only)}, the VLMOutput (its
-          [IMG] states e and logits) or None).
+          ({"text": float[B, L, D], "visual": float[B, V, D] (HVCA only), "grounding": float[B, G, D]
+          (mask encoder only)}, the VLMOutput (its [IMG] states e and logits) or None).
         """
+        grounding = {}
+        if self.mask_encoder is not None and mask is not None:
+            grounding["grounding"] = self.mask_encoder.apply({"params": params["mask_encoder"]}, mask)
         if self.conditioner == "clip_text":
-            return {"text": self.encode_text(params, text_inputs)}, None
+            return {"text": self.encode_text(params, text_inputs), **grounding}, None
         input_ids, attention_mask = text_inputs
         image = None if pixels is None else dinov2.normalize_pixels(_resize(pixels, self.vlm_image_size))
         dropout = dict(deterministic=dropout_key is None, rngs=None if dropout_key is None else {"dropout": dropout_key})
         out = self.vlm.apply({"params": params["vlm"]}, image, input_ids, attention_mask, boxes, box_mask, **dropout)
         text = self.qformer.apply({"params": params["qformer"]}, out.e, **dropout)
-        cond = {"text": text}
+        cond = {"text": text, **grounding}
         if self.hvca is not None and pixels is not None:
             visual = jax.lax.stop_gradient(self.visual_features(params, pixels, out.vision_states))
             cond["visual"] = self.hvca.apply({"params": params["hvca"]}, visual, None, text)
@@ -229,8 +261,11 @@ class EditModel:
         return jnp.concatenate([f.astype(jnp.float32) for f in features], axis=1)
 
     def branches(self, params, cond):
-        """The three guidance branches' conditions, diffusers' order: (full, image-only, unconditional)."""
-        null = {"text": params["null_text"][None]}
+        """The guidance branches' conditions, diffusers' order: dual (full, image-only, unconditional),
+        text (full, unconditional). Grounding tokens (where to edit) are the same in every branch."""
+        null = {"text": params["null_text"][None], **{k: cond[k] for k in ("grounding",) if k in cond}}
+        if self.guidance == "text":
+            return cond, null
         if "visual" in cond:
             image_only = {**null, "visual": cond["visual"]}
             return cond, image_only, {**null, "visual": jnp.zeros_like(cond["visual"])}
@@ -240,6 +275,27 @@ class EditModel:
         """float[B, H, W, 3] in [-1, 1] → the unscaled latent mode float[B, h, w, C] (IP2P's image condition)."""
         mean, _ = self.vae.apply({"params": params["vae"]}, pixels, method=VAE.encode)
         return mean
+
+    def latent_mask(self, mask: jax.Array) -> jax.Array:
+        """float[B, H, W, 1] pixel mask in [0, 1] → float[B, h, w, 1]: each latent cell takes its
+        pixels' largest value, so every cell an edited pixel touches is editable."""
+        b, height, width, _ = mask.shape
+        f = self.latent_factor
+        return jnp.max(mask.reshape(b, height // f, f, width // f, f, 1), axis=(2, 4)).astype(jnp.float32)
+
+    def image_condition_latents(self, params, pixels: jax.Array, mask: jax.Array | None = None) -> jax.Array | None:
+        """The conditional branch's image channels for the edit loop (and training):
+        "source" the source's unscaled latent mode; "masked" the latent mask ‖ the scaled latent
+        mode of the source with the mask's pixels (≥ 0.5) zeroed (diffusers' inpainting layout);
+        "none" None. mask: float[B, H, W, 1] pixel mask ("masked" only)."""
+        if self.image_condition == "none":
+            return None
+        if self.image_condition == "source":
+            return self.encode_image(params, pixels)
+        if mask is None:
+            raise ValueError("an inpainting UNet (image_condition='masked') needs the edit mask")
+        masked = self.encode_image(params, pixels * (mask < 0.5)) * self.vae.config.scaling_factor
+        return jnp.concatenate([self.latent_mask(mask), masked], axis=-1)
 
     def decode(self, params, latents: jax.Array) -> jax.Array:
         """Scaled latents float[B, h, w, C] → pixels float[B, H, W, 3] in [-1, 1] (clipped)."""
@@ -264,7 +320,7 @@ class EditModel:
         if self.tati is not None:
             text = self.tati.apply({"params": params["tati"]}, text, t)
         unet_in = jnp.concatenate([latents_in, coordinates(latents_in)], -1) if self.coord_channels else latents_in
-        return self.unet.apply({"params": params["unet"]}, unet_in, t, text, cond.get("visual"))
+        return self.unet.apply({"params": params["unet"]}, unet_in, t, text, cond.get("visual"), cond.get("grounding"))
 
 
 def blend_parts(out: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -273,24 +329,24 @@ def blend_parts(out: jax.Array) -> tuple[jax.Array, jax.Array]:
     return content, jax.nn.sigmoid(logits.astype(jnp.float32))
 
 
-def coordinates(x: jax.Array) -> jax.Array:
-    """float[B, h, w, C] → float[B, h, w, 2]: each cell's (x, y), −1 at the left / top edge, +1 at the right / bottom."""
-    b, h, w, _ = x.shape
-    ys, xs = jnp.meshgrid(jnp.linspace(-1.0, 1.0, h), jnp.linspace(-1.0, 1.0, w), indexing="ij")
-    return jnp.broadcast_to(jnp.stack([xs, ys], -1), (b, h, w, 2)).astype(x.dtype)
-
-
 def _check_unet_channels(unet: UNetConfig, vae: VAEConfig, model: ml_collections.ConfigDict) -> None:
-    """The UNet's channels must fit the input and output that coord_channels and source_blend give it."""
+    """The UNet's channels must fit the input and output that image_condition, coord_channels and
+    source_blend give it."""
     coords, blend = bool(model.get("coord_channels", False)), bool(model.get("source_blend", False))
+    image = model.get("image_condition", "source")
     if blend and model.scheduler.get("prediction_type") != "sample":
         raise ValueError("source_blend mixes the source latent into an x0 prediction: it needs "
                          "scheduler.prediction_type='sample'")  # fmt: skip
+    if blend and image != "source":
+        raise ValueError(f"source_blend reads the source latent from the UNet's input: it needs "
+                         f"image_condition='source', not {image!r}")  # fmt: skip
     latent = vae.latent_channels
-    want = (2 * latent + 2 * coords, latent * (1 + blend))
+    image_channels = {"source": latent, "masked": latent + 1, "none": 0}.get(image, latent)
+    want = (latent + image_channels + 2 * coords, latent * (1 + blend))
     if (unet.in_channels, unet.out_channels) != want:
         raise ValueError(f"the UNet has {unet.in_channels} input / {unet.out_channels} output channels; {latent} "
-                         f"latent channels with coord_channels={coords}, source_blend={blend} need {want[0]} / {want[1]}")
+                         f"latent channels with image_condition={image!r}, coord_channels={coords}, "
+                         f"source_blend={blend} need {want[0]} / {want[1]}")
 
 
 def trainable_counts(tree) -> dict[str, int]:

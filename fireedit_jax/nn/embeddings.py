@@ -1,4 +1,4 @@
-"""Diffusion timestep embeddings."""
+"""Diffusion timestep embeddings; coordinate channels."""
 
 from __future__ import annotations
 
@@ -41,3 +41,10 @@ class TimestepMLP(nn.Module):
     def __call__(self, x):
         x = dense(self.dim, ("embed", "mlp"), dtype=self.dtype, param_dtype=self.param_dtype, name="linear_1")(x)
         return dense(self.dim, ("mlp", "embed"), dtype=self.dtype, param_dtype=self.param_dtype, name="linear_2")(nn.silu(x))
+
+
+def coordinates(x):
+    """float[B, h, w, C] → float[B, h, w, 2]: each cell's (x, y), −1 at the left / top edge, +1 at the right / bottom."""
+    b, h, w, _ = x.shape
+    ys, xs = jnp.meshgrid(jnp.linspace(-1.0, 1.0, h), jnp.linspace(-1.0, 1.0, w), indexing="ij")
+    return jnp.broadcast_to(jnp.stack([xs, ys], -1), (b, h, w, 2)).astype(x.dtype)

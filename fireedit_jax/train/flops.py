@@ -157,17 +157,23 @@ def abstract_batch(config: ml_collections.ConfigDict, model: EditModel, batch_si
         "vlm_input_ids": ((length,), jnp.int32), "vlm_attention_mask": ((length,), jnp.bool_),
         "vlm_target_mask": ((length,), jnp.bool_), "vlm_weight": ((), jnp.float32),
         "boxes": ((boxes, 4), jnp.float32), "box_mask": ((boxes,), jnp.bool_), "diffusion_weight": ((), jnp.float32),
+        "mask": ((size, size, 1), jnp.float32),
     }  # fmt: skip
     return {name: jax.ShapeDtypeStruct((batch_size, *shapes[name][0]), shapes[name][1]) for name in loss_inputs(config)}
 
 
 def loss_inputs(config: ml_collections.ConfigDict) -> tuple[str, ...]:
-    """The batch entries `config.train.loss` reads."""
-    if config.train.loss == "fireedit":
-        return losses.FIREEDIT_INPUTS[losses.fireedit_stage(config)]
-    if config.train.loss == "ip2p":
-        return ("source", "target", "input_ids")
-    raise ValueError(f"no batch layout known for train.loss={config.train.loss!r}")
+    """The batch entries `config.train.loss` reads (mask_edit: its conditioner's loss's, and the mask)."""
+    loss, masked = config.train.loss, config.train.loss == "mask_edit"
+    if masked:
+        loss = "fireedit" if config.model.conditioner == "vlm" else "ip2p"
+    if loss == "fireedit":
+        inputs = losses.FIREEDIT_INPUTS[losses.fireedit_stage(config)]
+    elif loss == "ip2p":
+        inputs = ("source", "target", "input_ids")
+    else:
+        raise ValueError(f"no batch layout known for train.loss={config.train.loss!r}")
+    return inputs + (("mask",) if masked else ())
 
 
 def step_flops_per_example(config: ml_collections.ConfigDict, batch=None, **buckets) -> tuple[float, float]:

@@ -71,6 +71,7 @@ class ShapeEditRecords:
         return EditRecord(
             key=f"shapes/{self._source.split}#{index}", source_image=_png(sample["source"]),
             target_image=_png(sample["target"]), instruction=sample["instruction"], boxes=sample["boxes"],
+            mask_image=_png(sample["mask"].astype(np.uint8) * 255),
         )  # fmt: skip
 
     def __repr__(self) -> str:
@@ -125,7 +126,7 @@ def make_transform(config, model, tokenizer) -> transforms.EditTransform:
         raise ValueError("the model needs a tokenizer: set config.data.tokenizer, or start from a checkpoint "
                          "with a tokenizer/ directory (--init)")  # fmt: skip
     common = dict(resolution=int(config.resolution), min_crop_scale=float(data.get("min_crop_scale", 1.0)),
-                  flip_probability=float(data.get("flip_probability", 0.5)))  # fmt: skip
+                  flip_probability=float(data.get("flip_probability", 0.5)), mask=config.train.loss == "mask_edit")  # fmt: skip
     if model.conditioner == "clip_text":
         field = transforms.clip_text_field(tokenizer, name="input", source="instruction", length=model.max_text_length)
         return transforms.EditTransform(texts=(field,), **common)
@@ -167,11 +168,17 @@ def make_train_iterator(config, transform: transforms.EditTransform, batch_size:
 
 def model_batch(batch: Mapping[str, np.ndarray], keys: Sequence[str]) -> dict[str, np.ndarray]:
     """The pipeline's batch → the loss's (`keys`, from `flops.loss_inputs(config)`): uint8
-    images → float32 in [-1, 1]; other entries dropped."""
+    images → float32 in [-1, 1], the mask → float32 in {0, 1}; other entries dropped."""
     missing = sorted(set(keys) - batch.keys())
     if missing:
         raise ValueError(f"the loss reads {missing}, which the input pipeline does not give (it gives {sorted(batch)})")
-    return {key: batch[key].astype(np.float32) / 127.5 - 1.0 if key in IMAGE_KEYS else batch[key] for key in keys}
+
+    def convert(key):
+        if key in IMAGE_KEYS:
+            return batch[key].astype(np.float32) / 127.5 - 1.0
+        return batch[key].astype(np.float32) if key == "mask" else batch[key]
+
+    return {key: convert(key) for key in keys}
 
 
 def eval_examples(config, transform: transforms.EditTransform, count: int):

@@ -27,6 +27,14 @@ FireEdit (`make_fireedit_loss`, by `config.stage`, default 3):
   stage 1      L = L_VLM + L_align: the VLM reads a caption (no image), L_align the MSE
                between the Q-Former output and the frozen CLIP text encoder's last states
                of that caption (DESIGN.md; SmartEdit's alignment stage).
+
+Mask-guided editing (`mask_edit`, PromptEditDiff) trains on quads (source, mask, instruction,
+target): the IP2P or FireEdit loss, by the model's conditioner, with the batch's `mask`
+float[B, H, W, 1] (1 = edit) turned into the latent mask m (`EditModel.latent_mask`), read by the
+mask encoder (grounding tokens, never dropped: the mask says where, not what) or, for an
+inpainting UNet, into its mask ‖ masked-image channels; L_diff weighted per latent cell by
+m + w_out·(1 − m) (w_out = train.mask_outside_weight): the denoising loss on the edit region
+and, weighted down, the reconstruction of the rest, which masked sampling replaces anyway.
 """
 
 from __future__ import annotations
@@ -50,19 +58,22 @@ def per_example(keys: jax.Array, n: int) -> list[jax.Array]:
     return [split[:, i] for i in range(n)]
 
 
-def condition_dropout(key: jax.Array, cond: dict, image_latents: jax.Array, null_text: jax.Array, prob: float):
+def condition_dropout(key: jax.Array, cond: dict, image_latents: jax.Array | None, null_text: jax.Array, prob: float,
+                      *, image: bool = True):  # fmt: skip
     """IP2P's dropout on a batch: (cond, image_latents) with some examples' conditions nulled.
 
-    cond: {"text": float[B, L, D] (before TATI), optional "visual": float[B, V, D]};
-    image_latents: float[B, h, w, C]; null_text: float[L, D]; key: key[B].
+    cond: {"text": float[B, L, D] (before TATI), optional "visual": float[B, V, D], optional
+    "grounding" (never dropped)}; image_latents: float[B, h, w, C] or None; null_text: float[L, D];
+    key: key[B]. image: False for a UNet guided by text alone (SD inpainting): only the text drops.
     """
     r = jax.vmap(jax.random.uniform)(key)
     drop_text = r < 2 * prob
-    drop_image = (r >= prob) & (r < 3 * prob)
+    drop_image = (r >= prob) & (r < 3 * prob) & image
     out = dict(cond, text=jnp.where(drop_text[:, None, None], null_text.astype(cond["text"].dtype), cond["text"]))
     if "visual" in cond:
         out["visual"] = jnp.where(drop_image[:, None, None], 0.0, cond["visual"]).astype(cond["visual"].dtype)
-    image_latents = jnp.where(drop_image[:, None, None, None], 0.0, image_latents).astype(image_latents.dtype)
+    if image_latents is not None:
+        image_latents = jnp.where(drop_image[:, None, None, None], 0.0, image_latents).astype(image_latents.dtype)
     return out, image_latents
 
 
@@ -75,12 +86,15 @@ def diffusion_loss(
     keys: jax.Array,
     schedule: SchedulerConfig,
     weights: jax.Array | None = None,
+    cell_weights: jax.Array | None = None,
 ) -> jax.Array:
     """L_diff: the denoiser's mean squared error on one random timestep per example (float32 scalar).
 
     latents: scaled target latents float[B, h, w, C]; image_latents: the (possibly zeroed)
-    image condition float[B, h, w, C]; cond: the (possibly nulled) conditions for `model.denoise`;
-    weights: float[B] per-example weights of the mean (None: equal).
+    image condition float[B, h, w, Cimg] or None (a UNet without one); cond: the (possibly
+    nulled) conditions for `model.denoise`; weights: float[B] per-example weights of the mean
+    (None: equal); cell_weights: float[B, h, w, 1] weights of each latent cell within an
+    example's mean (None: equal).
     """
     k_time, k_noise = per_example(keys, 2)
     abar = jnp.asarray(alphas_cumprod(schedule))
@@ -90,9 +104,14 @@ def diffusion_loss(
     s = jnp.sqrt(1.0 - abar[t])[:, None, None, None]
     noisy = a * latents + s * noise
     target = {"epsilon": noise, "v_prediction": a * noise - s * latents, "sample": latents}[schedule.prediction_type]
-    sample = jnp.concatenate([noisy, image_latents.astype(noisy.dtype)], axis=-1)
+    sample = noisy if image_latents is None else jnp.concatenate([noisy, image_latents.astype(noisy.dtype)], axis=-1)
     pred = model.denoise(params, sample, t.astype(jnp.float32), cond)
-    return weighted_mean(jnp.mean(jnp.square(pred.astype(jnp.float32) - target), axis=(1, 2, 3)), weights)
+    error = jnp.square(pred.astype(jnp.float32) - target)
+    if cell_weights is None:
+        return weighted_mean(jnp.mean(error, axis=(1, 2, 3)), weights)
+    cell_weights = jnp.broadcast_to(cell_weights.astype(jnp.float32), error.shape)
+    examples = jnp.sum(error * cell_weights, axis=(1, 2, 3)) / jnp.maximum(jnp.sum(cell_weights, (1, 2, 3)), 1e-12)
+    return weighted_mean(examples, weights)
 
 
 def weighted_mean(values: jax.Array, weights: jax.Array | None = None) -> jax.Array:
@@ -118,31 +137,56 @@ def encode_latents(model: EditModel, params, source: jax.Array, target: jax.Arra
     return dict(zip(LATENT_FIELDS, (source_mean, target_mean, target_logvar)))
 
 
-def edit_latents(model: EditModel, params, batch, keys: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(scaled target latents float[B, h, w, C], a posterior sample; the image condition
-    float[B, h, w, C]) from the batch's pixels, or from its `LATENT_FIELDS` (a latent cache)."""
+def edit_latents(model: EditModel, params, batch, keys: jax.Array) -> tuple[jax.Array, jax.Array | None]:
+    """(scaled target latents float[B, h, w, C], a posterior sample; IP2P's image condition, the
+    source's mode float[B, h, w, C], or None for a UNet without one) from the batch's pixels, or
+    from its `LATENT_FIELDS` (a latent cache)."""
     cached = batch if LATENT_FIELDS[0] in batch else encode_latents(model, params, batch["source"], batch["target"])
     image_latents, target_mean, target_logvar = (cached[name] for name in LATENT_FIELDS)
     latents = scale_latents(jax.vmap(sample_posterior)(keys, target_mean, target_logvar), model.vae.config)
-    return latents, image_latents
+    return latents, image_latents if model.image_condition == "source" else None
 
 
-def make_ip2p_loss(model: EditModel, config) -> LossFn:
-    """InstructPix2Pix fine-tuning (UNet on CLIP text states).
+def with_mask(model: EditModel, params, batch, cond: dict, image_latents, outside_weight: float):
+    """The mask's part of mask_edit (module docstring): (cond + grounding tokens, the UNet's image
+    condition, float[B, h, w, 1] cell weights of L_diff)."""
+    mask = model.latent_mask(batch["mask"])
+    if model.mask_encoder is not None:
+        cond = dict(cond, grounding=model.mask_encoder.apply({"params": params["mask_encoder"]}, mask))
+    if model.image_condition != "source":
+        image_latents = model.image_condition_latents(params, batch["source"], batch["mask"])
+    return cond, image_latents, mask + outside_weight * (1.0 - mask)
+
+
+def _check_image_condition(model: EditModel, masked: bool) -> None:
+    if model.image_condition == "masked" and not masked:
+        raise ValueError("an inpainting UNet (image_condition='masked') reads the edit mask: train it with "
+                         "train.loss='mask_edit' on data with masks")  # fmt: skip
+
+
+def make_ip2p_loss(model: EditModel, config, *, masked: bool = False) -> LossFn:
+    """InstructPix2Pix fine-tuning (UNet on CLIP text states); `masked`: mask_edit's (module docstring).
 
     batch: {"source": float[B, H, W, 3] in [-1, 1], "target": float[B, H, W, 3] in [-1, 1],
-            "input_ids": int32[B, L]} (H, W multiples of the VAE factor); or, from a latent
-            cache (data/latent_cache.py), the `LATENT_FIELDS` in place of "source" and "target".
+            "input_ids": int32[B, L]} (H, W multiples of the VAE factor) (+ "mask" float[B, H, W, 1]
+            when masked); or, from a latent cache (data/latent_cache.py), the `LATENT_FIELDS` in
+            place of "source" and "target".
     """
     schedule = dataclass_from_dict(SchedulerConfig, config.model.scheduler)
     prob = float(config.train.cond_dropout)
+    outside = float(config.train.get("mask_outside_weight", 0.1))
+    _check_image_condition(model, masked)
 
     def loss_fn(params, batch, keys):
         k_posterior, k_drop, k_diffusion = per_example(keys, 3)
         latents, image_latents = edit_latents(model, params, batch, k_posterior)
-        cond = {"text": model.encode_text(params, batch["input_ids"])}
-        cond, image_latents = condition_dropout(k_drop, cond, image_latents, params["null_text"], prob)
-        loss = diffusion_loss(model, params, latents, image_latents, cond, k_diffusion, schedule)
+        cond, cell_weights = {"text": model.encode_text(params, batch["input_ids"])}, None
+        if masked:
+            cond, image_latents, cell_weights = with_mask(model, params, batch, cond, image_latents, outside)
+        cond, image_latents = condition_dropout(k_drop, cond, image_latents, params["null_text"], prob,
+                                                image=model.guidance == "dual")  # fmt: skip
+        loss = diffusion_loss(model, params, latents, image_latents, cond, k_diffusion, schedule,
+                              cell_weights=cell_weights)  # fmt: skip
         return loss, {"diffusion": loss}
 
     return loss_fn
@@ -170,16 +214,21 @@ def fireedit_stage(config) -> int:
     return stage
 
 
-def make_fireedit_loss(model: EditModel, config) -> LossFn:
-    """FireEdit's loss for `config.stage` (module docstring); the batch: FIREEDIT_INPUTS[stage]."""
+def make_fireedit_loss(model: EditModel, config, *, masked: bool = False) -> LossFn:
+    """FireEdit's loss for `config.stage` (module docstring); the batch: FIREEDIT_INPUTS[stage]
+    (+ "mask" when `masked`: mask_edit's)."""
     if model.conditioner != "vlm":
         raise ValueError(f"the fireedit loss needs config.model.conditioner='vlm', not {model.conditioner!r}")
     if fireedit_stage(config) == 1:
+        if masked:
+            raise ValueError("FireEdit's stage 1 aligns the Q-Former on captions: it has no edits to mask")
         return _alignment_loss(model, bool(config.train.get("dropout", True)))
     schedule = dataclass_from_dict(SchedulerConfig, config.model.scheduler)
     prob = float(config.train.cond_dropout)
     dropout = bool(config.train.get("dropout", True))
     vlm_weight = float(config.train.get("vlm_weight", 1.0))
+    outside = float(config.train.get("mask_outside_weight", 0.1))
+    _check_image_condition(model, masked)
 
     def loss_fn(params, batch, keys):
         k_posterior, k_drop, k_diffusion, k_dropout = per_example(keys, 4)
@@ -188,9 +237,13 @@ def make_fireedit_loss(model: EditModel, config) -> LossFn:
         cond, vlm_out = model.condition(params, batch["source"], (input_ids, batch["vlm_attention_mask"]), batch["boxes"],
                                         batch["box_mask"], dropout_key=_dropout_key(k_dropout, dropout))  # fmt: skip
         l_vlm = vlm_loss(vlm_out.logits, input_ids, batch["vlm_target_mask"], batch["vlm_weight"])
-        cond, image_latents = condition_dropout(k_drop, cond, image_latents, params["null_text"], prob)
+        cell_weights = None
+        if masked:
+            cond, image_latents, cell_weights = with_mask(model, params, batch, cond, image_latents, outside)
+        cond, image_latents = condition_dropout(k_drop, cond, image_latents, params["null_text"], prob,
+                                                image=model.guidance == "dual")  # fmt: skip
         l_diff = diffusion_loss(model, params, latents, image_latents, cond, k_diffusion, schedule,
-                                batch["diffusion_weight"])  # fmt: skip
+                                batch["diffusion_weight"], cell_weights)  # fmt: skip
         return vlm_weight * l_vlm + l_diff, {"vlm": l_vlm, "diffusion": l_diff}
 
     return loss_fn
@@ -223,4 +276,11 @@ def _alignment_loss(model: EditModel, dropout: bool) -> LossFn:
     return loss_fn
 
 
-LOSSES: dict[str, Callable[[EditModel, object], LossFn]] = {"ip2p": make_ip2p_loss, "fireedit": make_fireedit_loss}
+def make_mask_edit_loss(model: EditModel, config) -> LossFn:
+    """Mask-guided editing (module docstring): the IP2P loss for a clip_text model, FireEdit's for a VLM."""
+    return (make_fireedit_loss if model.conditioner == "vlm" else make_ip2p_loss)(model, config, masked=True)
+
+
+LOSSES: dict[str, Callable[[EditModel, object], LossFn]] = {
+    "ip2p": make_ip2p_loss, "fireedit": make_fireedit_loss, "mask_edit": make_mask_edit_loss,
+}  # fmt: skip

@@ -1,0 +1,249 @@
+"""Mask-guided editing (PromptEditDiff): masks in, masked sampling against diffusers' inpainting
+pipeline (4- and 9-channel UNets), the mask encoder's path, the mask_edit loss, errors users get."""
+
+import dataclasses
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fireedit_jax import images
+from fireedit_jax.convert import reference
+from fireedit_jax.convert.ip2p import convert_ip2p
+from fireedit_jax.data import shapes, transforms
+from fireedit_jax.data.records import BadRecord, EditRecord
+from fireedit_jax.pipeline import Editor
+
+STEPS = 4
+SIZE = 64  # the reference pipelines' resolution (32 × 32 latents)
+
+
+# ------------------------------------------------------------------ masks from files, boxes and arrays
+
+
+def _png(array, mode):
+    return Image.fromarray(array, mode)
+
+
+def test_mask_conventions_and_errors(tmp_path):
+    region = np.zeros((16, 20), bool)
+    region[4:9, 5:12] = True
+    white = _png(region.astype(np.uint8) * 255, "L")
+    np.testing.assert_array_equal(images.load_mask(white, (20, 16)), region)
+    rgba = np.full((16, 20, 4), 200, np.uint8)
+    rgba[..., 3] = np.where(region, 0, 255)  # transparent where to edit (DALL-E 2's edit masks)
+    np.testing.assert_array_equal(images.load_mask(_png(rgba, "RGBA"), (20, 16)), region)
+    np.testing.assert_array_equal(images.load_mask(region.astype(np.float32), (20, 16)), region)
+    white.save(tmp_path / "mask.png")
+    with pytest.warns(UserWarning, match="resized"):
+        bigger = images.load_mask(str(tmp_path / "mask.png"), (40, 32))
+    assert bigger.shape == (32, 40) and bigger.sum() == 4 * region.sum()
+    photo = _png(np.random.default_rng(0).integers(0, 256, (16, 20), np.uint8), "L")
+    for bad, match in ((photo, "not a black-and-white mask"), (np.zeros((16, 20)), "empty"),
+                       (np.ones((16, 20)), "whole image"), (str(tmp_path / "none.png"), "does not exist")):  # fmt: skip
+        with pytest.raises(images.ImageError, match=match):
+            images.load_mask(bad, (20, 16))
+
+
+def test_box_masks_and_soft_edges():
+    mask = images.box_mask([0.25, 0.5, 0.75, 1.0], (8, 4))
+    assert mask.sum() == 4 * 2 and mask[2:, 2:6].all()
+    for box in ([0.2, 0.2, 1.3, 0.9], [0.5, 0.5, 0.4, 0.9], [0.1, 0.2, 0.3]):
+        with pytest.raises(images.ImageError, match="mask box"):
+            images.box_mask(box, (8, 8))
+    point = np.zeros((15, 15), bool)
+    point[7, 7] = True
+    grown = images.soften_mask(point, dilation=2)
+    assert grown.sum() == 25 and set(np.unique(grown)) == {0.0, 1.0}
+    soft = images.soften_mask(point, dilation=2, feather=4.0)
+    assert (soft[grown == 1] == 1).all()  # the marked region is fully edited
+    ring = soft[7, 9:]  # from the grown edge outwards: decreasing, 0 past the feather width
+    assert ring[0] == 1 and np.all(np.diff(ring) <= 0) and 0 < ring[2] < 1 and ring[-1] == 0
+
+
+# ------------------------------------------------------------------ data: ShapeEdit's masks, the transform
+
+
+def test_shapeedit_masks_cover_every_changed_pixel():
+    config = shapes.ShapesConfig(size=32)
+    kinds = set()
+    for index in range(24):
+        sample = shapes.generate(config, "train", index)
+        changed = (sample["source"] != sample["target"]).any(-1)
+        assert sample["mask"].any() and not (changed & ~sample["mask"]).any(), sample["kind"]
+        kinds.add(sample["kind"])
+        if sample["kind"] in ("colour", "remove"):  # exactly the object's pixels, all of which change
+            np.testing.assert_array_equal(changed, sample["mask"])
+    assert kinds == set(shapes.KINDS)
+
+
+def test_transform_crops_and_flips_the_mask_with_the_images():
+    config = shapes.ShapesConfig(size=32)
+    sample = next(s for s in (shapes.generate(config, "train", i) for i in range(20)) if s["kind"] == "colour")
+    from fireedit_jax.train.inputs import _png as png
+
+    record = EditRecord(key="k", source_image=png(sample["source"]), target_image=png(sample["target"]),
+                        instruction=sample["instruction"], mask_image=png(sample["mask"].astype(np.uint8) * 255))  # fmt: skip
+    transform = transforms.EditTransform(resolution=32, mask=True, flip_probability=1.0)
+    example, _ = transform(record)  # no rng: no flip
+    np.testing.assert_array_equal(example["mask"][..., 0], sample["mask"])
+    flipped, _ = transform(record, np.random.default_rng(0))
+    np.testing.assert_array_equal(flipped["mask"][..., 0], sample["mask"][:, ::-1])
+    np.testing.assert_array_equal(flipped["source"], sample["source"][:, ::-1])
+    with pytest.raises(BadRecord, match="no mask image"):
+        transform(dataclasses.replace(record, mask_image=None))
+
+
+# ------------------------------------------------------------------ the loss's weights
+
+
+def test_cell_weighted_diffusion_loss_is_the_hand_computed_mean():
+    """With a denoiser predicting 0 under x0-prediction the error is the target squared: the weighted
+    mean is Σ w·z² / (Σ w · C) per example, then the plain mean over examples."""
+    from fireedit_jax.diffusion.schedules import SchedulerConfig
+    from fireedit_jax.train.losses import diffusion_loss
+
+    class Zero:
+        image_condition = "source"
+
+        @staticmethod
+        def denoise(params, sample, t, cond):
+            return jnp.zeros(sample.shape[:-1] + (2,))
+
+    rng = np.random.default_rng(0)
+    latents = rng.normal(size=(2, 3, 4, 2)).astype(np.float32)
+    weights = np.where(rng.uniform(size=(2, 3, 4, 1)) > 0.5, 1.0, 0.1).astype(np.float32)
+    keys = jax.random.split(jax.random.key(0), 2)
+    got = diffusion_loss(Zero, None, latents, latents, {}, keys, SchedulerConfig(prediction_type="sample"),
+                         cell_weights=weights)  # fmt: skip
+    per_example = (weights * latents**2).sum((1, 2, 3)) / (weights.sum((1, 2, 3)) * 2)
+    np.testing.assert_allclose(float(got), per_example.mean(), rtol=1e-6)
+    plain = diffusion_loss(Zero, None, latents, latents, {}, keys, SchedulerConfig(prediction_type="sample"))
+    np.testing.assert_allclose(float(plain), (latents**2).mean(), rtol=1e-6)
+
+
+# ------------------------------------------------------------------ whole edits against diffusers' inpainting pipeline
+
+
+@pytest.fixture(scope="module", params=[4, 9], ids=["sd_blend", "sd_inpaint"])
+def inpaint(request, tmp_path_factory):
+    """(diffusers StableDiffusionInpaintPipeline, our Editor) for a random 4- or 9-channel UNet."""
+    root = tmp_path_factory.mktemp(f"inpaint{request.param}")
+    pipeline = reference.save_ip2p(str(root / "diffusers"), in_channels=request.param)
+    errors = convert_ip2p(str(root / "diffusers"), str(root / "ckpt"), verify=True)
+    assert max(errors.values()) < 1e-4, errors
+    return pipeline, Editor.from_pretrained(str(root / "ckpt")), request.param, root / "diffusers"
+
+
+def _block_mask():
+    """A mask made of whole 2 × 2 latent cells, so diffusers' nearest downsampling and our per-cell
+    max agree; white = edit."""
+    mask = np.zeros((SIZE, SIZE), bool)
+    mask[10:40, 22:54] = True
+    return mask
+
+
+def test_masked_edit_matches_diffusers_inpainting(inpaint, monkeypatch, highest_precision):
+    from diffusers import DDIMScheduler
+    from diffusers.pipelines.stable_diffusion import pipeline_stable_diffusion_inpaint as module
+
+    pipeline, editor, channels, directory = inpaint
+    # our image latents are the VAE's mode; make diffusers' draws from the posterior the mode too
+    monkeypatch.setattr(module, "retrieve_latents", lambda out, generator=None, sample_mode="sample": out.latent_dist.mode())
+    ddim = {"set_alpha_to_one": False, "steps_offset": 1, "clip_sample": False}
+    # from the saved file, as `convert` reads it (its timestep spacing included)
+    pipeline.scheduler = DDIMScheduler.from_pretrained(str(directory / "scheduler"), **ddim)
+    editor.scheduler_config = dataclasses.replace(editor.scheduler_config, **ddim)
+    rng = np.random.default_rng(3)
+    source = Image.fromarray(rng.integers(0, 256, (SIZE, SIZE, 3), np.uint8))
+    mask = _block_mask()
+    latents = rng.normal(size=(1, SIZE // 2, SIZE // 2, 4)).astype(np.float32)
+    with torch.no_grad():
+        want = pipeline("make it blue", image=source, mask_image=Image.fromarray(mask.astype(np.uint8) * 255),
+                        num_inference_steps=STEPS, guidance_scale=5.0, strength=1.0, height=SIZE, width=SIZE,
+                        latents=torch.from_numpy(latents).permute(0, 3, 1, 2), output_type="np").images[0]  # fmt: skip
+    pixels = images.to_model_array(source, source.size)[None]
+    got = editor.edit_arrays(pixels, ["make it blue"], masks=mask[None].astype(np.float32), steps=STEPS,
+                             scheduler="ddim", text_guidance=5.0, initial_noise=latents)  # fmt: skip
+    got = (np.asarray(got[0]) + 1) / 2
+    err = np.abs(got - want).max()
+    print(f"{channels}-channel UNet: max |ours − diffusers| {err:.2e}")
+    assert err <= 1e-3
+    assert np.abs(want[mask] - (pixels[0][mask] + 1) / 2).max() > 0.05  # the edit changed the masked region
+    assert editor.model.guidance == "text" and editor.methods == (("ip2p", "mask") if channels == 4 else ("mask",))
+
+
+def test_inpainting_checkpoint_needs_a_mask(inpaint):
+    _, editor, channels, _ = inpaint
+    if channels != 9:
+        return
+    pixels = np.zeros((1, SIZE, SIZE, 3), np.float32)
+    with pytest.raises(ValueError, match="needs a mask"):
+        editor.edit_arrays(pixels, ["make it blue"], steps=1)
+    with pytest.raises(ValueError, match="cannot edit with --method ip2p"):
+        editor.check_method("ip2p", has_mask=True)
+
+
+# ------------------------------------------------------------------ the demo-size mask-guided model
+
+
+@pytest.fixture(scope="module")
+def mask_editor(tmp_path_factory):
+    """configs/shapes_mask.py's model at its init, saved and loaded as an inference checkpoint."""
+    from fireedit_jax import checkpoint
+    from fireedit_jax.models.fireedit import EditModel
+    from fireedit_jax.train.inputs import make_tokenizer
+    from fireedit_jax.train.run import load_config
+
+    config = load_config("configs/shapes_mask.py")
+    model = EditModel.from_config(config.model)
+    params = jax.tree.map(np.asarray, jax.jit(model.init)(jax.random.key(0)))
+    params = jax.tree.map(np.asarray, __import__("flax").linen.meta.unbox(params))
+    directory = tmp_path_factory.mktemp("shapes_mask") / "ckpt"
+    tokenizer_dir = directory.parent / "tokenizer"
+    make_tokenizer(config.data.tokenizer).save_pretrained(str(tokenizer_dir))
+    checkpoint.save(str(directory), params, config, tokenizer_dir=str(tokenizer_dir))
+    return Editor.from_pretrained(str(directory))
+
+
+def test_outside_the_mask_the_edit_is_the_source_exactly(mask_editor):
+    """Masked sampling through the exact pixel-unshuffle autoencoder: every pixel outside the mask's
+    latent cells is the source's (the random model paints noise inside)."""
+    sample = next(s for s in (shapes.generate(shapes.ShapesConfig(size=32), "test", i) for i in range(9))
+                  if s["kind"] == "colour")  # fmt: skip
+    assert mask_editor.default_method == "mask"
+    out = np.asarray(mask_editor.edit(Image.fromarray(sample["source"]), sample["instruction"], mask=sample["mask"],
+                                      steps=3, progress=False))  # fmt: skip
+    cells = np.kron(sample["mask"].reshape(16, 2, 16, 2).any((1, 3)), np.ones((2, 2), bool))
+    np.testing.assert_array_equal(out[~cells], sample["source"][~cells])
+    assert np.abs(out[cells].astype(int) - sample["source"][cells]).max() > 20
+    plain = np.asarray(mask_editor.edit(Image.fromarray(sample["source"]), sample["instruction"], steps=3,
+                                        method="ip2p", progress=False))  # fmt: skip
+    assert np.abs(plain[~cells].astype(int) - sample["source"][~cells]).max() > 0  # without a mask: no such guarantee
+
+
+def test_mask_inputs_get_one_clear_error(mask_editor):
+    image = Image.fromarray(np.full((32, 32, 3), 200, np.uint8))
+    cases = [
+        (dict(mask=np.zeros((32, 32))), "empty"),
+        (dict(mask=np.ones((32, 32))), "whole image"),
+        (dict(mask=Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32), np.uint8))), "black-and-white"),
+        (dict(mask_box=[0.5, 0.5, 1.2, 0.9]), r"\[0, 1\]"),
+        (dict(mask=np.eye(32), mask_box=[0.1, 0.1, 0.5, 0.5]), "not both"),
+        (dict(method="mask"), "needs the region to edit"),
+        (dict(method="fireedit", mask_box=[0.1, 0.1, 0.5, 0.5]), "It serves: ip2p, mask"),
+        (dict(method="region", mask_box=[0.1, 0.1, 0.5, 0.5]), "no region predictor"),
+    ]
+    for kwargs, match in cases:
+        with pytest.raises(ValueError, match=match):
+            mask_editor.edit(image, "make the red circle blue", steps=1, progress=False, **kwargs)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        mask = np.zeros((16, 16), bool)
+        mask[2:6, 2:6] = True
+        out = mask_editor.edit(image, "make the red circle blue", mask=mask, steps=1, progress=False)
+    assert out.size == (32, 32) and any("resized" in str(w.message) for w in caught)
