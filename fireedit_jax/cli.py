@@ -92,9 +92,6 @@ def _demo(args) -> int:
     return 0
 
 
-# ---- new helpers (put above build_parser) ----------------------------------------------------------
-
-
 def _edit_settings(args):
     from fireedit_jax.eval.batch_edit import EditSettings
 
@@ -117,9 +114,6 @@ def _add_generation_arguments(parser: argparse.ArgumentParser) -> None:
                         help="compute dtype (default: bfloat16 on accelerators, float32 on CPU)")  # fmt: skip
 
 
-# ---- _edit: replaces the current one ------------------------------------------------------------------
-
-
 def _edit(args) -> int:
     import os
 
@@ -134,7 +128,10 @@ def _edit(args) -> int:
         raise ValueError("--image needs --instruction (repeat it to edit in several turns)")
     if args.boxes and not (args.image and len(instructions) == 1):
         raise ValueError('--boxes is for one single-turn edit; a --jsonl line takes its own "boxes"')
+    if (args.mask or args.mask_box) and not (args.image and len(instructions) == 1):
+        raise ValueError("--mask / --mask-box are for one single-turn edit of --image")
     editor = Editor.from_pretrained(args.checkpoint, dtype=args.dtype)
+    editor.check_method(args.method, bool(args.mask or args.mask_box))
     if args.images or args.jsonl:
         from fireedit_jax.eval.batch_edit import edit_folder, edit_jsonl
 
@@ -163,9 +160,12 @@ def _edit(args) -> int:
         from fireedit_jax.data.proposals import propose
 
         boxes = propose(args.proposer, [args.image])[0]
+    mask_box = _parse_box(args.mask_box) if args.mask_box else None
     out = editor.edit(
         args.image, instructions[0], steps=args.steps, image_guidance=args.image_guidance,
         text_guidance=args.text_guidance, seed=args.seed, scheduler=args.scheduler, boxes=boxes,
+        mask=args.mask, mask_box=mask_box, mask_dilation=args.mask_dilate, mask_feather=args.mask_feather,
+        method=args.method,
     )  # fmt: skip
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     out.save(args.out)
@@ -193,7 +193,15 @@ def _eval(args) -> int:
     return 0
 
 
-# ---- in build_parser: the edit parser (replaces the current block) -------------------------------
+def _parse_box(text: str) -> list[float]:
+    """"x0,y0,x1,y1" → four floats (ValueError naming the text otherwise)."""
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if len(values) != 4:
+        raise ValueError(f"--mask-box {text!r}: expected four comma-separated numbers x0,y0,x1,y1 (normalised)")
+    return values
 
 
 def _edit_parser(commands) -> None:
@@ -212,15 +220,23 @@ def _edit_parser(commands) -> None:
     _add_generation_arguments(edit)
     edit.add_argument("--boxes", default=None,
                       help='JSONL, one line {"boxes": [[x1, y1, x2, y2], ...]} (normalised) for the image')
+    edit.add_argument("--method", choices=("ip2p", "fireedit", "mask", "region"), default=None,
+                      help="the edit method (default: the checkpoint's own); a method the checkpoint cannot serve "
+                           "is refused with the ones it can")  # fmt: skip
+    edit.add_argument("--mask", default=None,
+                      help="mask image of the region to edit (white, or transparent, where to edit; resized with a "
+                           "warning if its size differs): outside it the image is kept")  # fmt: skip
+    edit.add_argument("--mask-box", default=None, metavar="X0,Y0,X1,Y1",
+                      help="the region to edit as a normalised box, instead of --mask")
+    edit.add_argument("--mask-dilate", type=int, default=0, help="grow the mask by this many pixels (default 0)")
+    edit.add_argument("--mask-feather", type=float, default=0.0,
+                      help="soft mask edges: fade the blend out over this many pixels around the mask (default 0)")
     edit.add_argument("--batch-size", type=int, default=None,
                       help="edits per batch with --images/--jsonl, rounded up to a multiple of the local "
                            "devices (default: one per device)")  # fmt: skip
     edit.add_argument("--overwrite", action="store_true",
                       help="redo outputs that exist (--images/--jsonl keep them by default: a re-run resumes)")
     edit.set_defaults(run=_edit)
-
-
-# ---- in build_parser: the eval command (new) ------------------------------------------------------
 
 
 def _eval_parser(commands) -> None:

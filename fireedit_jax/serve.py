@@ -17,7 +17,7 @@ other (size, steps, sampler) compiles once, on its first edit.
 
 Whatever a user gets wrong gets a message in the page, not a traceback: a file that is no image,
 an empty instruction, a word that the checkpoint does not know (with the words it knows), a box
-outside the image, a mask for a checkpoint without mask-guided editing.
+outside the image, a painted mask that covers nothing or everything.
 
 The page is Gradio's bundled frontend: nothing is fetched from anywhere else, no analytics, no
 share link.
@@ -26,7 +26,6 @@ share link.
 # No `from __future__ import annotations`: Gradio finds on_click's event argument by its gr.SelectData annotation.
 import argparse
 import contextvars
-import inspect
 import os
 import sys
 import threading
@@ -43,9 +42,6 @@ ASPECTS = (1.0, 4 / 3, 3 / 4)  # width / height of the working sizes
 STEP_CHOICES = (10, 20, 50, 100)  # with --steps: each is one compilation per working size
 SHOWN_SIDES = (320, 768)  # the input is shown with its short side ≥ 320 px and its long side ≤ 768 px
 BOX_COLOUR, CORNER_COLOUR = (255, 0, 200), (0, 160, 255)
-MASK_UNAVAILABLE = (
-    "mask-guided editing is not available for this checkpoint: undo or erase the painted mask to edit the whole image"
-)
 
 
 # ---------------------------------------------------------------------------------------- working sizes
@@ -53,7 +49,7 @@ MASK_UNAVAILABLE = (
 
 def bucket_sizes(working_size) -> list[tuple[int, int]]:
     """The working sizes (W, H) that edits run at: `working_size(W, H)` (an Editor's) of each aspect in
-    ASPECTS, without repeats (the 32 px demo checkpoint has one, 32 × 32; SD1.5 at 512 px three: 512²,
+    ASPECTS, without repeats (the 32 px demo checkpoint: 32², 36 × 28 and 28 × 36; SD1.5 at 512 px: 512²,
     576 × 448, 448 × 576)."""
     return list(dict.fromkeys(working_size(round(1000 * aspect), 1000) for aspect in ASPECTS))
 
@@ -137,8 +133,12 @@ def painted_mask(editor_value, size: tuple[int, int]) -> np.ndarray | None:
 
 
 def mask_editor_value(image: Image.Image | None) -> dict | None:
-    """A blank mask over `image` (the mask editor's value for a new input)."""
-    return None if image is None else {"background": image, "layers": [], "composite": image}
+    """A blank mask over `image` at its `shown_size` (the mask editor's value for a new input): a 32 px
+    scene is painted enlarged, with a brush in proportion; `painted_mask` brings the mask to its size."""
+    if image is None:
+        return None
+    shown = shown_input(image)
+    return {"background": shown, "layers": [], "composite": shown}
 
 
 # ---------------------------------------------------------------------------------------- requests
@@ -183,7 +183,6 @@ class EditService:
         self.editor = editor
         self.sizes = list(sizes or bucket_sizes(editor.working_size))
         self.default_sampler = SAMPLERS[editor.config.model.sampler]
-        self.takes_mask = "mask" in inspect.signature(editor.edit).parameters
         self.uses_boxes = editor.model.conditioner == "vlm" and editor.model.vlm.regions is not None
         self.compiled: set[tuple] = set()  # (working size, steps, sampler) edited at least once
         self._lock = threading.Lock()
@@ -205,13 +204,11 @@ class EditService:
     def edit(self, image: Image.Image, instruction: str, *, steps: int, image_guidance: float, text_guidance: float,
              seed: int, scheduler: str | None = None, boxes=None, mask=None, progress=None) -> Image.Image:  # fmt: skip
         """An edit of `image` (any size; the result has its size) at its working size. mask: bool[H, W] at the
-        image's size, for an Editor whose `edit` takes one."""
+        image's size: a mask-guided edit (the image is kept outside it)."""
         key = self.compile_key(image.size, steps, scheduler)
         size = key[0]
         extra = {}
         if mask is not None:
-            if not self.takes_mask:
-                raise ValueError(MASK_UNAVAILABLE)
             extra["mask"] = np.asarray(Image.fromarray(mask).resize(size, Image.NEAREST))
         with self._lock:
             out = self.editor.edit(
@@ -245,7 +242,8 @@ def describe(service: EditService, checkpoint: str) -> str:
     model = service.editor.model
     kind = "FireEdit (VLM condition)" if model.conditioner == "vlm" else "InstructPix2Pix (CLIP text condition)"
     boxes = "boxes become its VLM's region tokens" if service.uses_boxes else "no region input: boxes are ignored"
-    mask = "masks guide the edit" if service.takes_mask else "mask-guided editing is not available"
+    reads = "its mask encoder reads it too" if model.mask_encoder is not None else "by masked sampling"
+    mask = f"a painted mask keeps the image outside it ({reads})"
     sizes = ", ".join(f"{w}×{h}" for w, h in service.sizes)
     return (f"`{checkpoint}`: {kind}; {boxes}; {mask}. "
             f"Images are edited at {sizes} px (the nearest aspect ratio) and returned at their own size.")  # fmt: skip
@@ -328,8 +326,7 @@ def build_app(service: EditService, *, checkpoint: str, steps: int = 100, image_
                     boxes = gr.Textbox(label="Boxes: normalised x1 y1 x2 y2, one per line", lines=3,
                                        elem_id="boxes")  # fmt: skip
                     clear = gr.Button("Clear boxes", size="sm", elem_id="clear-boxes")
-                unavailable = "" if service.takes_mask else " (not available for this checkpoint)"
-                mask = gr.ImageEditor(label=f"Mask: paint the region to edit{unavailable}", type="numpy", sources=(),
+                mask = gr.ImageEditor(label="Mask: paint the region to edit", type="numpy", sources=(),
                                       transforms=(), format="png",
                                       layers=gr.LayerOptions(allow_additional_layers=False, layers=["mask"]),
                                       brush=gr.Brush(colors=["rgba(255, 0, 200, 0.6)"], color_mode="fixed"),

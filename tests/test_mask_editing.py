@@ -192,8 +192,8 @@ def test_inpainting_checkpoint_needs_a_mask(inpaint):
 
 
 @pytest.fixture(scope="module")
-def mask_editor(tmp_path_factory):
-    """configs/shapes_mask.py's model at its init, saved and loaded as an inference checkpoint."""
+def mask_checkpoint(tmp_path_factory):
+    """configs/shapes_mask.py's model at its init, saved as an inference checkpoint."""
     from fireedit_jax import checkpoint
     from fireedit_jax.models.fireedit import EditModel
     from fireedit_jax.train.inputs import make_tokenizer
@@ -207,7 +207,12 @@ def mask_editor(tmp_path_factory):
     tokenizer_dir = directory.parent / "tokenizer"
     make_tokenizer(config.data.tokenizer).save_pretrained(str(tokenizer_dir))
     checkpoint.save(str(directory), params, config, tokenizer_dir=str(tokenizer_dir))
-    return Editor.from_pretrained(str(directory))
+    return directory
+
+
+@pytest.fixture(scope="module")
+def mask_editor(mask_checkpoint):
+    return Editor.from_pretrained(str(mask_checkpoint))
 
 
 def test_outside_the_mask_the_edit_is_the_source_exactly(mask_editor):
@@ -217,11 +222,11 @@ def test_outside_the_mask_the_edit_is_the_source_exactly(mask_editor):
                   if s["kind"] == "colour")  # fmt: skip
     assert mask_editor.default_method == "mask"
     out = np.asarray(mask_editor.edit(Image.fromarray(sample["source"]), sample["instruction"], mask=sample["mask"],
-                                      steps=3, progress=False))  # fmt: skip
+                                      steps=2, progress=False))  # fmt: skip
     cells = np.kron(sample["mask"].reshape(16, 2, 16, 2).any((1, 3)), np.ones((2, 2), bool))
     np.testing.assert_array_equal(out[~cells], sample["source"][~cells])
     assert np.abs(out[cells].astype(int) - sample["source"][cells]).max() > 20
-    plain = np.asarray(mask_editor.edit(Image.fromarray(sample["source"]), sample["instruction"], steps=3,
+    plain = np.asarray(mask_editor.edit(Image.fromarray(sample["source"]), sample["instruction"], steps=2,
                                         method="ip2p", progress=False))  # fmt: skip
     assert np.abs(plain[~cells].astype(int) - sample["source"][~cells]).max() > 0  # without a mask: no such guarantee
 
@@ -240,10 +245,55 @@ def test_mask_inputs_get_one_clear_error(mask_editor):
     ]
     for kwargs, match in cases:
         with pytest.raises(ValueError, match=match):
-            mask_editor.edit(image, "make the red circle blue", steps=1, progress=False, **kwargs)
+            mask_editor.edit(image, "make the red circle blue", steps=2, progress=False, **kwargs)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         mask = np.zeros((16, 16), bool)
         mask[2:6, 2:6] = True
-        out = mask_editor.edit(image, "make the red circle blue", mask=mask, steps=1, progress=False)
+        out = mask_editor.edit(image, "make the red circle blue", mask=mask, steps=2, progress=False)
     assert out.size == (32, 32) and any("resized" in str(w.message) for w in caught)
+
+
+def test_edit_cli_takes_a_mask_box_and_names_bad_ones(mask_checkpoint, tmp_path, capsys):
+    from fireedit_jax import cli
+
+    image = tmp_path / "scene.png"
+    Image.fromarray(shapes.generate(shapes.ShapesConfig(size=32), "test", 0)["source"]).save(image)
+    common = ["edit", "--checkpoint", str(mask_checkpoint), "--image", str(image), "--instruction",
+              "make the red circle blue", "--steps", "2", "--out", str(tmp_path / "out.png")]  # fmt: skip
+    assert cli.main(common + ["--mask-box", "0.1,0.1,0.5,0.6", "--mask-feather", "2"]) == 0
+    assert Image.open(tmp_path / "out.png").size == (32, 32)
+    assert cli.main(common + ["--mask-box", "0.1,0.1,0.5"]) == 2
+    assert "four comma-separated numbers" in capsys.readouterr().err
+    assert cli.main(common + ["--method", "mask"]) == 2
+    assert "needs the region to edit" in capsys.readouterr().err
+
+
+def test_init_from_a_checkpoint_without_the_mask_leaves_initialises_them_and_says_so(tmp_path):
+    """`train --init` of a mask-guided config from a plain checkpoint (here configs/shapes.py's clip_text
+    model; a converted IP2P one is the same): the old leaves as stored, the mask encoder and the UNet's
+    fusers fresh (gates at 0: the UNet computes what it did), listed in a warning; other gaps stay errors."""
+    import flax
+
+    from fireedit_jax import checkpoint
+    from fireedit_jax.models.fireedit import EditModel
+    from fireedit_jax.train import checkpoints as ckpt_lib
+    from fireedit_jax.train.run import load_config
+    from fireedit_jax.train.step import Trainer
+
+    plain = load_config("configs/shapes.py:clip_text")
+    model = EditModel.from_config(plain.model)
+    stored = jax.tree.map(np.asarray, flax.linen.meta.unbox(jax.jit(model.init)(jax.random.key(3))))
+    checkpoint.save(str(tmp_path / "plain"), stored, plain)
+    trainer = Trainer.from_config(load_config("configs/shapes_mask.py"))
+    abstract = ckpt_lib.abstract_with_shardings(trainer.abstract_state, trainer.state_shardings)["params"]
+    with pytest.warns(UserWarning, match=r"mask encoder \(\d+ leaves\) or gated self-attention in 7 UNet"):
+        params, _ = ckpt_lib.init_params(str(tmp_path / "plain"), abstract, trainer.model.init)
+    flat = flax.traverse_util.flatten_dict(params)
+    assert set(flat) == set(flax.traverse_util.flatten_dict(abstract))
+    for key, value in flax.traverse_util.flatten_dict(stored).items():
+        np.testing.assert_array_equal(np.asarray(flat[key]), value)
+    gates = [np.asarray(v) for k, v in flat.items() if k[-1].startswith("alpha")]
+    assert gates and all(g == 0 for g in gates) and any(k[0] == "mask_encoder" for k in flat)
+    with pytest.raises(checkpoint.CheckpointError, match="missing"):
+        ckpt_lib.init_params(str(tmp_path / "plain"), abstract)  # without an init for them: an error

@@ -18,18 +18,22 @@ from fireedit_jax.data.proposals import BoxError
 
 
 class FakeEditor:
-    """Editor.edit's signature (without `mask`, as today) and what a checkpoint's config tells the page;
-    records the images it gets and how many edits overlap."""
+    """Editor.edit's signature and what a checkpoint's config tells the page; records the images
+    (and masks) it gets and how many edits overlap."""
 
     def __init__(self, conditioner="vlm", regions=True, resolution=512):
         self.config = ml_collections.ConfigDict({"resolution": resolution, "model": {"sampler": "ddim"}})
         vlm = types.SimpleNamespace(regions=object() if regions else None)
-        self.model = types.SimpleNamespace(conditioner=conditioner, vlm=vlm)
-        self.calls, self.active, self.most_active = [], 0, 0
+        self.model = types.SimpleNamespace(conditioner=conditioner, vlm=vlm, mask_encoder=None)
+        self.calls, self.active, self.most_active, self.mask = [], 0, 0, None
         self._count = threading.Lock()
 
+    def working_size(self, width, height):
+        return images.working_size(width, height, self.config.resolution)
+
     def edit(self, image, instruction, *, steps=100, image_guidance=1.5, text_guidance=7.5, seed=0, scheduler=None,
-             boxes=None, progress=True):  # fmt: skip
+             boxes=None, mask=None, progress=True):  # fmt: skip
+        self.mask = mask
         with self._count:
             self.active += 1
             self.most_active = max(self.most_active, self.active)
@@ -43,18 +47,10 @@ class FakeEditor:
         return Image.fromarray(255 - np.asarray(image))
 
 
-class MaskEditor(FakeEditor):
-    """The Editor once mask-guided editing lands: `edit` takes a mask."""
-
-    def edit(self, image, instruction, *, mask=None, **kwargs):
-        self.mask = mask
-        return super().edit(image, instruction, **kwargs)
-
-
 def test_working_sizes_are_few_and_fixed_points_of_working_size():
     at = lambda resolution, multiple=64: lambda w, h: images.working_size(w, h, resolution, multiple)  # noqa: E731
     assert serve.bucket_sizes(at(512)) == [(512, 512), (576, 448), (448, 576)]
-    assert serve.bucket_sizes(at(32, 4)) == [(32, 32)]  # the demo checkpoint (sides multiples of 4) compiles one size
+    assert serve.bucket_sizes(at(32, 4)) == [(32, 32), (36, 28), (28, 36)]  # the demo checkpoint: sides multiples of 4
     for resolution, multiple in ((32, 4), (32, 64), (256, 64), (512, 64), (768, 64)):
         for size in serve.bucket_sizes(at(resolution, multiple)):
             assert at(resolution, multiple)(*size) == size  # the Editor keeps the size it is given
@@ -139,7 +135,7 @@ def test_step_progress_runs_in_the_requests_context_from_another_thread():
 def test_the_service_edits_one_request_at_a_time_at_its_working_size():
     editor = FakeEditor(resolution=512)
     service = serve.EditService(editor)
-    assert not service.takes_mask and service.uses_boxes and service.default_sampler == "ddim"
+    assert service.uses_boxes and service.default_sampler == "ddim"
     landscape = Image.fromarray(np.random.default_rng(0).integers(0, 256, (300, 500, 3), np.uint8))
     results = []
 
@@ -159,11 +155,8 @@ def test_the_service_edits_one_request_at_a_time_at_its_working_size():
     assert service.compile_key((640, 480), 3, "euler_ancestral") not in service.compiled
 
     mask = np.zeros((300, 500), bool)
-    with pytest.raises(ValueError, match="mask-guided editing is not available"):
-        service.edit(landscape, "make it blue", steps=1, image_guidance=1, text_guidance=1, seed=0, mask=mask)
-    masked = serve.EditService(MaskEditor())
+    masked = serve.EditService(FakeEditor())
     mask[100:200, 250:] = True
-    assert masked.takes_mask
     masked.edit(landscape, "make it blue", steps=1, image_guidance=1, text_guidance=1, seed=0, mask=mask)
     assert masked.editor.mask.shape == (448, 576) and masked.editor.mask.dtype == bool
     assert masked.editor.mask[:, 300:].any() and not masked.editor.mask[:, :280].any()

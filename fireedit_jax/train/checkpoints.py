@@ -22,9 +22,11 @@ checkpoint such as converted weights: its params only), else a fresh init.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
+import re
 import shutil
 import warnings
 from typing import Any
@@ -288,23 +290,55 @@ def _matching(abstract_params, template):
     return flax.traverse_util.unflatten_dict({k: (v if present.get(k) is not None else None) for k, v in flat.items()})
 
 
-def init_params(path: str, abstract_params) -> tuple[Any, str | None]:
+# Leaves that a method adds to a model (mask-guided editing: the mask encoder, the UNet's gated
+# self-attention). Starting from a checkpoint without them (converted SD / IP2P weights, a FireEdit
+# run), they are initialised anew and listed in a warning; any other difference is an error.
+NEW_LEAVES = (r"^mask_encoder/", r"/fuser/")
+
+
+def init_params(path: str, abstract_params, init_fn=None, key: jax.Array | None = None) -> tuple[Any, str | None]:
     """The params to start from: a training checkpoint's (--init a run) or an inference
-    checkpoint's (converted weights, an export). Returns (params, tokenizer dir or None)."""
-    if find_training_checkpoint(path) is not None:
-        params, step = restore_params(path, abstract_params)
-        directory, _ = find_training_checkpoint(path)
-        tokenizer = os.path.join(directory, str(step), "tokenizer")
-        return params, tokenizer if os.path.isdir(tokenizer) else None
-    if os.path.exists(os.path.join(path, "config.json")):
-        params = inference.load_params(path, abstract_params)
-        params = jax.device_put(params, jax.tree.map(lambda s: s.sharding, abstract_params))
+    checkpoint's (converted weights, an export). Returns (params, tokenizer dir or None).
+
+    init_fn(key) → the model's (boxed) params: the NEW_LEAVES that the checkpoint lacks come from
+    it (only those are computed), with a warning naming them. Without it they are an error."""
+    training = find_training_checkpoint(path)
+    if training is None and not os.path.exists(os.path.join(path, "config.json")):
+        raise inference.CheckpointError(
+            f"--init {path!r} is neither a training run / checkpoint (checkpoints/<step>/) nor an "
+            "inference checkpoint (config.json + params/)"
+        )
+    params_dir = os.path.join(training[0], str(training[1]), "params") if training else os.path.join(path, "params")
+    flat = flax.traverse_util.flatten_dict(abstract_params, keep_empty_nodes=True)  # e.g. a parameter-free VAE's {}
+    new = []
+    if init_fn is not None and os.path.isdir(params_dir):
+        stored = flax.traverse_util.flatten_dict(ocp.StandardCheckpointer().metadata(params_dir).item_metadata.tree)
+        new = [k for k in flat if k not in stored and any(re.search(p, "/".join(k)) for p in NEW_LEAVES)]
+    old = flax.traverse_util.unflatten_dict({k: v for k, v in flat.items() if k not in new})
+    if training is not None:
+        params, step = restore_params(path, old)
+        tokenizer = os.path.join(training[0], str(step), "tokenizer")
+    else:
+        params = inference.load_params(path, old)
+        params = jax.device_put(params, jax.tree.map(lambda s: s.sharding, old))
         tokenizer = os.path.join(path, "tokenizer")
-        return params, tokenizer if os.path.isdir(tokenizer) else None
-    raise inference.CheckpointError(
-        f"--init {path!r} is neither a training run / checkpoint (checkpoints/<step>/) nor an "
-        "inference checkpoint (config.json + params/)"
-    )
+    if new:
+        names = ["/".join(k) for k in new]
+        encoder = sum(n.startswith("mask_encoder/") for n in names)
+        blocks = {n.split("/fuser/")[0] for n in names if "/fuser/" in n}
+        parts = [f"mask encoder ({encoder} leaves)"] if encoder else []
+        parts += [f"gated self-attention in {len(blocks)} UNet transformer blocks"] if blocks else []
+        warnings.warn(f"--init {path!r} has no {' or '.join(parts)}: initialised anew ({len(names)} leaves)")
+        log.info("initialised anew: %s", ", ".join(names))
+
+        @functools.partial(jax.jit, out_shardings=[flat[k].sharding for k in new])
+        def fresh(key):  # only the new leaves: XLA drops the rest of the init
+            init = flax.traverse_util.flatten_dict(flax.linen.meta.unbox(init_fn(key)))
+            return [init[k] for k in new]
+
+        values = fresh(jax.random.key(0) if key is None else key)
+        params = flax.traverse_util.unflatten_dict({**flax.traverse_util.flatten_dict(params), **dict(zip(new, values))})
+    return params, tokenizer if os.path.isdir(tokenizer) else None
 
 
 # ---------------------------------------------------------------- export

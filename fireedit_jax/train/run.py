@@ -239,7 +239,8 @@ def _train(config, workdir: str, init: str | None, mesh, progress: bool, preempt
         state, start = restored.state, restored.step
         log.info("resuming from %s/%d", checkpoints.directory, start)
     elif init:
-        params, init_tokenizer = ckpt_lib.init_params(init, abstract["params"])
+        params, init_tokenizer = ckpt_lib.init_params(init, abstract["params"], trainer.model.init,
+                                                      jax.random.key(int(config.seed)))  # fmt: skip
         state, start = trainer.init_state(params=params), 0
         log.info("starting from %s", init)
     else:
