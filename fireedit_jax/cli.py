@@ -120,8 +120,7 @@ def _add_generation_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _edit(args) -> int:
-    import os
-
+    from fireedit_jax import storage
     from fireedit_jax.pipeline import Editor
 
     instructions = args.instruction or []
@@ -166,8 +165,7 @@ def _edit(args) -> int:
         args.image, instructions[0], steps=args.steps, image_guidance=args.image_guidance,
         text_guidance=args.text_guidance, seed=args.seed, scheduler=args.scheduler, boxes=boxes,
     )  # fmt: skip
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    out.save(args.out)
+    storage.save_image(out, args.out)
     print(f"wrote {args.out}")
     return 0
 

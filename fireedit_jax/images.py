@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import os
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+
+from fireedit_jax import storage
 
 
 class ImageError(ValueError):
@@ -13,13 +16,13 @@ class ImageError(ValueError):
 
 
 def load_image(image) -> Image.Image:
-    """A path or PIL image → an RGB PIL image (16-bit, grayscale, palette and alpha handled)."""
+    """A path (local or gs://) or PIL image → an RGB PIL image (16-bit, grayscale, palette and alpha handled)."""
     if isinstance(image, (str, os.PathLike)):
         path = os.fspath(image)
-        if not os.path.exists(path):
+        if not storage.as_path(path).exists():
             raise ImageError(f"image {path!r} does not exist")
         try:
-            with Image.open(path) as opened:
+            with Image.open(io.BytesIO(storage.as_path(path).read_bytes())) as opened:
                 opened.load()
                 image = opened.copy()
         except (UnidentifiedImageError, OSError) as err:

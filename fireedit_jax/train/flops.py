@@ -150,8 +150,10 @@ def abstract_batch(config: ml_collections.ConfigDict, model: EditModel, batch_si
     length = text_length or min(data.get("length_buckets", (384,)))
     boxes = num_boxes if num_boxes is not None else min([b for b in data.get("box_buckets", (8,)) if b] or [0])
     size = int(config.resolution)
+    latent = (size // model.latent_factor, size // model.latent_factor, model.vae.config.latent_channels)
     shapes = {
         "source": ((size, size, 3), jnp.float32), "target": ((size, size, 3), jnp.float32),
+        **{name: (latent, jnp.float32) for name in losses.LATENT_FIELDS},
         "input_ids": ((model.max_text_length,), jnp.int32) if model.text_encoder else None,
         "clip_ids": ((model.max_text_length,), jnp.int32) if model.text_encoder else None,
         "vlm_input_ids": ((length,), jnp.int32), "vlm_attention_mask": ((length,), jnp.bool_),
@@ -162,12 +164,17 @@ def abstract_batch(config: ml_collections.ConfigDict, model: EditModel, batch_si
 
 
 def loss_inputs(config: ml_collections.ConfigDict) -> tuple[str, ...]:
-    """The batch entries `config.train.loss` reads."""
+    """The batch entries `config.train.loss` reads; from a latent cache the `LATENT_FIELDS` in
+    place of the pixels only the VAE encoder reads (FireEdit's VLM still reads the source)."""
     if config.train.loss == "fireedit":
-        return losses.FIREEDIT_INPUTS[losses.fireedit_stage(config)]
-    if config.train.loss == "ip2p":
-        return ("source", "target", "input_ids")
-    raise ValueError(f"no batch layout known for train.loss={config.train.loss!r}")
+        keys, encoded = losses.FIREEDIT_INPUTS[losses.fireedit_stage(config)], ("target",)
+    elif config.train.loss == "ip2p":
+        keys, encoded = ("source", "target", "input_ids"), ("source", "target")
+    else:
+        raise ValueError(f"no batch layout known for train.loss={config.train.loss!r}")
+    if "target" not in keys or not losses.uses_latent_cache(config):
+        return keys
+    return tuple(key for key in keys if key not in encoded) + losses.LATENT_FIELDS
 
 
 def step_flops_per_example(config: ml_collections.ConfigDict, batch=None, **buckets) -> tuple[float, float]:
