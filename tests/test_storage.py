@@ -79,10 +79,10 @@ def test_bucket_run_resumes_exactly_after_sigkill(bucket_run, runs):
     assert all((run_dir / "checkpoints" / str(s) / "commit_success.txt").exists() for s in steps)
     # event files: tensorboardX uploads at close (and every 120 s); the killed run's may be lost
     events = train_runs.read_events(f"{workdir}/tensorboard")
-    logged = {line["step"]: line["loss"] for line in lines}
+    by_step = {line["step"]: line["loss"] for line in lines}
     assert {line["step"] for line in after} <= {step for step, _ in events["loss"]}
     for step, value in events["loss"]:
-        assert value == pytest.approx(logged[step], rel=1e-6)
+        assert value == pytest.approx(by_step[step], rel=1e-6)
     assert events["<images>"] == [(STEPS, "samples")]
     grid = np.asarray(images.load_image(f"{workdir}/samples/step_{STEPS:07d}.png"))
     assert grid.shape == (2 * 16, 3 * 16, 3)

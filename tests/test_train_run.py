@@ -53,9 +53,9 @@ def test_event_files_hold_the_scalars_and_the_sample_grid(runs):
                 "step_time", "examples_per_second", "data/read/shapes"):  # fmt: skip
         assert tag in events, sorted(events)
     assert [step for step, _ in events["loss"]] == list(range(1, STEPS + 1))
-    logged = {line["step"]: line for line in logged(workdir)}
+    by_step = {line["step"]: line for line in logged(workdir)}
     for step, value in events["loss"]:
-        assert value == pytest.approx(logged[step]["loss"], rel=1e-6)
+        assert value == pytest.approx(by_step[step]["loss"], rel=1e-6)
     assert events["data/read/shapes"][-1] == (STEPS, 8.0 * STEPS)
     assert "tflops_per_device" in events
     assert events["<images>"] == [(STEPS, "samples")]
