@@ -1,6 +1,6 @@
 """`fireedit-jax train` from a latent cache against the pixel pipeline: one config, one run.
 
-    .venv/bin/python benchmarks/latent_training.py [--config configs/tiny.py] [--rows 256] [--size 128]
+    .venv/bin/python benchmarks/latent_training.py --config configs/tiny.py [--rows 256] [--size 128]
         [--steps 30] [--rounds 2] [--config.path=value ...]
 
 Writes a synthetic InstructPix2Pix-layout parquet (benchmarks/input_pipeline.py's JPEG pairs),
@@ -31,13 +31,12 @@ def main() -> None:
     from fireedit_jax.train import run
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    run.add_config_argument(parser, "configs/X.py (default configs/tiny.py)")
-    parser.set_defaults(config="configs/tiny.py")
+    run.add_config_argument(parser, "configs/X.py (e.g. configs/tiny.py); --config.path=value overrides")
     parser.add_argument("--rows", type=int, default=256, help="edit pairs written")
     parser.add_argument("--size", type=int, default=128, help="side of the JPEGs written")
     parser.add_argument("--steps", type=int, default=30, help="steps per training run")
     parser.add_argument("--rounds", type=int, default=2, help="runs of each kind, alternating")
-    args = parser.parse_args()
+    args = parser.parse_args(sys.argv[1:])  # explicit: add_config_argument takes the overrides out of them
     print("$ " + " ".join([os.path.relpath(sys.executable)] + sys.argv))
 
     import flax
