@@ -23,6 +23,11 @@ setup(
         "tensorflow-datasets>=4.9,<5",  # the ArrayRecord triplet builder (no TensorFlow needed)
         "importlib_resources",  # tensorflow-datasets needs it for builders in a package, undeclared
         "tensorboardX",  # training event files (flax's writer needs TensorFlow)
+        # gs:// paths (storage.py): etils.epath reads and writes them through fsspec + gcsfs;
+        # tensorboardX's GCS event writer uses google-cloud-storage
+        "fsspec",
+        "gcsfs",
+        "google-cloud-storage",
     ],
     extras_require={
         # torch is pinned: it must match torchvision (RoIAlign reference) and lpips.
@@ -41,6 +46,8 @@ setup(
             "selenium>=4.11",  # tests/test_serve_browser.py drives Debian's chromium through its chromedriver
             "pytest",
             "chex",
+            # tests/gcs_emulator.py: the GCS API server of the gs:// tests; pinned, it fills two gaps in its handlers
+            "gcp-storage-emulator==2026.7.19",
         ],
     },
     entry_points={"console_scripts": ["fireedit-jax=fireedit_jax.cli:main"]},

@@ -3,13 +3,13 @@
     DIR/config.json   the ml_collections config (model dimensions, scheduler, ...)
     DIR/params/       the parameter tree (Orbax)
     DIR/tokenizer/    tokenizer files (optional)
+
+DIR may be local or in a bucket (gs://, storage.py).
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 
 import flax
 import jax
@@ -17,36 +17,34 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+from fireedit_jax import storage
+
 
 class CheckpointError(ValueError):
     """A checkpoint directory that is missing, incomplete or does not match its config."""
 
 
 def save(directory: str, params, config: ml_collections.ConfigDict, tokenizer_dir: str | None = None) -> None:
-    directory = os.path.abspath(directory)
-    os.makedirs(directory, exist_ok=True)
-    if os.path.exists(os.path.join(directory, "params")):
-        shutil.rmtree(os.path.join(directory, "params"))
+    directory = storage.check_writable(directory, "checkpoint directory")
+    storage.remove_tree(directory / "params")
     checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(os.path.join(directory, "params"), params)
+    checkpointer.save(directory / "params", params)
     checkpointer.wait_until_finished()
-    with open(os.path.join(directory, "config.json"), "w") as f:
-        f.write(config.to_json(indent=1))
+    (directory / "config.json").write_text(config.to_json(indent=1))
     if tokenizer_dir is not None:
-        shutil.copytree(tokenizer_dir, os.path.join(directory, "tokenizer"), dirs_exist_ok=True)
+        storage.copy_tree(tokenizer_dir, directory / "tokenizer")
 
 
 def load_config(directory: str) -> ml_collections.ConfigDict:
-    if not os.path.isdir(directory):
+    path = storage.as_path(directory)
+    if not path.is_dir():
         raise CheckpointError(f"checkpoint directory {directory!r} does not exist")
-    path = os.path.join(directory, "config.json")
-    if not os.path.exists(path):
+    if not (path / "config.json").exists():
         raise CheckpointError(
             f"{directory!r} is not a fireedit_jax checkpoint: it has no config.json "
             "(convert weights with `fireedit-jax convert`)"
         )
-    with open(path) as f:
-        return ml_collections.ConfigDict(json.load(f))
+    return ml_collections.ConfigDict(json.loads((path / "config.json").read_text()))
 
 
 def load_params(directory: str, expected, *, only: tuple[str, ...] | None = None):
@@ -54,8 +52,8 @@ def load_params(directory: str, expected, *, only: tuple[str, ...] | None = None
 
     only: restore just these top-level entries (e.g. ("vae",)), reading nothing else from disk.
     """
-    path = os.path.abspath(os.path.join(directory, "params"))
-    if not os.path.isdir(path):
+    path = storage.as_path(directory) / "params"
+    if not path.is_dir():
         raise CheckpointError(f"{directory!r} has no params/ directory: the checkpoint is incomplete")
     if only is None:
         params = ocp.StandardCheckpointer().restore(path)
@@ -93,10 +91,11 @@ def tree_differences(got, want) -> list[str]:
 
 
 def tokenizer_dir(directory: str) -> str:
-    path = os.path.join(directory, "tokenizer")
-    if not os.path.isdir(path):
+    """The checkpoint's tokenizer/ directory, as a local directory (copied from a bucket)."""
+    path = storage.as_path(directory) / "tokenizer"
+    if not path.is_dir():
         raise CheckpointError(f"{directory!r} has no tokenizer/ directory")
-    return path
+    return storage.local_copy(path)
 
 
 def abstract(tree):

@@ -115,8 +115,7 @@ def _add_generation_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _edit(args) -> int:
-    import os
-
+    from fireedit_jax import storage
     from fireedit_jax.pipeline import Editor
 
     instructions = args.instruction or []
@@ -167,8 +166,7 @@ def _edit(args) -> int:
         mask=args.mask, mask_box=mask_box, mask_dilation=args.mask_dilate, mask_feather=args.mask_feather,
         method=args.method,
     )  # fmt: skip
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    out.save(args.out)
+    storage.save_image(out, args.out)
     print(f"wrote {args.out}")
     return 0
 

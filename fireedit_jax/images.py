@@ -2,28 +2,36 @@
 
 from __future__ import annotations
 
+import io
 import os
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+
+from fireedit_jax import storage
 
 
 class ImageError(ValueError):
     """An input image that cannot be used; the message names it."""
 
 
+def open_image(path, what: str = "image") -> Image.Image:
+    """The image file at `path` (local or gs://), as stored; ImageError if missing or unreadable."""
+    path = os.fspath(path)
+    if not storage.as_path(path).exists():
+        raise ImageError(f"{what} {path!r} does not exist")
+    try:
+        with Image.open(io.BytesIO(storage.as_path(path).read_bytes())) as opened:
+            opened.load()
+            return opened.copy()
+    except (UnidentifiedImageError, OSError) as err:
+        raise ImageError(f"{what} {path!r} is not a readable image file ({err})") from None
+
+
 def load_image(image) -> Image.Image:
-    """A path or PIL image → an RGB PIL image (16-bit, grayscale, palette and alpha handled)."""
+    """A path (local or gs://) or PIL image → an RGB PIL image (16-bit, grayscale, palette and alpha handled)."""
     if isinstance(image, (str, os.PathLike)):
-        path = os.fspath(image)
-        if not os.path.exists(path):
-            raise ImageError(f"image {path!r} does not exist")
-        try:
-            with Image.open(path) as opened:
-                opened.load()
-                image = opened.copy()
-        except (UnidentifiedImageError, OSError) as err:
-            raise ImageError(f"{path!r} is not a readable image file ({err})") from None
+        image = open_image(image)
     if not isinstance(image, Image.Image):
         raise ImageError(f"expected an image path or a PIL image, got {type(image).__name__}")
     return to_rgb(image)
@@ -92,19 +100,7 @@ def load_mask(mask, size: tuple[int, int], what: str = "mask") -> np.ndarray:
     import warnings
 
     if isinstance(mask, (str, os.PathLike, Image.Image)):
-        if isinstance(mask, Image.Image):
-            image = mask
-        else:
-            path = os.fspath(mask)
-            if not os.path.exists(path):
-                raise ImageError(f"{what} {path!r} does not exist")
-            try:
-                with Image.open(path) as opened:
-                    opened.load()
-                    image = opened.copy()
-            except (UnidentifiedImageError, OSError) as err:
-                raise ImageError(f"{what} {path!r} is not a readable image file ({err})") from None
-        array = mask_from_image(image, what)
+        array = mask_from_image(mask if isinstance(mask, Image.Image) else open_image(mask, what), what)
     else:
         array = np.asarray(mask)
         if array.ndim == 3 and array.shape[-1] == 1:

@@ -13,6 +13,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
+from train_runs import runs  # noqa: E402, F401 - the shared subprocess training runs (session-scoped)
 
 jax.config.update(
     "jax_compilation_cache_dir",
@@ -36,3 +37,28 @@ def _torch_threads():
         return
     torch.manual_seed(0)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def bucket(tmp_path_factory):
+    """"gs://bucket" on a GCS API server started here (tests/gcs_emulator.py), with every
+    client of this process and of its subprocesses pointed at it (storage.use_emulator), and
+    local copies of data sets in it kept under the session's temporary directory."""
+    import gcs_emulator
+
+    from fireedit_jax import storage
+
+    names = ("STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL", "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT",
+             "FIREEDIT_JAX_DATA_CACHE")  # fmt: skip
+    saved = {name: os.environ.get(name) for name in names}
+    process, url = gcs_emulator.start("bucket")
+    storage.use_emulator(url)
+    os.environ["FIREEDIT_JAX_DATA_CACHE"] = str(tmp_path_factory.mktemp("remote_data_cache"))
+    yield "gs://bucket"
+    process.kill()
+    process.wait()
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value

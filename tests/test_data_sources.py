@@ -105,7 +105,8 @@ def test_magicbrush_and_ultraedit_parquet(tmp_path):
     pq.write_table(pa.Table.from_pylist(magicbrush_rows, schema), tmp_path / "mb.parquet")
     source = sources.magicbrush_source(str(tmp_path / "mb.parquet"))
     assert [source[i] for i in range(3)] == [
-        EditRecord(f"mb.parquet#{i}", src, f"put a hat on dog {i}", tgt) for i, (src, tgt) in enumerate(images)
+        EditRecord(f"mb.parquet#{i}", src, f"put a hat on dog {i}", tgt, mask_image=png_bytes(50 + i))
+        for i, (src, tgt) in enumerate(images)
     ]
 
     # UltraEdit: the free-form set lacks target_caption, the region-based one has it (and mask_image)
@@ -126,6 +127,7 @@ def test_magicbrush_and_ultraedit_parquet(tmp_path):
             EditRecord(
                 f"{name}.parquet#{i}", src, f"turn sky {i} pink", tgt,
                 source_caption=f"sky {i}", target_caption=f"pink sky {i}" if region else None,
+                mask_image=png_bytes(9) if region else None,
             )
             for i, (src, tgt) in enumerate(images)
         ]  # fmt: skip

@@ -283,7 +283,7 @@ def test_emu_wrong_schema_names_the_fields(tmp_path):
 
 
 def test_batch_edit_jsonl(editor, tmp_path, monkeypatch):
-    _image(1, (60, 70)).save(tmp_path / "a.png")  # odd size: same 64×64 working size, restored on output
+    _image(1, (63, 65)).save(tmp_path / "a.png")  # odd size: same 64×64 working size, restored on output
     _image(2).convert("L").save(tmp_path / "b.jpg")
     (tmp_path / "bad.png").write_bytes(CORRUPT)
     lines = [{"image": "a.png", "instruction": "add snow", "boxes": [[0.1, 0.2, 0.5, 0.6]]},
@@ -301,13 +301,13 @@ def test_batch_edit_jsonl(editor, tmp_path, monkeypatch):
     result = edit_jsonl(editor, str(tmp_path / "edits.jsonl"), str(tmp_path / "out"), settings=SETTINGS,
                         proposer="detector-dir", progress=False)
     # a line's own boxes win; the others' are proposed, in one detector call per batch
-    assert proposed == [("detector-dir", [(64, 64), (60, 70)])]
+    assert proposed == [("detector-dir", [(64, 64), (63, 65)])]
     boxes = editor.calls[-1][2]
     np.testing.assert_array_equal(boxes[0], np.float32([[0.1, 0.2, 0.5, 0.6]]))
     np.testing.assert_array_equal(boxes[1], [[0.0, 0.0, 0.5, 0.5]])
     assert len(boxes) == 8
     assert sorted(os.listdir(tmp_path / "out")) == ["a.png", "a_night.png", "b.png"]
-    assert Image.open(tmp_path / "out" / "a.png").size == (60, 70)
+    assert Image.open(tmp_path / "out" / "a.png").size == (63, 65)
     assert Image.open(tmp_path / "out" / "b.png").mode == "RGB"
     assert len(result.written) == 3 and result.failed[0][0].endswith("bad.png")
     again = edit_jsonl(editor, str(tmp_path / "edits.jsonl"), str(tmp_path / "out"), progress=False, settings=SETTINGS)

@@ -2,6 +2,7 @@
 encoding on the fly gives, bad records are skipped and counted, and the IP2P loss on a
 cached batch equals the loss on the same examples' pixels."""
 
+import dataclasses
 import json
 
 import flax
@@ -20,7 +21,8 @@ from fireedit_jax.data.records import Task
 from fireedit_jax.data.sources import JsonlSource
 from fireedit_jax.data.transforms import EditTransform, clip_text_field
 from fireedit_jax.models.fireedit import EditModel
-from fireedit_jax.train import losses
+from fireedit_jax.train import flops, inputs, losses, run
+from fireedit_jax.train import mesh as mesh_lib
 
 RECORDS = 11  # + 1 corrupt: one full batch of 8 and a partial one
 
@@ -121,3 +123,70 @@ def test_ip2p_loss_on_cached_latents_equals_loss_on_pixels(cached):
     assert np.isfinite(from_cache) and float(from_cache) > 0
     np.testing.assert_allclose(from_cache, from_pixels, rtol=1e-5)
     np.testing.assert_allclose(parts["diffusion"], from_cache)
+
+
+@pytest.fixture(scope="module")
+def cache_in_bucket(cached, bucket):
+    """`cache-latents --out gs://bucket/latents --resolution 16` (built locally, uploaded): the
+    cache's path. 16 px: configs/tiny_fireedit.py's resolution, and a small train step."""
+    argv = list(cached[-1])
+    argv[argv.index("--out") + 1] = f"{bucket}/latents"
+    assert cli.main([*argv, "--resolution", "16"]) == 0
+    return f"{bucket}/latents/latent_triplets/1.1.0"
+
+
+def _latent_config(config, cache: str):
+    config = run.run_defaults(config)
+    config.data.sources = {"cache": {"kind": "latents", "path": cache}}
+    return config
+
+
+def test_training_reads_the_latent_cache_through_config_data(cached, cache_in_bucket, tmp_path):
+    """`train` on a cache in the bucket (read through a local copy): the batches hold latents and
+    no pixels (the loss never runs the VAE encoder); a cache made for another resolution, or mixed
+    with pixel sources, is refused."""
+    config = _latent_config(cached[0], cache_in_bucket)
+    config.resolution = 16
+    config.train.steps, config.checkpoint.every, config.logging.every, config.logging.sample_every = 2, 2, 1, 0
+    assert flops.loss_inputs(config) == ("input_ids", *losses.LATENT_FIELDS)
+    mesh = mesh_lib.make_mesh(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1])
+    result = run.train_and_evaluate(config, str(tmp_path / "run"), mesh=mesh, progress=False)
+    assert result.step == 2 and np.isfinite(result.metrics["loss"]) and result.metrics["data/read/cache"] == 16
+
+    transform = EditTransform(16, texts=(clip_text_field(clip_tokenizer(), name="input", source="instruction"),))
+    other = config.copy_and_resolve_references()
+    other.resolution = 32
+    with pytest.raises(ValueError, match="'cache': the latent cache has resolution 16 \\(config.resolution 32\\)"):
+        inputs.make_train_iterator(other, transform, 8)
+    other = config.copy_and_resolve_references()
+    other.data.sources["shapes"] = {"kind": "shapes", "size": 16}
+    with pytest.raises(ValueError, match="mixes latent caches with pixel sources"):
+        inputs.make_train_iterator(other, transform, 8)
+
+
+def test_fireedit_on_a_latent_cache_reads_the_same_inputs_without_the_vae_encoder(cached, cache_in_bucket):
+    """FireEdit reads the source pixels (its VLM, HVCA) from the cache's source images and the
+    latents in place of the target: every other batch entry equals the pixel pipeline's, and the
+    loss's model FLOPs on the cached batch are the pixel batch's less exactly the VAE encoder's.
+    (Traced, not run: two compilations of the VLM would cost minutes here; the latents' values
+    are checked against encoding on the fly above.)"""
+    source = cached[3]
+    config = _latent_config(load_config("tiny_fireedit"), cache_in_bucket)
+    keys = flops.loss_inputs(config)
+    assert "source" in keys and "target" not in keys and set(losses.LATENT_FIELDS) <= set(keys)
+    model = EditModel.from_config(config.model)
+    transform = inputs.make_transform(config, model, inputs.make_tokenizer("builtin:shape_words"))
+    from_cache = next(inputs.make_train_iterator(config, transform, 8))
+    cache = LatentSource(cache_in_bucket)
+    pixels = dataclasses.replace(transform, flip_probability=0.0)  # the cache's crop: centred, not flipped
+    from_pixels = pixels.collate([pixels(source[cache[int(i)]["index"]])[0] for i in from_cache["record_index"]])
+    for key in keys:
+        if key not in losses.LATENT_FIELDS:
+            np.testing.assert_array_equal(from_cache[key], from_pixels[key], err_msg=key)
+    pixel_keys = tuple(k for k in keys if k not in losses.LATENT_FIELDS) + ("target",)
+    cached_flops, _ = flops.step_flops_per_example(config, inputs.model_batch(from_cache, keys))
+    pixel_flops, _ = flops.step_flops_per_example(config, inputs.model_batch(from_pixels, pixel_keys))
+    vae = flax.linen.meta.unbox(jax.eval_shape(model.init, jax.random.key(0)))["vae"]
+    image = jax.ShapeDtypeStruct((8, 16, 16, 3), np.float32)
+    encoder, _ = flops.count(lambda p, x: losses.encode_latents(model, {"vae": p}, x, x), vae, image)
+    assert encoder > 0 and pixel_flops - cached_flops == pytest.approx(encoder / 8, rel=1e-9)

@@ -42,8 +42,9 @@ def digest(config, n=10) -> str:
     for split in shapes.SPLITS:
         for i in range(n):
             s = shapes.generate(config, split, i)
-            h.update(s["source"].tobytes() + s["target"].tobytes() + s["boxes"].tobytes() + s["box"].tobytes())
-            metadata = {k: v for k, v in s.items() if k not in ("source", "target", "boxes", "box")}
+            arrays = ("source", "target", "mask", "boxes", "box")
+            h.update(b"".join(s[k].tobytes() for k in arrays))
+            metadata = {k: v for k, v in s.items() if k not in arrays}
             h.update(json.dumps(metadata).encode())
     return h.hexdigest()
 
@@ -407,9 +408,10 @@ def test_folder_jsonl_matches_the_samples(tmp_path):
         sample = shapes.generate(config, "heldout", i)
         for name in ("source", "target"):
             np.testing.assert_array_equal(np.asarray(Image.open(os.path.join(folder, line[name]))), sample[name])
+        np.testing.assert_array_equal(np.asarray(Image.open(os.path.join(folder, line["mask"]))) > 127, sample["mask"])
         for name in ("boxes", "box"):
             np.testing.assert_array_equal(np.asarray(line[name], np.float32), sample[name])
-        rest = {k: v for k, v in sample.items() if k not in ("source", "target", "boxes", "box")}
+        rest = {k: v for k, v in sample.items() if k not in ("source", "target", "mask", "boxes", "box")}
         assert {k: line[k] for k in rest} == rest
         assert set(line) == set(sample)
     records = JsonlSource(folder)  # the training pipeline reads the same folder
@@ -417,12 +419,13 @@ def test_folder_jsonl_matches_the_samples(tmp_path):
     assert records[3].instruction == lines[3]["instruction"]
     np.testing.assert_array_equal(records[3].boxes, np.asarray(lines[3]["boxes"], np.float32))
     assert records[3].target_image == os.path.join(folder, lines[3]["target"])
+    assert records[3].mask_image == os.path.join(folder, lines[3]["mask"])
 
 
 def test_main_writes_splits_and_tokenizer(tmp_path, capsys):
     assert shapes.main(["--out", str(tmp_path), "--split", "train", "test", "--num", "3", "--size", "32"]) == 0
     assert sorted(os.listdir(tmp_path)) == ["test", "tokenizer", "train"]
-    assert len(os.listdir(tmp_path / "train" / "images")) == 6
+    assert len(os.listdir(tmp_path / "train" / "images")) == 9  # source, target, mask
     assert Image.open(tmp_path / "test" / "images" / "000002_target.png").size == (32, 32)
     assert "wrote 3 train samples" in capsys.readouterr().out
 

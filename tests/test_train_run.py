@@ -1,29 +1,20 @@
 """The training run (train/run.py) and its checkpoints (train/checkpoints.py).
 
-Runs of configs/tiny.py (ShapeEdit made on the fly, 16 px, batch 8) in subprocesses of
-one device each, sharing the tests' persistent compilation cache:
-  full      8 steps uninterrupted, checkpoints every 2, a sample grid at step 8
-  killed    the same command, SIGKILLed once a checkpoint exists; then resumed
-  sigterm   SIGTERM after the first step: a final checkpoint and exit code 0
-Then in this process: a checkpoint saved on a 2×2×2 mesh restored on 8×1×1 and on one
+The subprocess runs of tests/train_runs.py (`runs`: full, killed and resumed, SIGTERMed);
+then in this process: a checkpoint saved on a 2×2×2 mesh restored on 8×1×1 and on one
 device, export → Editor, a half-written checkpoint, the event files.
 """
 
 import glob
-import json
 import os
 import shutil
-import signal
-import struct
-import subprocess
-import sys
-import time
 
 import flax
 import jax
 import numpy as np
 import pytest
 from PIL import Image
+from train_runs import ROOT, STEPS, logged, read_events
 
 from fireedit_jax.pipeline import Editor, load_tokenizer
 from fireedit_jax.train import checkpoints as ckpt_lib
@@ -31,81 +22,12 @@ from fireedit_jax.train import mesh as mesh_lib
 from fireedit_jax.train import run
 from fireedit_jax.train.step import Trainer
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STEPS = 8
-OVERRIDES = [f"--config.train.steps={STEPS}", "--config.checkpoint.every=2", "--config.logging.every=1",
-             "--config.resolution=16", f"--config.logging.sample_every={STEPS}", "--config.logging.sample_count=2",
-             "--config.logging.sample_steps=2"]  # fmt: skip
-
-
-def _env() -> dict:
-    env = dict(os.environ)
-    env.pop("XLA_FLAGS", None)  # one CPU device
-    env.update(JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir,
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5", TOKENIZERS_PARALLELISM="false")  # fmt: skip
-    return env
-
-
-def _start(workdir: str, *extra: str) -> subprocess.Popen:
-    """`fireedit-jax train` of configs/tiny.py in a subprocess; its output goes to WORKDIR.log."""
-    command = [sys.executable, "-m", "fireedit_jax.cli", "train", "--config", os.path.join(ROOT, "configs", "tiny.py"),
-               "--workdir", workdir, "--no-progress", *OVERRIDES, *extra]  # fmt: skip
-    with open(f"{workdir}.log", "a") as log:
-        return subprocess.Popen(command, env=_env(), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-
-
-def _finish(process: subprocess.Popen, workdir: str) -> str:
-    process.wait(timeout=900)
-    with open(f"{workdir}.log") as log:
-        return log.read()
-
-
-def _logged(workdir: str) -> list[dict]:
-    path = os.path.join(workdir, "metrics.jsonl")
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.endswith("\n")]
-
-
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """{"full", "killed", "sigterm"}: the subprocess runs (concurrent: each pays JAX's start-up
-    and tracing, which the two cores share better than one process alone)."""
-    base = tmp_path_factory.mktemp("runs")
-    full, killed, sigterm = (str(base / name) for name in ("full", "killed", "sigterm"))
-    first = _start(full)
-    to_kill = _start(killed, "--config.logging.sample_every=0")
-    to_stop = _start(sigterm, "--config.logging.sample_every=0", "--config.checkpoint.every=100")
-    # SIGTERM after the first step; SIGKILL as soon as a checkpoint is complete (renamed from
-    # its temporary directory); whichever comes first
-    logged_before, resumed, stopping = None, None, False
-    while resumed is None or to_stop.poll() is None:
-        if not stopping and _logged(sigterm):
-            to_stop.send_signal(signal.SIGTERM)
-            stopping = True
-        if resumed is None and ckpt_lib.find_training_checkpoint(killed) is not None:
-            to_kill.send_signal(signal.SIGKILL)
-            to_kill.wait()
-            assert to_kill.returncode == -signal.SIGKILL
-            logged_before = len(_logged(killed))
-            resumed = _start(killed, "--config.logging.sample_every=0")
-        if to_kill.poll() not in (None, -signal.SIGKILL) or (to_stop.poll() is not None and not stopping):
-            raise AssertionError(f"a run ended early:\n{_finish(to_kill, killed)}\n{_finish(to_stop, sigterm)}")
-        time.sleep(0.02)
-    out_sigterm = _finish(to_stop, sigterm)
-    out_full, out_resumed = _finish(first, full), _finish(resumed, killed)
-    assert first.returncode == 0, out_full
-    assert resumed.returncode == 0, out_resumed
-    return {"full": (full, out_full), "killed": (killed, logged_before),
-            "sigterm": (sigterm, to_stop.returncode, out_sigterm)}  # fmt: skip
-
 
 def test_resume_after_sigkill_reproduces_the_uninterrupted_losses(runs):
-    full = {line["step"]: line["loss"] for line in _logged(runs["full"][0])}
+    full = {line["step"]: line["loss"] for line in logged(runs["full"][0])}
     assert sorted(full) == list(range(1, STEPS + 1))
     workdir, logged_before = runs["killed"]
-    lines = _logged(workdir)
+    lines = logged(workdir)
     before, after = lines[:logged_before], lines[logged_before:]
     assert after, "the resumed run logged nothing"
     assert after[0]["step"] > 1, "the resumed run did not start from a checkpoint"
@@ -119,42 +41,21 @@ def test_sigterm_saves_a_final_checkpoint_and_exits_0(runs):
     workdir, returncode, out = runs["sigterm"]
     assert returncode == 0, out
     steps = sorted(int(n) for n in os.listdir(os.path.join(workdir, "checkpoints")) if n.isdigit())
-    last = _logged(workdir)[-1]["step"]
+    last = logged(workdir)[-1]["step"]
     assert steps == [last] and last < STEPS  # only the preemption checkpoint (every=100)
     assert "stopped for preemption" in out
 
 
-def _read_events(directory: str) -> dict[str, list[tuple[int, float]]]:
-    """Scalars of tensorboard event files (TFRecords of Event protos), parsed by hand."""
-    from tensorboardX.proto import event_pb2
-
-    scalars, images = {}, []
-    for path in glob.glob(os.path.join(directory, "events.out.tfevents.*")):
-        data = open(path, "rb").read()
-        offset = 0
-        while offset < len(data):
-            (length,) = struct.unpack("<Q", data[offset : offset + 8])
-            event = event_pb2.Event.FromString(data[offset + 12 : offset + 12 + length])
-            offset += 12 + length + 4
-            for value in event.summary.value:
-                if value.HasField("image"):
-                    images.append((event.step, value.tag))
-                else:
-                    scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
-    scalars["<images>"] = images
-    return scalars
-
-
 def test_event_files_hold_the_scalars_and_the_sample_grid(runs):
     workdir, _ = runs["full"]
-    events = _read_events(os.path.join(workdir, "tensorboard"))
+    events = read_events(os.path.join(workdir, "tensorboard"))
     for tag in ("loss", "diffusion", "learning_rate", "grad_norm", "param_norm", "update_norm",
                 "step_time", "examples_per_second", "data/read/shapes"):  # fmt: skip
         assert tag in events, sorted(events)
     assert [step for step, _ in events["loss"]] == list(range(1, STEPS + 1))
-    logged = {line["step"]: line for line in _logged(workdir)}
+    by_step = {line["step"]: line for line in logged(workdir)}
     for step, value in events["loss"]:
-        assert value == pytest.approx(logged[step]["loss"], rel=1e-6)
+        assert value == pytest.approx(by_step[step]["loss"], rel=1e-6)
     assert events["data/read/shapes"][-1] == (STEPS, 8.0 * STEPS)
     assert "tflops_per_device" in events
     assert events["<images>"] == [(STEPS, "samples")]

@@ -22,7 +22,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from fireedit_jax import checkpoint
+from fireedit_jax import checkpoint, storage
 from fireedit_jax.convert import clip as clip_convert
 from fireedit_jax.convert import core
 from fireedit_jax.convert import dinov2 as dinov2_convert
@@ -136,7 +136,8 @@ def convert_fireedit(ip2p: str, llm: str, dinov2: str, clip_vision: str, out: st
         raise core.ConversionError("assembled FireEdit params do not match the model: " + "; ".join(differences))
     tokenizer, _ = load_tokenizer(llm, model.vlm.llm.vocab_size)
     checkpoint.save(out, params, config)
-    tokenizer.save_pretrained(os.path.join(out, "tokenizer"))
+    with storage.staged(os.path.join(out, "tokenizer")) as local:  # transformers writes local files only
+        tokenizer.save_pretrained(local)
     errors = {}
     if verify:
         errors = {

@@ -11,19 +11,24 @@ tfds_builder.py). Per record it stores what the IP2P loss needs (train/losses.py
 `LATENT_FIELDS`): the source's posterior mode, the image condition, and the target's
 posterior mean and log-variance, from which the loss draws a fresh sample each step.
 Texts, task and the boxes (on the crop) are kept as they are; tokenisation happens when
-reading, so one cache serves any tokenizer. Records that cannot be decoded are skipped
-and counted, as in training (pipeline.py).
+reading, so one cache serves any tokenizer. The source image's file bytes are kept too:
+FireEdit's VLM reads the source pixels (the same centred crop, made when reading).
+Records that cannot be decoded are skipped and counted, as in training (pipeline.py).
 
 The command runs on one host (its local devices); the cache is read by every host.
+--out may be gs://: the data set is built in a local temporary directory, then uploaded
+(ArrayRecord writes local files only); reading one from a bucket copies it once per host
+into a local cache (storage.local_copy).
 
-Read it back as a pipeline source, with `LatentTransform` in place of the pixel transform:
+Train from it with a source of kind "latents" in config.data.sources (train/inputs.py), or
+read it back as a pipeline source, with `LatentTransform` in place of the pixel transform:
 
-    source = LatentSource("/data/ip2p_latents/latent_triplets/1.0.0")
+    source = LatentSource("/data/ip2p_latents/latent_triplets/1.1.0")
     iterator = make_iterator([source], LatentTransform(EditTransform(texts=...)), batch_size=64)
 
 Its batches carry `LATENT_FIELDS` (float32[B, h, w, C]) instead of "source" / "target",
-and the IP2P loss then skips the VAE. Storage is float32: 3·h·w·C·4 bytes per record
-(192 KiB at 512 px, 48 KiB at 256 px, for SD's 4 latent channels).
+and the losses then skip the VAE. Storage is float32: 3·h·w·C·4 bytes per record
+(192 KiB at 512 px, 48 KiB at 256 px, for SD's 4 latent channels), plus the source file.
 """
 
 from __future__ import annotations
@@ -31,7 +36,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import shutil
 import sys
 from typing import Iterator, Sequence
 
@@ -43,12 +47,12 @@ import tensorflow_datasets as tfds
 from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
-from fireedit_jax import checkpoint
+from fireedit_jax import checkpoint, storage
 from fireedit_jax.data.pipeline import DataError, make_iterator
 from fireedit_jax.data.records import EditRecord, Task
 from fireedit_jax.data.sources import SOURCE_KINDS, SchemaError, open_source
-from fireedit_jax.data.tfds_builder import decode_texts, encode_texts, split_source, text_features
-from fireedit_jax.data.transforms import EditTransform
+from fireedit_jax.data.tfds_builder import decode_texts, encode_texts, image_bytes, split_source, text_features
+from fireedit_jax.data.transforms import EditTransform, crop_resize, crop_window, decode_image
 from fireedit_jax.models.fireedit import EditModel
 from fireedit_jax.train.losses import LATENT_FIELDS, encode_latents
 
@@ -56,9 +60,10 @@ _NO_BOX_LIMIT = 1 << 30  # the cache keeps every box; the reading transform cuts
 
 
 class LatentTriplets(tfds.core.GeneratorBasedBuilder):
-    """Edit triplets as VAE latents (`LATENT_FIELDS`) with their texts, boxes and task."""
+    """Edit triplets as VAE latents (`LATENT_FIELDS`) with their texts, boxes, task and source image."""
 
-    VERSION = tfds.core.Version("1.0.0")
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {"1.1.0": "the source image's file bytes (FireEdit's VLM reads them)"}
 
     def __init__(self, *, latent_shape: Sequence[int] = (), metadata: dict | None = None, splits=None, **kwargs):
         self._latent_shape = tuple(latent_shape)
@@ -75,6 +80,7 @@ class LatentTriplets(tfds.core.GeneratorBasedBuilder):
             boxes=tfds.features.Tensor(shape=(None, 4), dtype=np.float32),
             has_boxes=tfds.features.Tensor(shape=(), dtype=np.bool_),
             task=tfds.features.Tensor(shape=(), dtype=np.int32),
+            source_image=tfds.features.Tensor(shape=(), dtype=np.object_),
         )
         return tfds.core.DatasetInfo(
             builder=self, features=tfds.features.FeaturesDict(features), metadata=tfds.core.MetadataDict(self._metadata),
@@ -105,7 +111,8 @@ class _CropAndKeep:
     def __call__(self, record: EditRecord, rng=None):
         example, _ = self.pixels(record)  # no rng: centred crop, no flip
         kept = encode_texts(record)
-        kept.update(boxes=example["boxes"], has_boxes=record.boxes is not None, task=int(record.task))
+        kept.update(boxes=example["boxes"], has_boxes=record.boxes is not None, task=int(record.task),
+                    source_image=image_bytes(record.source_image))  # fmt: skip
         return {"source": example["source"], "target": example["target"], "kept": kept}, ()
 
     @staticmethod
@@ -166,14 +173,13 @@ def cache_latents(
     latent_shape = (resolution // factor, resolution // factor, vae.latent_channels)
     metadata = dict(
         resolution=resolution, latent_shape=list(latent_shape), vae=dataclasses.asdict(vae),
-        checkpoint=os.path.abspath(checkpoint_dir), source=source.name, source_records=len(source),
+        checkpoint=os.fspath(storage.as_path(checkpoint_dir)), source=source.name, source_records=len(source),
     )  # fmt: skip
-    options = dict(latent_shape=latent_shape, metadata=metadata, data_dir=os.fspath(out_dir), file_format="array_record")
-    path = os.fspath(LatentTriplets(**options).data_path)
-    if os.path.exists(path):
+    path = storage.check_writable(out_dir, "--out") / LatentTriplets.name / str(LatentTriplets.VERSION)
+    if path.exists():
         if not overwrite:
-            raise ValueError(f"{path!r} already holds a latent cache: pass --overwrite to replace it")
-        shutil.rmtree(path)
+            raise ValueError(f"{os.fspath(path)!r} already holds a latent cache: pass --overwrite to replace it")
+        path.rmtree()
 
     params = checkpoint.load_params(checkpoint_dir, jax.eval_shape(model.init, jax.random.key(0)), only=("vae",))
     devices = jax.local_device_count()
@@ -208,10 +214,12 @@ def cache_latents(
         counts["skipped"] = iterator.metrics()[f"data/skipped/{source.name}"]
 
     try:
-        LatentTriplets(splits={split: examples()}, **options).download_and_prepare()
+        with storage.staged(out_dir) as local:
+            LatentTriplets(splits={split: examples()}, latent_shape=latent_shape, metadata=metadata, data_dir=local,
+                           file_format="array_record").download_and_prepare()  # fmt: skip
     finally:
         iterator.close()
-    return path, counts
+    return os.fspath(path), counts
 
 
 class LatentSource:
@@ -220,18 +228,21 @@ class LatentSource:
     A record is a dict: the `LATENT_FIELDS` (float32[h, w, C]), "boxes" float32[N, 4] (on
     the crop) or None, "task" (records.Task), "index" (the record's index in the cached
     source) and the texts "key", "instruction", "answer", "source_caption",
-    "target_caption" (None where absent). A VQA record's target latents encode a blank
-    image (its diffusion weight is 0). `metadata`: resolution, latent_shape, vae (its
-    config), checkpoint, source, source_records.
+    "target_caption" (None where absent), and "source_image" (the file's bytes; caches from
+    before version 1.1.0 lack it: `has_source_images`). A VQA record's target latents
+    encode a blank image (its diffusion weight is 0). `metadata`: resolution, latent_shape,
+    vae (its config), checkpoint, source, source_records. A cache in a bucket is read from a
+    local copy (storage.local_copy).
     """
 
     def __init__(self, directory: str, split: str = "train", *, name: str | None = None):
         self.name = name or f"latents_{split}"
-        builder = tfds.builder_from_directory(os.fspath(directory))
+        builder = tfds.builder_from_directory(storage.local_copy(directory, cache=True))
         missing = [field for field in LATENT_FIELDS if field not in builder.info.features]
         if missing:
             raise SchemaError(f"{directory!r} is not a latent cache (`fireedit-jax cache-latents`): no {', '.join(missing)}")
         self.metadata = dict(builder.info.metadata)
+        self.has_source_images = "source_image" in builder.info.features
         self._data = split_source(builder, directory, split)
 
     def __len__(self) -> int:
@@ -243,7 +254,7 @@ class LatentSource:
         record.update({name: example[name] for name in LATENT_FIELDS})
         record.update(
             boxes=example["boxes"] if example["has_boxes"] else None, task=Task(int(example["task"])),
-            index=int(example["index"]),
+            index=int(example["index"]), source_image=example["source_image"] if self.has_source_images else None,
         )  # fmt: skip
         return record
 
@@ -255,13 +266,23 @@ class LatentSource:
 class LatentTransform:
     """The pipeline transform for `LatentSource` records: the latents as they are, the
     texts, boxes, task and loss weights as `edit` (an EditTransform: its texts and box
-    buckets; its image settings do not apply) makes them, and `edit`'s collation.
-    No augmentation: the cache holds the centred crop."""
+    buckets) makes them, and `edit`'s collation. With `source_pixels`, also "source" (and
+    "vlm_source" if `edit` has a vlm_resolution): the source image's centred crop at
+    `edit`'s resolution, the crop the latents were made from. No augmentation: the cache
+    holds the centred crop."""
 
     edit: EditTransform
+    source_pixels: bool = False
 
     def __call__(self, record: dict, rng=None) -> tuple[dict, tuple[str, ...]]:
         example = {name: record[name] for name in LATENT_FIELDS}
+        if self.source_pixels:
+            sides = [side for side in (self.edit.resolution, self.edit.vlm_resolution) if side]
+            source = decode_image(record["source_image"], f"{record['key']}: source image", max(sides))
+            window = crop_window(*source.size)
+            example["source"] = crop_resize(source, window, self.edit.resolution)
+            if self.edit.vlm_resolution:
+                example["vlm_source"] = crop_resize(source, window, self.edit.vlm_resolution)
         boxes = record["boxes"] if record["boxes"] is not None else np.zeros((0, 4), np.float32)
         texts = {field.source: record[field.source] for field in self.edit.texts}
         return self.edit.finish(example, boxes, texts, record["task"])

@@ -506,6 +506,9 @@ def build_tokenizer():
 # ---------------------------------------------------------------------------- files
 
 
+IMAGE_FIELDS = ("source", "target", "mask")  # written as PNGs (the mask white where the edit is)
+
+
 def _json_value(value):
     return value.tolist() if isinstance(value, np.ndarray) else value
 
@@ -513,11 +516,11 @@ def _json_value(value):
 def write_folder(out_dir: str, split: str, n: int, config: ShapesConfig = ShapesConfig()) -> str:
     """Writes samples 0…n-1 of `split` under out_dir/split/; returns that folder.
 
-    Layout: images/{i:06d}_source.png and _target.png;
+    Layout: images/{i:06d}_source.png, _target.png and _mask.png (white: the edit region);
     samples.jsonl   one line per sample: {"source": "images/…png", "target": …, "instruction",
                     "boxes": [[x0, y0, x1, y1], …], and every metadata field of `generate`};
     metadata.jsonl  the same samples in `data.sources.JsonlSource`'s layout (source_image,
-                    target_image, instruction, boxes), so the training pipeline reads the folder.
+                    target_image, mask_image, instruction, boxes), so the training pipeline reads the folder.
     """
     folder = os.path.join(out_dir, split)
     os.makedirs(os.path.join(folder, "images"), exist_ok=True)
@@ -528,12 +531,13 @@ def write_folder(out_dir: str, split: str, n: int, config: ShapesConfig = Shapes
         for i in range(n):
             sample = generate(config, split, i)
             paths = {}
-            for name in ("source", "target"):
+            for name in IMAGE_FIELDS:
                 paths[name] = f"images/{i:06d}_{name}.png"
-                Image.fromarray(sample[name]).save(os.path.join(folder, paths[name]))
+                pixels = sample[name].astype(np.uint8) * 255 if name == "mask" else sample[name]
+                Image.fromarray(pixels).save(os.path.join(folder, paths[name]))
             line = {**{k: _json_value(v) for k, v in sample.items()}, **paths}
             samples.write(json.dumps(line) + "\n")
-            record = {"source_image": paths["source"], "target_image": paths["target"],
+            record = {"source_image": paths["source"], "target_image": paths["target"], "mask_image": paths["mask"],
                       "instruction": sample["instruction"], "boxes": line["boxes"]}  # fmt: skip
             metadata.write(json.dumps(record) + "\n")
     return folder

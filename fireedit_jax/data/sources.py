@@ -11,6 +11,9 @@ Image struct {bytes, path} or plain binary):
   LLaVA-Instruct   llava_instruct_150k.json style: [{id, image, conversations: [{from, value}]}]
 and (tfds_builder.py) an ArrayRecord data set built with our TFDS builder.
 
+Every path may be local or gs:// (storage.py): parquet is read through file objects with
+range requests, JSONL / JSON whole, images when decoded (transforms.decode_image).
+
 A file with the wrong schema is refused up front with the missing fields named. A
 record whose content is bad (a null image, a broken file) is left for the pipeline to
 skip and count. Parquet is read a row group at a time (a few cached per process);
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import bisect
 import collections
+import contextlib
 import dataclasses
 import glob
 import json
@@ -30,6 +34,7 @@ from typing import Sequence
 
 import numpy as np
 
+from fireedit_jax import storage
 from fireedit_jax.data.records import EditRecord, Task
 
 
@@ -84,12 +89,12 @@ def _parquet_files(paths: str | Sequence[str]) -> list[str]:
     found = []
     for path in [paths] if isinstance(paths, (str, os.PathLike)) else paths:
         path = os.fspath(path)
-        if os.path.isdir(path):
-            found += sorted(glob.glob(os.path.join(path, "**", "*.parquet"), recursive=True))
-        elif glob.has_magic(path):
-            found += sorted(glob.glob(path, recursive=True))
-        elif os.path.exists(path):
-            found.append(path)
+        if glob.has_magic(path):
+            found += map(os.fspath, storage.glob(path))
+        elif storage.as_path(path).is_dir():
+            found += map(os.fspath, storage.files(path, ".parquet"))
+        elif storage.as_path(path).exists():
+            found.append(os.fspath(storage.as_path(path)))
         else:
             raise FileNotFoundError(f"parquet path {path!r} does not exist")
     if not found:
@@ -111,8 +116,6 @@ class ParquetSource:
     """
 
     def __init__(self, paths, layout: ParquetLayout, *, name: str | None = None, cached_row_groups: int = 4):
-        import pyarrow.parquet as pq
-
         self.name = name or layout.name
         self.layout = layout
         self._files = _parquet_files(paths)
@@ -121,7 +124,7 @@ class ParquetSource:
         starts = []
         total = 0
         for i, path in enumerate(self._files):
-            with pq.ParquetFile(path) as parquet:
+            with _open_parquet(path) as parquet:
                 present = self._check_schema(path, parquet.schema_arrow)
                 first = 0
                 for group in range(parquet.metadata.num_row_groups):
@@ -154,6 +157,8 @@ class ParquetSource:
                 f"(it has {', '.join(sorted(names))})"
             )
         for field in _IMAGE_FIELDS:
+            if self.layout.columns.get(field) not in names:
+                continue  # an optional mask column this file lacks
             kind = schema.field(self.layout.columns[field]).type
             image_struct = pa.types.is_struct(kind) and kind.get_field_index("bytes") >= 0
             if not (image_struct or pa.types.is_binary(kind) or pa.types.is_large_binary(kind)):
@@ -185,10 +190,8 @@ class ParquetSource:
             if k in self._cache:
                 self._cache.move_to_end(k)
                 return self._cache[k]
-        import pyarrow.parquet as pq
-
         file_index, group, _ = self._groups[k]
-        with pq.ParquetFile(self._files[file_index]) as parquet:
+        with _open_parquet(self._files[file_index]) as parquet:
             table = parquet.read_row_group(group, columns=list(self._fields.values()))
         with self._lock:
             self._cache[k] = table
@@ -205,6 +208,16 @@ class ParquetSource:
 
     def __repr__(self) -> str:
         return f"ParquetSource({self.name!r}, {len(self._files)} files, {self._length} rows)"
+
+
+@contextlib.contextmanager
+def _open_parquet(path: str):
+    """A pyarrow ParquetFile reading `path` (local or gs://) through a file object: the footer
+    and row groups come by range reads."""
+    import pyarrow.parquet as pq
+
+    with storage.as_path(path).open("rb") as file, pq.ParquetFile(file) as parquet:
+        yield parquet
 
 
 def _image_value(value, directory: str):
@@ -245,23 +258,22 @@ class JsonlSource:
     """
 
     def __init__(self, root: str, *, metadata: str = "metadata.jsonl", name: str | None = None):
-        self.root = os.fspath(root)
-        self.name = name or os.path.basename(os.path.normpath(self.root))
+        self.root = os.fspath(storage.as_path(root))
+        self.name = name or storage.as_path(root).name
         path = os.path.join(self.root, metadata)
-        if not os.path.exists(path):
+        if not storage.as_path(path).exists():
             raise FileNotFoundError(f"{path!r} does not exist (a JSONL source needs {metadata} in its folder)")
         self._metadata = metadata
         self._lines = []
-        with open(path, encoding="utf-8") as file:
-            for number, line in enumerate(file, 1):
-                if not line.strip():
-                    continue
-                try:
-                    entry = json.loads(line)
-                except json.JSONDecodeError as error:
-                    raise SchemaError(f"{path}:{number}: not JSON ({error})") from None
-                self._check(entry, f"{path}:{number}")
-                self._lines.append((number, entry))
+        for number, line in enumerate(storage.as_path(path).read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise SchemaError(f"{path}:{number}: not JSON ({error})") from None
+            self._check(entry, f"{path}:{number}")
+            self._lines.append((number, entry))
 
     @staticmethod
     def _check(entry, where: str) -> None:
@@ -308,10 +320,9 @@ class LlavaVQASource:
 
     def __init__(self, json_path: str, image_root: str, *, name: str = "llava_instruct"):
         self.name = name
-        self.image_root = os.fspath(image_root)
-        self._file = os.path.basename(json_path)
-        with open(json_path, encoding="utf-8") as file:
-            entries = json.load(file)
+        self.image_root = os.fspath(storage.as_path(image_root))
+        self._file = os.path.basename(os.fspath(json_path))
+        entries = json.loads(storage.as_path(json_path).read_text())
         if not isinstance(entries, list):
             raise SchemaError(f"{json_path}: expected a JSON list of conversations, got {type(entries).__name__}")
         self._turns = []  # (entry id, turn, image, question, answer)

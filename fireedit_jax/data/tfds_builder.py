@@ -21,6 +21,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import tensorflow_datasets as tfds
 
+from fireedit_jax import storage
 from fireedit_jax.data.records import EditRecord, Task
 
 TEXT_FIELDS = ("key", "instruction", "answer", "source_caption", "target_caption")
@@ -75,18 +76,18 @@ class EditTriplets(tfds.core.GeneratorBasedBuilder):
             yield index, _encode(records[index])
 
 
-def _read_bytes(image) -> bytes:
+def image_bytes(image) -> bytes:
+    """An `ImageData` (file bytes, or a local or gs:// path) → the file's bytes."""
     if isinstance(image, (str, os.PathLike)):
-        with open(image, "rb") as file:
-            return file.read()
+        return storage.as_path(image).read_bytes()
     return bytes(image)
 
 
 def _encode(record: EditRecord) -> dict:
     example = encode_texts(record)
     example.update(
-        source_image=_read_bytes(record.source_image),
-        target_image=_read_bytes(record.target_image) if record.target_image is not None else b"",
+        source_image=image_bytes(record.source_image),
+        target_image=image_bytes(record.target_image) if record.target_image is not None else b"",
         boxes=record.boxes if record.boxes is not None else np.zeros((0, 4), np.float32),
         has_boxes=record.boxes is not None,
         task=int(record.task),
@@ -96,19 +97,22 @@ def _encode(record: EditRecord) -> dict:
 
 def build_triplets(data_dir: str, splits: Mapping[str, Sequence[EditRecord]]) -> str:
     """Writes each split's records (any sequence of EditRecords, e.g. a source) as
-    ArrayRecord files under `data_dir`; returns the data set's directory for `TFDSSource`.
-    Image paths are read and stored as bytes, so the result stands alone."""
-    builder = EditTriplets(splits=splits, data_dir=os.fspath(data_dir), file_format="array_record")
-    builder.download_and_prepare()
-    return os.fspath(builder.data_path)
+    ArrayRecord files under `data_dir` (local, or gs://: built locally, then uploaded);
+    returns the data set's directory for `TFDSSource`. Image paths are read and stored as
+    bytes, so the result stands alone."""
+    with storage.staged(data_dir) as local:
+        EditTriplets(splits=splits, data_dir=local, file_format="array_record").download_and_prepare()
+    return os.fspath(storage.as_path(data_dir) / EditTriplets.name / str(EditTriplets.VERSION))
 
 
 class TFDSSource:
-    """Records from a data set written by `build_triplets` (random access through ArrayRecord)."""
+    """Records from a data set written by `build_triplets` (random access through ArrayRecord;
+    one in a bucket is read from a local copy, storage.local_copy)."""
 
     def __init__(self, directory: str, split: str = "train", *, name: str | None = None):
         self.name = name or f"tfds_{split}"
-        self._data = split_source(tfds.builder_from_directory(os.fspath(directory)), directory, split)
+        local = storage.local_copy(directory, cache=True)
+        self._data = split_source(tfds.builder_from_directory(local), directory, split)
 
     def __len__(self) -> int:
         return len(self._data)

@@ -23,6 +23,7 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image
 
+from fireedit_jax import storage
 from fireedit_jax.data.records import LOSS_WEIGHTS, BadRecord, EditRecord, ImageData, Task
 from fireedit_jax.data.vlm_inputs import DEFAULT_BOX_BUCKETS, VLMTemplate, bucket
 from fireedit_jax.images import ImageError, mask_from_image, to_rgb
@@ -41,7 +42,7 @@ def decode_image(data: ImageData, what: str = "image", min_side: int | None = No
         if isinstance(data, (bytes, bytearray, memoryview)):
             opened = Image.open(io.BytesIO(data))
         elif isinstance(data, (str, os.PathLike)):
-            opened = Image.open(data)
+            opened = Image.open(io.BytesIO(storage.as_path(data).read_bytes()))  # local or gs://
         else:
             raise BadRecord(f"{what}: expected image bytes or a path, got {type(data).__name__}")
         with opened:

@@ -43,6 +43,9 @@ Emu Edit outputs: OUT/images/<idx>.png.
 A sample whose image cannot be read is reported, skipped and counted in the summary (as
 are the iterative turns that would continue it).
 
+DIR and OUT may be local or gs:// (storage.py; OUT/results.jsonl in a bucket is uploaded
+every 30 s and at the end, so an interrupted run redoes at most that much).
+
 OUT/results.jsonl holds one line per finished (or failed) sample; a re-run skips the
 finished ones, retries failed ones, and re-scores saved outputs when the metric encoders
 changed. OUT/run.json records the settings; resuming with other edit settings or data is
@@ -53,7 +56,6 @@ OUT/grid.png (input · instruction · output · target, for a sample of edits).
 from __future__ import annotations
 
 import dataclasses
-import glob
 import io
 import json
 import math
@@ -64,7 +66,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
 
-from fireedit_jax import images
+from fireedit_jax import images, storage
 from fireedit_jax.eval.batch_edit import (DatasetError, DeviceBatcher, EditJob, EditSettings, detector_proposer,
                                           progress_bar, report)
 from fireedit_jax.eval.metrics import aggregate
@@ -113,7 +115,7 @@ class ParquetRows:
     def __init__(self, files: Sequence[str], fields: Sequence[str], image_fields: Sequence[str], what: str):
         import pyarrow.parquet as pq
 
-        self._files = {path: pq.ParquetFile(path) for path in files}
+        self._files = {path: pq.ParquetFile(storage.as_path(path).open("rb")) for path in files}
         self.rows: list[dict] = []
         for path, parquet in self._files.items():
             names = parquet.schema_arrow.names
@@ -142,10 +144,11 @@ class ParquetRows:
 
 
 def _parquet_files(data_dir: str, split: str, what: str) -> list[str]:
-    files = sorted(glob.glob(os.path.join(data_dir, "**", f"{split}-*.parquet"), recursive=True))
+    parquet = [os.fspath(p) for p in storage.files(data_dir, ".parquet")]
+    files = [p for p in parquet if os.path.basename(p).startswith(f"{split}-")]
     if not files:
-        others = sorted(os.path.relpath(p, data_dir) for p in glob.glob(os.path.join(data_dir, "**", "*.parquet"),
-                                                                         recursive=True))
+        root = os.fspath(storage.as_path(data_dir))
+        others = [p[len(root) + 1 :] for p in parquet]
         found = f"; parquet files there: {', '.join(others[:8])}" if others else ""
         raise DatasetError(f"{data_dir!r}: no {split}-*.parquet files of the {what} layout{found}")
     return files
@@ -165,31 +168,27 @@ class MagicBrushTurn:
 
 def load_magicbrush(data_dir: str, *, split: str = "test", captions: str = "local") -> list[list[MagicBrushTurn]]:
     """Edit sessions (lists of turns, in order) from the release layout or the parquet one (module docstring)."""
-    if not os.path.isdir(data_dir):
+    if not storage.as_path(data_dir).is_dir():
         raise DatasetError(f"MagicBrush directory {data_dir!r} does not exist")
     for root in (data_dir, os.path.join(data_dir, split)):
-        if os.path.isfile(os.path.join(root, "edit_sessions.json")):
-            return _magicbrush_release(root, captions)
-    if glob.glob(os.path.join(data_dir, "**", "*.parquet"), recursive=True):
+        if (storage.as_path(root) / "edit_sessions.json").exists():
+            return _magicbrush_release(os.fspath(storage.as_path(root)), captions)
+    if storage.files(data_dir, ".parquet"):
         return _magicbrush_parquet(data_dir, split)
     raise DatasetError(f"{data_dir!r} is neither MagicBrush's release layout (edit_sessions.json + images/) "
                        f"nor its parquet layout ({split}-*.parquet)")
 
 
 def _magicbrush_release(root: str, captions: str) -> list[list[MagicBrushTurn]]:
-    with open(os.path.join(root, "edit_sessions.json")) as f:
-        sessions = json.load(f)
+    sessions = json.loads((storage.as_path(root) / "edit_sessions.json").read_text())
     if not isinstance(sessions, dict):
         raise DatasetError(f"{root}/edit_sessions.json must map session ids to lists of turns, "
                            f"got a {type(sessions).__name__}")
     image_dir = os.path.join(root, "images")
-    if not os.path.isdir(image_dir):
+    if not storage.as_path(image_dir).is_dir():
         raise DatasetError(f"{root!r} has edit_sessions.json but no images/ folder")
-    caption_file = os.path.join(root, f"{captions}_descriptions.json")
-    descriptions = {}
-    if os.path.isfile(caption_file):
-        with open(caption_file) as f:
-            descriptions = json.load(f)
+    caption_file = storage.as_path(root) / f"{captions}_descriptions.json"
+    descriptions = json.loads(caption_file.read_text()) if caption_file.exists() else {}
     problems, out = [], []
     for session, turns in sessions.items():
         entries = []
@@ -241,7 +240,7 @@ class EmuSample:
 
 def load_emu(data_dir: str, *, split: str = "test") -> list[EmuSample]:
     """Rows of facebook/emu_edit_test_set's parquet files for `split` (module docstring)."""
-    if not os.path.isdir(data_dir):
+    if not storage.as_path(data_dir).is_dir():
         raise DatasetError(f"Emu Edit directory {data_dir!r} does not exist")
     table = ParquetRows(_parquet_files(data_dir, split, "Emu Edit"), EMU_FIELDS, ("image",), "Emu Edit")
     samples = [EmuSample(idx=str(row["idx"]), instruction=row["instruction"], task=str(row["task"]),
@@ -279,13 +278,11 @@ class ResultLog:
 
     def __init__(self, out_dir: str, settings: dict, scorer_description: dict):
         self.out_dir, self.settings = out_dir, settings
-        os.makedirs(out_dir, exist_ok=True)
-        self.path = os.path.join(out_dir, "results.jsonl")
-        self._run_path = os.path.join(out_dir, "run.json")
+        out = storage.check_writable(out_dir, "--out")
+        self._run_path = out / "run.json"
         self.rescore = False
-        if os.path.isfile(self._run_path):
-            with open(self._run_path) as f:
-                previous = json.load(f)
+        if self._run_path.exists():
+            previous = json.loads(self._run_path.read_text())
             differences = [f"{name}: {previous['settings'].get(name)!r} then, {value!r} now"
                            for name, value in settings.items() if previous["settings"].get(name) != value]
             if differences:
@@ -295,28 +292,30 @@ class ResultLog:
         if not self.rescore:
             self.write_run(scorer_description)
         self.records: dict[str, dict] = {}
-        if os.path.isfile(self.path):
-            with open(self.path) as f:
-                for line in f:
-                    if line.strip():
-                        record = json.loads(line)
-                        self.records[record["key"]] = record
+        results = out / "results.jsonl"
+        for line in results.read_text().splitlines() if results.exists() else []:
+            if line.strip():
+                record = json.loads(line)
+                self.records[record["key"]] = record
+        self._results = storage.AppendFile(results)
 
     def write_run(self, scorer_description: dict) -> None:
         """Records the settings and the scorer (after a re-scoring has finished, so an interrupted one resumes)."""
-        with open(self._run_path, "w") as f:
-            json.dump({"settings": self.settings, "scorer": scorer_description}, f, indent=1)
+        self._run_path.write_text(json.dumps({"settings": self.settings, "scorer": scorer_description}, indent=1))
 
     def done(self, key: str) -> bool:
         record = self.records.get(key)
         if record is None or "error" in record:
             return False
-        return os.path.isfile(os.path.join(self.out_dir, record["output"]))
+        return (storage.as_path(self.out_dir) / record["output"]).exists()
 
     def add(self, record: dict) -> None:
         self.records[record["key"]] = record
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        self._results.write(json.dumps(record) + "\n")
+
+    def close(self) -> None:
+        """Uploads what a bucket's results.jsonl has not got yet."""
+        self._results.close()
 
 
 def _load_source(log: ResultLog, specs: dict[str, _Spec], spec: _Spec) -> Image.Image:
@@ -373,8 +372,7 @@ def _run_specs(editor, waves: Sequence[Sequence[_Spec]], log: ResultLog, scorer:
                 specs = [job.payload[0] for job, _ in batch]
                 outputs = [output for _, output in batch]
                 for spec, output in zip(specs, outputs):
-                    os.makedirs(os.path.dirname(os.path.join(out_dir, spec.output)), exist_ok=True)
-                    output.save(os.path.join(out_dir, spec.output))
+                    storage.save_image(output, os.path.join(out_dir, spec.output))
                 scores = _score(scorer, specs, outputs, [job.payload[1] for job, _ in batch], versus_source)
                 for spec, values in zip(specs, scores):
                     log.add({"key": spec.key, **spec.labels, "instruction": spec.instruction, "output": spec.output,
@@ -451,11 +449,14 @@ def run_magicbrush(editor, data_dir: str, out_dir: str, *, scorer: Scorer | None
         depth = max((len(s) for s in sessions), default=0)
         iterative = [[_magicbrush_spec(s[k - 1], "iterative") for s in sessions if len(s) >= k]
                      for k in range(2, depth + 1)]
-    run_settings = {"benchmark": "magicbrush", "data": os.path.abspath(data_dir), "split": split,
+    run_settings = {"benchmark": "magicbrush", "data": os.fspath(storage.as_path(data_dir)), "split": split,
                     "captions": captions, **_common_settings(settings, proposer)}
     log = ResultLog(out_dir, run_settings, scorer.describe())
-    this_run = _run_specs(editor, [independent, *iterative], log, scorer, settings, batch_size, proposer, progress,
-                          versus_source=False)
+    try:
+        this_run = _run_specs(editor, [independent, *iterative], log, scorer, settings, batch_size, proposer,
+                              progress, versus_source=False)  # fmt: skip
+    finally:
+        log.close()
 
     specs = {s.key: s for wave in [independent, *iterative] for s in wave}
     records = [log.records[key] for key in specs if key in log.records]
@@ -490,10 +491,14 @@ def run_emu(editor, data_dir: str, out_dir: str, *, scorer: Scorer | None = None
     specs = [_Spec(key=f"{split}/{s.idx}", output=os.path.join("images", f"{s.idx}.png"), instruction=s.instruction,
                    source=s.image, reference=s.image, caption=s.output_caption, source_caption=s.input_caption,
                    labels={"benchmark": "emu_edit", "idx": s.idx, "task": s.task}) for s in samples]
-    run_settings = {"benchmark": "emu_edit", "data": os.path.abspath(data_dir), "split": split,
+    run_settings = {"benchmark": "emu_edit", "data": os.fspath(storage.as_path(data_dir)), "split": split,
                     **_common_settings(settings, proposer)}
     log = ResultLog(out_dir, run_settings, scorer.describe())
-    this_run = _run_specs(editor, [specs], log, scorer, settings, batch_size, proposer, progress, versus_source=True)
+    try:
+        this_run = _run_specs(editor, [specs], log, scorer, settings, batch_size, proposer, progress,
+                              versus_source=True)  # fmt: skip
+    finally:
+        log.close()
 
     records = [log.records[s.key] for s in specs if s.key in log.records]
     finished = [r for r in records if "error" not in r]
@@ -611,7 +616,7 @@ def write_grid(path: str, rows, cell: int = 256) -> None:
                                  Image.BICUBIC)
             grid.paste(thumb, (c * cell + (cell - thumb.width) // 2, top + (cell - thumb.height) // 2))
         draw.multiline_text((cell + 8, top + 8), _wrap(instruction, draw, font, cell - 16), fill="black", font=font)
-    grid.save(path)
+    storage.save_image(grid, path)
 
 
 def _wrap(text: str, draw, font, width: int) -> str:
@@ -636,9 +641,8 @@ def _strict_json(value):
 
 
 def _write_outputs(out_dir: str, summary: dict, grid_rows) -> None:
-    with open(os.path.join(out_dir, "summary.json"), "w") as f:
-        json.dump(_strict_json(summary), f, indent=1, default=str, allow_nan=False)
-    with open(os.path.join(out_dir, "summary.md"), "w") as f:
-        f.write(markdown(summary))
+    out = storage.as_path(out_dir)
+    (out / "summary.json").write_text(json.dumps(_strict_json(summary), indent=1, default=str, allow_nan=False))
+    (out / "summary.md").write_text(markdown(summary))
     if grid_rows:
         write_grid(os.path.join(out_dir, "grid.png"), grid_rows)

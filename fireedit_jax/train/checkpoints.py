@@ -14,6 +14,11 @@ Restoring reads every array straight into the target Trainer's shardings, so a r
 saved on one mesh continues on another. A step directory that does not restore (a
 half-written or truncated save) is skipped with a warning in favour of the previous one.
 
+The directory may be in a bucket (gs://): Orbax writes the arrays there through TensorStore
+and marks a finished step with commit_success.txt instead of renaming a temporary
+directory (objects cannot be renamed atomically); a step without it was interrupted and is
+set aside like one that does not restore.
+
 Where a run starts (`resume_or_init`): the workdir's latest complete checkpoint, else
 `init` (a training checkpoint, e.g. stage 2's run for stage 3, or an inference
 checkpoint such as converted weights: its params only), else a fresh init.
@@ -27,7 +32,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import warnings
 from typing import Any
 
@@ -38,6 +42,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from fireedit_jax import checkpoint as inference
+from fireedit_jax import storage
 from fireedit_jax.nn.lora import merge_lora
 
 log = logging.getLogger(__name__)
@@ -86,7 +91,7 @@ class FilesHandler(ocp.CheckpointHandler):
 
     def save(self, directory: epath.Path, args: FilesSave):
         if jax.process_index() == 0:
-            shutil.copytree(args.source, os.fspath(directory), dirs_exist_ok=True)
+            storage.copy_tree(args.source, directory)
 
     def restore(self, directory: epath.Path, args: FilesRestore | None = None) -> str:
         return os.fspath(directory)
@@ -155,7 +160,7 @@ class Checkpoints:
 
     def __init__(self, directory: str, *, every: int = 1, keep: int | None = 3, async_save: bool = True,
                  read_only: bool = False):  # fmt: skip
-        self.directory, self.every = os.path.abspath(directory), max(1, int(every))
+        self.directory, self.every = storage.as_path(directory), max(1, int(every))
         options = ocp.CheckpointManagerOptions(
             save_interval_steps=self.every, max_to_keep=keep, enable_async_checkpointing=async_save,
             create=not read_only, read_only=read_only,
@@ -184,7 +189,7 @@ class Checkpoints:
 
     def restore(self, step: int, abstract_state: dict) -> Restored:
         """Step `step` into `abstract_state` (ShapeDtypeStructs with shardings, see abstract_with_shardings)."""
-        names = _item_names(os.path.join(self.directory, str(step)))
+        names = _item_names(self.directory / str(step))
         missing = [name for name in ("params", "opt", "config") if name not in names]
         if missing or ("ema" in abstract_state) != ("ema" in names):
             raise inference.CheckpointError(
@@ -205,6 +210,10 @@ class Checkpoints:
 
     def restore_latest(self, abstract_state: dict) -> Restored | None:
         """The newest step that restores; broken ones are skipped with a warning (and moved aside)."""
+        for step in _unfinished_steps(self.directory):
+            warnings.warn(f"checkpoint {self.directory}/{step} was not finished (no {_COMMITTED}); it is set aside "
+                          f"as {step}.broken")  # fmt: skip
+            self._set_aside(step)
         for step in reversed(self.all_steps()):
             try:
                 return self.restore(step, abstract_state)
@@ -218,8 +227,8 @@ class Checkpoints:
 
     def _set_aside(self, step: int) -> None:
         if jax.process_index() == 0:
-            path = os.path.join(self.directory, str(step))
-            os.replace(path, f"{path}.broken")
+            path = self.directory / str(step)
+            path.rename(path.parent / f"{step}.broken")
         self.manager.reload()
 
     def wait(self) -> None:
@@ -230,41 +239,62 @@ class Checkpoints:
         self.manager.close()
 
 
-def _item_names(step_dir: str) -> set[str]:
-    if not os.path.isdir(step_dir):
+def _item_names(step_dir) -> set[str]:
+    step_dir = storage.as_path(step_dir)
+    if not step_dir.is_dir():
         return set()
-    return {name for name in os.listdir(step_dir) if os.path.isdir(os.path.join(step_dir, name))}
+    return {item.name for item in step_dir.iterdir() if item.is_dir()}
+
+
+_COMMITTED = "commit_success.txt"  # Orbax's mark of a finished step in a bucket
+
+
+def _step_dirs(directory) -> dict[int, epath.Path]:
+    directory = storage.as_path(directory)
+    if not directory.is_dir():
+        return {}
+    return {int(p.name): p for p in directory.iterdir() if p.name.isdigit()}
+
+
+def _finished(step_dir: epath.Path) -> bool:
+    """Locally a step directory exists once finished (renamed from a temporary one); in a
+    bucket once Orbax has written its commit file."""
+    return not storage.is_remote(step_dir) or (step_dir / _COMMITTED).exists()
+
+
+def _unfinished_steps(directory) -> list[int]:
+    return sorted(step for step, path in _step_dirs(directory).items() if not _finished(path))
 
 
 # ---------------------------------------------------------------- finding checkpoints given by the user
 
 
-def find_training_checkpoint(path: str) -> tuple[str, int] | None:
+def find_training_checkpoint(path: str) -> tuple[epath.Path, int] | None:
     """(manager directory, step) for a run's workdir, its checkpoints/ directory, or one step
-    directory in it; None when `path` holds no training checkpoint. The latest step is taken."""
-    path = os.path.abspath(path)
-    for directory in (os.path.join(path, "checkpoints"), path):
-        steps = [int(name) for name in os.listdir(directory) if name.isdigit()] if os.path.isdir(directory) else []
+    directory in it; None when `path` holds no finished training checkpoint. The latest step is taken."""
+    path = storage.as_path(path)
+    for directory in (path / "checkpoints", path):
+        steps = [step for step, step_dir in _step_dirs(directory).items() if _finished(step_dir)]
         if steps:
             return directory, max(steps)
-    parent, name = os.path.split(path)
-    if name.isdigit() and {"params", "opt"} <= _item_names(path):
-        return parent, int(name)
+    if path.name.isdigit() and _finished(path) and {"params", "opt"} <= _item_names(path):
+        return path.parent, int(path.name)
     return None
 
 
 def restore_params(path: str, abstract_params, *, use_ema: bool = False):
     """The params of a training checkpoint (the latest complete step of a run) into
-    `abstract_params` (ShapeDtypeStructs with shardings); `use_ema`: trainable leaves from the EMA."""
+    `abstract_params` (ShapeDtypeStructs with shardings); `use_ema`: trainable leaves from the EMA.
+    Returns (params, step directory)."""
     found = find_training_checkpoint(path)
     if found is None:
         raise inference.CheckpointError(f"{path!r} holds no training checkpoint")
     directory, step = found
-    names = _item_names(os.path.join(directory, str(step)))
+    names = _item_names(directory / str(step))
     items = {"params": ocp.args.StandardRestore(abstract_params)}
     ema = use_ema and "ema" in names
     if ema:
-        template = ocp.StandardCheckpointer().metadata(os.path.join(directory, str(step), "ema")).item_metadata.tree
+        template = ocp.StandardCheckpointer().metadata(directory / str(step) / "ema").item_metadata.tree
         abstract_ema = _matching(abstract_params, template)
         items["ema"] = ocp.args.StandardRestore(abstract_ema)
     checkpoints = Checkpoints(directory, read_only=True)
@@ -275,7 +305,7 @@ def restore_params(path: str, abstract_params, *, use_ema: bool = False):
     params = out["params"]
     if ema:
         params = ema_params(params, out["ema"])
-    return params, step
+    return params, directory / str(step)
 
 
 def ema_params(params, ema):
@@ -303,25 +333,27 @@ def init_params(path: str, abstract_params, init_fn=None, key: jax.Array | None 
     init_fn(key) → the model's (boxed) params: the NEW_LEAVES that the checkpoint lacks come from
     it (only those are computed), with a warning naming them. Without it they are an error."""
     training = find_training_checkpoint(path)
-    if training is None and not os.path.exists(os.path.join(path, "config.json")):
+    if training is not None:
+        params_dir = training[0] / str(training[1]) / "params"
+    elif (storage.as_path(path) / "config.json").exists():
+        params_dir = storage.as_path(path) / "params"
+    else:
         raise inference.CheckpointError(
             f"--init {path!r} is neither a training run / checkpoint (checkpoints/<step>/) nor an "
             "inference checkpoint (config.json + params/)"
         )
-    params_dir = os.path.join(training[0], str(training[1]), "params") if training else os.path.join(path, "params")
     flat = flax.traverse_util.flatten_dict(abstract_params, keep_empty_nodes=True)  # e.g. a parameter-free VAE's {}
     new = []
-    if init_fn is not None and os.path.isdir(params_dir):
+    if init_fn is not None and params_dir.is_dir():
         stored = flax.traverse_util.flatten_dict(ocp.StandardCheckpointer().metadata(params_dir).item_metadata.tree)
         new = [k for k in flat if k not in stored and any(re.search(p, "/".join(k)) for p in NEW_LEAVES)]
     old = flax.traverse_util.unflatten_dict({k: v for k, v in flat.items() if k not in new})
     if training is not None:
-        params, step = restore_params(path, old)
-        tokenizer = os.path.join(training[0], str(step), "tokenizer")
+        params, step_dir = restore_params(path, old)
     else:
         params = inference.load_params(path, old)
         params = jax.device_put(params, jax.tree.map(lambda s: s.sharding, old))
-        tokenizer = os.path.join(path, "tokenizer")
+        step_dir = storage.as_path(path)
     if new:
         names = ["/".join(k) for k in new]
         encoder = sum(n.startswith("mask_encoder/") for n in names)
@@ -338,7 +370,7 @@ def init_params(path: str, abstract_params, init_fn=None, key: jax.Array | None 
 
         values = fresh(jax.random.key(0) if key is None else key)
         params = flax.traverse_util.unflatten_dict({**flax.traverse_util.flatten_dict(params), **dict(zip(new, values))})
-    return params, tokenizer if os.path.isdir(tokenizer) else None
+    return params, _tokenizer_in(step_dir)
 
 
 # ---------------------------------------------------------------- export
@@ -355,18 +387,23 @@ def export(path: str, out: str, *, use_ema: bool = True) -> int:
     if found is None:
         raise inference.CheckpointError(f"{path!r} holds no training checkpoint (checkpoints/<step>/)")
     directory, step = found
-    step_dir = os.path.join(directory, str(step))
-    config = ml_collections.ConfigDict(json.loads(open(os.path.join(step_dir, "config", "metadata")).read()))
+    step_dir = directory / str(step)
+    config = ml_collections.ConfigDict(json.loads((step_dir / "config" / "metadata").read_text()))
     model = EditModel.from_config(config.model)
     abstract = inference.abstract(jax.eval_shape(model.init, jax.random.key(0)))
     host = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=host), abstract)
-    params, step = restore_params(step_dir, abstract, use_ema=use_ema)
+    params, _ = restore_params(step_dir, abstract, use_ema=use_ema)
     params = jax.tree.map(lambda x: jax.device_get(x), params)
     export_config = ml_collections.ConfigDict(config.to_dict())
     if model.conditioner == "vlm" and model.vlm.llm.lora_rank:
         params = jax.device_get(merge_lora(params, model.vlm.llm))
         export_config.model.llm.lora_rank = 0
-    tokenizer = os.path.join(step_dir, "tokenizer")
-    inference.save(out, params, export_config, tokenizer if os.path.isdir(tokenizer) else None)
+    inference.save(out, params, export_config, _tokenizer_in(step_dir))
     return step
+
+
+def _tokenizer_in(directory: epath.Path) -> str | None:
+    """directory/tokenizer (a path string, possibly gs://) if it is there."""
+    tokenizer = directory / "tokenizer"
+    return os.fspath(tokenizer) if tokenizer.is_dir() else None

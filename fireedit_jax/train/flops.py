@@ -150,8 +150,10 @@ def abstract_batch(config: ml_collections.ConfigDict, model: EditModel, batch_si
     length = text_length or min(data.get("length_buckets", (384,)))
     boxes = num_boxes if num_boxes is not None else min([b for b in data.get("box_buckets", (8,)) if b] or [0])
     size = int(config.resolution)
+    latent = (size // model.latent_factor, size // model.latent_factor, model.vae.config.latent_channels)
     shapes = {
         "source": ((size, size, 3), jnp.float32), "target": ((size, size, 3), jnp.float32),
+        **{name: (latent, jnp.float32) for name in losses.LATENT_FIELDS},
         "input_ids": ((model.max_text_length,), jnp.int32) if model.text_encoder else None,
         "clip_ids": ((model.max_text_length,), jnp.int32) if model.text_encoder else None,
         "vlm_input_ids": ((length,), jnp.int32), "vlm_attention_mask": ((length,), jnp.bool_),
@@ -163,17 +165,25 @@ def abstract_batch(config: ml_collections.ConfigDict, model: EditModel, batch_si
 
 
 def loss_inputs(config: ml_collections.ConfigDict) -> tuple[str, ...]:
-    """The batch entries `config.train.loss` reads (mask_edit: its conditioner's loss's, and the mask)."""
+    """The batch entries `config.train.loss` reads (mask_edit: its conditioner's loss's, and the
+    mask); from a latent cache the `LATENT_FIELDS` in place of the pixels only the VAE encoder reads
+    (FireEdit's VLM still reads the source)."""
     loss, masked = config.train.loss, config.train.loss == "mask_edit"
+    if masked and losses.uses_latent_cache(config):
+        raise ValueError("train.loss='mask_edit' reads masks, which a latent cache does not hold: train from the images")
     if masked:
         loss = "fireedit" if config.model.conditioner == "vlm" else "ip2p"
     if loss == "fireedit":
-        inputs = losses.FIREEDIT_INPUTS[losses.fireedit_stage(config)]
+        keys, encoded = losses.FIREEDIT_INPUTS[losses.fireedit_stage(config)], ("target",)
     elif loss == "ip2p":
-        inputs = ("source", "target", "input_ids")
+        keys, encoded = ("source", "target", "input_ids"), ("source", "target")
     else:
         raise ValueError(f"no batch layout known for train.loss={config.train.loss!r}")
-    return inputs + (("mask",) if masked else ())
+    if masked:
+        return keys + ("mask",)
+    if "target" not in keys or not losses.uses_latent_cache(config):
+        return keys
+    return tuple(key for key in keys if key not in encoded) + losses.LATENT_FIELDS
 
 
 def step_flops_per_example(config: ml_collections.ConfigDict, batch=None, **buckets) -> tuple[float, float]:

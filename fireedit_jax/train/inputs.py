@@ -7,7 +7,13 @@ config.data (configs add it; see configs/tiny.py):
                           (data/shapes.py, made on the fly)
                  instructpix2pix, magicbrush, ultraedit, jsonl, llava, tfds
                           path (and split, image_root), as `data.sources.open_source`
-  eval         one source spec (same fields): the fixed validation examples of the sample grids
+                 latents  path (a `fireedit-jax cache-latents` data set), split: VAE latents
+                          instead of pixels, so the loss skips the VAE encoder. Every source of
+                          the mixture is then a cache (a batch holds latents or pixels), made
+                          at config.resolution with the model's VAE; FireEdit's VLM reads the
+                          source images the cache keeps.
+               Paths may be local or gs:// (storage.py).
+  eval         one pixel source spec (same fields): the fixed validation examples of the sample grids
   tokenizer    a tokenizer directory, or "builtin:<name>" (BUILTIN_TOKENIZERS); a checkpoint's
                own tokenizer (resume, --init) takes precedence
   length_buckets, box_buckets   the VLM sequence's static lengths and box counts (vlm conditioner)
@@ -22,13 +28,16 @@ loss reads (`flops.loss_inputs`), so bucket sizes the loss ignores never cause a
 
 from __future__ import annotations
 
+import dataclasses
 import io
+import json
 from typing import Any, Mapping, Sequence
 
 import ml_collections
 import numpy as np
 from PIL import Image
 
+from fireedit_jax import storage
 from fireedit_jax.data import pipeline, sources, transforms
 from fireedit_jax.data.records import EditRecord
 from fireedit_jax.data.tokenizer import add_new_tokens
@@ -84,18 +93,32 @@ def _png(pixels: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+def data_specs(config) -> list[tuple[str, Mapping[str, Any]]]:
+    """(name, spec) of every source config.data names: the training mixture's, then "eval"."""
+    data = config.get("data") or {}
+    specs = list((data.get("sources") or {}).items())
+    return specs + ([("eval", data["eval"])] if data.get("eval") else [])
+
+
 def make_source(name: str, spec: Mapping[str, Any]):
     """One source from its config entry {kind, weight (ignored here), ...}: "shapes" takes
-    ShapeEditRecords' fields, the other kinds `data.sources.open_source`'s (path, split, image_root)."""
+    ShapeEditRecords' fields, "latents" `LatentSource`'s (path, split), the other kinds
+    `data.sources.open_source`'s (path, split, image_root)."""
     fields = dict(spec.to_dict() if isinstance(spec, ml_collections.ConfigDict) else spec)
     kind = fields.pop("kind", None)
     fields.pop("weight", None)
-    kinds = ("shapes", *sources.SOURCE_KINDS)
+    kinds = ("shapes", "latents", *sources.SOURCE_KINDS)
     if kind not in kinds:
         raise ValueError(f"config.data source {name!r}: kind={kind!r}; choose one of {', '.join(kinds)}")
     try:
-        return ShapeEditRecords(name, **fields) if kind == "shapes" else sources.open_source(kind, name=name, **fields)
-    except TypeError as error:
+        if kind == "shapes":
+            return ShapeEditRecords(name, **fields)
+        if kind == "latents":
+            from fireedit_jax.data.latent_cache import LatentSource
+
+            return LatentSource(fields.pop("path"), **fields, name=name)
+        return sources.open_source(kind, name=name, **fields)
+    except (TypeError, KeyError) as error:
         raise ValueError(f"config.data source {name!r} (kind {kind!r}): {error}") from None
 
 
@@ -110,7 +133,7 @@ def make_tokenizer(spec: str | None):
         return BUILTIN_TOKENIZERS[name]()
     from fireedit_jax.pipeline import load_tokenizer
 
-    return load_tokenizer(spec)
+    return load_tokenizer(storage.local_copy(spec))
 
 
 def make_transform(config, model, tokenizer) -> transforms.EditTransform:
@@ -160,10 +183,43 @@ def make_train_iterator(config, transform: transforms.EditTransform, batch_size:
         raise ValueError("config.data.sources is empty: name at least one training source")
     built = [make_source(name, spec) for name, spec in specs.items()]
     weights = [float(spec.get("weight", 1.0)) for spec in specs.values()]
+    if losses.uses_latent_cache(config):
+        transform = _latent_transform(config, built, transform)
+    elif any(spec.get("kind") == "latents" for spec in specs.values()):
+        raise ValueError("config.data.sources mixes latent caches with pixel sources: a batch holds latents or "
+                         "pixels, so make every source a cache (`fireedit-jax cache-latents`) or none")  # fmt: skip
     return pipeline.make_iterator(
         built, transform, batch_size=batch_size, seed=int(config.seed), weights=weights,
         num_workers=int(config.data.get("num_workers", 0)),
     )  # fmt: skip
+
+
+def _latent_transform(config, caches, transform: transforms.EditTransform):
+    """The LatentTransform for these caches, after checking they were made for this model."""
+    from fireedit_jax.data.latent_cache import LatentTransform
+    from fireedit_jax.models.fireedit import dataclass_from_dict
+    from fireedit_jax.models.vae import VAEConfig
+    from fireedit_jax.train.flops import loss_inputs
+
+    source_pixels = "source" in loss_inputs(config)  # FireEdit's VLM and HVCA read the source image
+    vae = _plain(dataclasses.asdict(dataclass_from_dict(VAEConfig, config.model.vae)))
+    for cache in caches:
+        problems = []
+        if int(cache.metadata["resolution"]) != int(config.resolution):
+            problems.append(f"resolution {cache.metadata['resolution']} (config.resolution {config.resolution})")
+        if _plain(cache.metadata["vae"]) != vae:
+            problems.append("another VAE than config.model.vae")
+        if source_pixels and not cache.has_source_images:
+            problems.append("no source images (an older cache-latents), which the VLM reads")
+        if problems:
+            raise ValueError(f"config.data source {cache.name!r}: the latent cache has {'; '.join(problems)}: "
+                             "write it again with `fireedit-jax cache-latents` for this config")  # fmt: skip
+    return LatentTransform(transform, source_pixels=source_pixels)
+
+
+def _plain(tree) -> Any:
+    """JSON values (tuples → lists), so a config and a cache's metadata compare."""
+    return json.loads(json.dumps(tree))
 
 
 def model_batch(batch: Mapping[str, np.ndarray], keys: Sequence[str]) -> dict[str, np.ndarray]:
@@ -184,6 +240,8 @@ def model_batch(batch: Mapping[str, np.ndarray], keys: Sequence[str]) -> dict[st
 def eval_examples(config, transform: transforms.EditTransform, count: int):
     """The first `count` records of config.data.eval (no augmentation): (source uint8[N, S, S, 3],
     target uint8[N, S, S, 3], instructions, boxes list of float32[R, 4])."""
+    if config.data.eval.get("kind") == "latents":
+        raise ValueError("config.data.eval: the sample grids edit images, so it must be a pixel source, not latents")
     source = make_source("eval", config.data.eval)
     examples, instructions, boxes = [], [], []
     for i in range(min(count, len(source))):

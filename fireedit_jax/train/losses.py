@@ -127,6 +127,13 @@ def weighted_mean(values: jax.Array, weights: jax.Array | None = None) -> jax.Ar
 LATENT_FIELDS = ("source_latents", "target_latents_mean", "target_latents_logvar")
 
 
+def uses_latent_cache(config) -> bool:
+    """Whether the training data are latent caches (every config.data.sources entry of kind
+    "latents", train/inputs.py): the batches then carry `LATENT_FIELDS` instead of pixels."""
+    specs = (config.get("data") or {}).get("sources") or {}
+    return bool(specs) and all(spec.get("kind") == "latents" for spec in specs.values())
+
+
 def encode_latents(model: EditModel, params, source: jax.Array, target: jax.Array) -> dict[str, jax.Array]:
     """Pixels float[B, H, W, 3] in [-1, 1] → the `LATENT_FIELDS`, each float32[B, h, w, C].
 

@@ -13,6 +13,12 @@ WORKDIR after a run:
   samples/step_<N>.png  fixed validation examples: source | edit | target, one row each
   metrics.jsonl         the logged scalars, one line per logged step
 
+WORKDIR may be in a bucket (gs://bucket/run; storage.py): checkpoints go there through
+Orbax, the event files through tensorboardX's GCS writer (uploaded every 120 s and at the
+end), metrics.jsonl every 30 s and at each checkpoint. The run first writes a probe object
+into WORKDIR and checks that every data path exists, so a wrong bucket or missing
+permission stops it with one message naming the path, before anything compiles.
+
 The run starts from the workdir's latest complete checkpoint (exact resume: params,
 optimizer, step, data-iterator position), else from `init` (a training run or an
 inference checkpoint such as converted weights), else from a fresh init. SIGTERM (or
@@ -35,7 +41,6 @@ import importlib.util
 import json
 import logging
 import os
-import shutil
 import signal
 import time
 from typing import Any, Sequence
@@ -45,6 +50,7 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
+from fireedit_jax import storage
 from fireedit_jax.train import checkpoints as ckpt_lib
 from fireedit_jax.train import inputs
 from fireedit_jax.train.flops import loss_inputs, train_flops_per_example
@@ -122,22 +128,23 @@ class Preemption:
             signal.signal(signal.SIGTERM, self._previous)
 
 
-def _tokenizer(config, sources: Sequence[str | None], workdir: str):
+def _tokenizer(config, sources: Sequence[str | None], workdir):
     """(tokenizer, directory of its files): the first existing directory in `sources`
     (resumed checkpoint, --init), else config.data.tokenizer; its files go to WORKDIR/tokenizer."""
-    target = os.path.join(workdir, "tokenizer")
-    source = next((s for s in sources if s and os.path.isdir(s)), None)
+    target = workdir / "tokenizer"
+    source = next((storage.as_path(s) for s in sources if s and storage.as_path(s).is_dir()), None)
     if source is not None:
-        if jax.process_index() == 0 and os.path.abspath(source) != os.path.abspath(target):
-            shutil.copytree(source, target, dirs_exist_ok=True)
-        return inputs.make_tokenizer(target if os.path.isdir(target) else source), target
+        if jax.process_index() == 0 and source != target:
+            storage.copy_tree(source, target)
+        return inputs.make_tokenizer(storage.local_copy(source)), os.fspath(target)
     spec = config.data.get("tokenizer") if "data" in config else None
     tokenizer = inputs.make_tokenizer(spec)
     if tokenizer is None:
         return None, None
     if jax.process_index() == 0:
-        tokenizer.save_pretrained(target)
-    return tokenizer, target
+        with storage.staged(target) as local:
+            tokenizer.save_pretrained(local)
+    return tokenizer, os.fspath(target)
 
 
 def _flops_per_example(config) -> float | None:
@@ -149,15 +156,16 @@ def _flops_per_example(config) -> float | None:
 
 
 class _Writer:
-    """TensorBoard events (tensorboardX) + metrics.jsonl, on the first process only."""
+    """TensorBoard events (tensorboardX, which writes gs:// paths itself) + metrics.jsonl, on
+    the first process only."""
 
-    def __init__(self, workdir: str):
+    def __init__(self, workdir):
         self.active = jax.process_index() == 0
         if self.active:
             from tensorboardX import SummaryWriter
 
-            self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
-            self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+            self.tb = SummaryWriter(os.fspath(workdir / "tensorboard"))
+            self.jsonl = storage.AppendFile(workdir / "metrics.jsonl")
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         if not self.active:
@@ -165,11 +173,15 @@ class _Writer:
         for name, value in values.items():
             self.tb.add_scalar(name, value, step)
         self.jsonl.write(json.dumps({"step": step, **values}) + "\n")
-        self.jsonl.flush()
 
     def image(self, step: int, name: str, pixels: np.ndarray) -> None:
         if self.active:
             self.tb.add_image(name, pixels, step, dataformats="HWC")
+
+    def flush(self) -> None:
+        """At a checkpoint: the logs in a bucket catch up with it."""
+        if self.active:
+            self.jsonl.flush()
 
     def close(self) -> None:
         if self.active:
@@ -181,7 +193,7 @@ class _Samples:
     """Edits of fixed validation examples with the current weights (EMA if kept) → a grid
     PNG (rows: source | edit | target) in WORKDIR/samples and in TensorBoard."""
 
-    def __init__(self, config, trainer: Trainer, tokenizer, transform, workdir: str):
+    def __init__(self, config, trainer: Trainer, tokenizer, transform, workdir):
         from fireedit_jax.pipeline import Editor
 
         self.config, self.workdir = config.logging, workdir
@@ -199,12 +211,11 @@ class _Samples:
                                          steps=int(self.config.sample_steps), seed=0)  # fmt: skip
         edited = np.clip((np.asarray(edited) + 1.0) * 127.5 + 0.5, 0, 255).astype(np.uint8)
         grid = np.concatenate([np.concatenate(row, axis=1) for row in zip(self.source, edited, self.target)], axis=0)
-        path = os.path.join(self.workdir, "samples", f"step_{step:07d}.png")
+        path = self.workdir / "samples" / f"step_{step:07d}.png"
         if writer.active:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            Image.fromarray(grid).save(path)
+            storage.save_image(Image.fromarray(grid), path)
         writer.image(step, "samples", grid)
-        return path
+        return os.fspath(path)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, init: str | None = None,
@@ -218,17 +229,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, init:
     mesh_lib.maybe_initialize_distributed(config)
     preemption = Preemption()  # from the start: a SIGTERM during start-up stops at the first step boundary
     try:
-        return _train(config, os.path.abspath(workdir), init, mesh, progress, preemption)
+        return _train(config, check_paths(config, workdir, init or config.get("init")), init, mesh, progress,
+                      preemption)  # fmt: skip
     finally:
         preemption.close()
 
 
-def _train(config, workdir: str, init: str | None, mesh, progress: bool, preemption: Preemption) -> RunResult:
+def check_paths(config, workdir, init: str | None):
+    """WORKDIR (writable), `init` and every data source's path (existing) → WORKDIR as a path;
+    StorageError naming the first that fails."""
+    workdir = storage.check_writable(workdir, "--workdir")
+    if init:
+        storage.check_readable(init, "--init")
+    for name, spec in inputs.data_specs(config):
+        for field in ("path", "image_root"):
+            if spec.get(field):
+                storage.check_readable(spec[field], f"config.data source {name!r}: {field}")
+    return workdir
+
+
+def _train(config, workdir, init: str | None, mesh, progress: bool, preemption: Preemption) -> RunResult:
     """train_and_evaluate's body."""
-    os.makedirs(workdir, exist_ok=True)
     trainer = Trainer.from_config(config, mesh=mesh)
     total = int(config.train.steps)
-    checkpoints = ckpt_lib.Checkpoints(os.path.join(workdir, "checkpoints"), every=int(config.checkpoint.every),
+    checkpoints = ckpt_lib.Checkpoints(workdir / "checkpoints", every=int(config.checkpoint.every),
                                        keep=int(config.checkpoint.keep))  # fmt: skip
     abstract = ckpt_lib.abstract_with_shardings(trainer.abstract_state, trainer.state_shardings)
 
@@ -291,6 +315,7 @@ def _train(config, workdir: str, init: str | None, mesh, progress: bool, preempt
             if preempted or step == total or checkpoints.should_save(step):
                 checkpoints.save(step, state, config=config, data_state=data.get_state(),
                                  tokenizer_dir=tokenizer_dir, force=True)  # fmt: skip
+                writer.flush()
             if preempted:
                 log.warning("stopped at step %d for preemption; checkpoint saved", step)
                 break
@@ -300,7 +325,7 @@ def _train(config, workdir: str, init: str | None, mesh, progress: bool, preempt
         checkpoints.close()
         writer.close()
         data.close()
-    return RunResult(step, last, preempted, os.path.join(checkpoints.directory, str(step)))
+    return RunResult(step, last, preempted, os.fspath(checkpoints.directory / str(step)))
 
 
 def _progress(total: int, start: int, enabled: bool):
