@@ -251,9 +251,10 @@ _COMMITTED = "commit_success.txt"  # Orbax's mark of a finished step in a bucket
 
 def _step_dirs(directory) -> dict[int, epath.Path]:
     directory = storage.as_path(directory)
-    if not directory.is_dir():
+    try:  # a bucket's "directory" is a prefix: it can vanish between the two calls (the workdir probe)
+        return {int(p.name): p for p in directory.iterdir() if p.name.isdigit()} if directory.is_dir() else {}
+    except FileNotFoundError:
         return {}
-    return {int(p.name): p for p in directory.iterdir() if p.name.isdigit()}
 
 
 def _finished(step_dir: epath.Path) -> bool:
