@@ -159,15 +159,29 @@ def status(browser) -> str:
 
 
 def toast_texts(browser) -> list[str]:
-    return [element.text for element in find(browser, "[data-testid='toast-text']")]
+    """The open toasts' texts; one that closes while being read is left out."""
+    from selenium.common.exceptions import StaleElementReferenceException
+
+    texts = []
+    for element in find(browser, "[data-testid='toast-text']"):
+        try:
+            texts.append(element.text)
+        except StaleElementReferenceException:
+            pass
+    return texts
 
 
 def expect_message(browser, *parts: str) -> str:
     """Waits for an error/warning toast that holds every one of `parts`; closes the toasts; returns its text."""
     text = wait_for(lambda: next((t for t in toast_texts(browser) if all(p in t for p in parts)), None), 30,
                     what=f"a message with {parts}")  # fmt: skip
+    from selenium.common.exceptions import StaleElementReferenceException
+
     for close in find(browser, "[data-testid='toast-close']"):
-        close.click()
+        try:
+            close.click()
+        except StaleElementReferenceException:  # it closed by itself meanwhile
+            pass
     wait_for(lambda: not toast_texts(browser), 10, what="the messages to close")
     return text
 
