@@ -183,7 +183,9 @@ def _eval(args) -> int:
     common = dict(scorer=scorer, split=args.split, limit=args.limit, batch_size=args.batch_size,
                   settings=_edit_settings(args), proposer=args.proposer, grid_size=args.grid)
     if args.benchmark == "magicbrush":
-        summary = run_magicbrush(editor, args.data, args.out, turns=args.turns, captions=args.captions, **common)
+        summary = run_magicbrush(editor, args.data, args.out, turns=args.turns, captions=args.captions,
+                                 masks=args.masks, mask_dilation=args.mask_dilate, mask_feather=args.mask_feather,
+                                 **common)  # fmt: skip
     else:
         summary = run_emu(editor, args.data, args.out, **common)
     print(markdown(summary))
@@ -226,15 +228,19 @@ def _edit_parser(commands) -> None:
                            "warning if its size differs): outside it the image is kept")  # fmt: skip
     edit.add_argument("--mask-box", default=None, metavar="X0,Y0,X1,Y1",
                       help="the region to edit as a normalised box, instead of --mask")
-    edit.add_argument("--mask-dilate", type=int, default=0, help="grow the mask by this many pixels (default 0)")
-    edit.add_argument("--mask-feather", type=float, default=0.0,
-                      help="soft mask edges: fade the blend out over this many pixels around the mask (default 0)")
+    _add_mask_softening(edit)
     edit.add_argument("--batch-size", type=int, default=None,
                       help="edits per batch with --images/--jsonl, rounded up to a multiple of the local "
                            "devices (default: one per device)")  # fmt: skip
     edit.add_argument("--overwrite", action="store_true",
                       help="redo outputs that exist (--images/--jsonl keep them by default: a re-run resumes)")
     edit.set_defaults(run=_edit)
+
+
+def _add_mask_softening(parser) -> None:
+    parser.add_argument("--mask-dilate", type=int, default=0, help="grow the mask by this many pixels (default 0)")
+    parser.add_argument("--mask-feather", type=float, default=0.0,
+                        help="soft mask edges: fade the blend out over this many pixels around the mask (default 0)")
 
 
 def _eval_parser(commands) -> None:
@@ -273,6 +279,9 @@ def _eval_parser(commands) -> None:
                                  "edits the previous output (final_turn); both (default)")  # fmt: skip
     magicbrush.add_argument("--captions", choices=("local", "global"), default="local",
                             help="caption file for CLIP-T (the paper: local; image_eval.py's default: global)")
+    magicbrush.add_argument("--masks", action="store_true",
+                            help="edit under each turn's annotated mask (masked sampling; the mask method)")
+    _add_mask_softening(magicbrush)
 
 
 def build_parser() -> argparse.ArgumentParser:

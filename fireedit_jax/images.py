@@ -134,6 +134,12 @@ def box_mask(box, size: tuple[int, int]) -> np.ndarray:
     return mask
 
 
+def working_mask(mask: np.ndarray, size: tuple[int, int], dilation: int = 0, feather: float = 0.0) -> np.ndarray:
+    """bool[H, W] → float32 at the working `size` = (W, H): resized (nearest), then `soften_mask`."""
+    resized = np.asarray(Image.fromarray(mask).resize(tuple(size), Image.NEAREST))
+    return soften_mask(resized, dilation, feather)
+
+
 def soften_mask(mask: np.ndarray, dilation: int = 0, feather: float = 0.0) -> np.ndarray:
     """bool[H, W] → float32[H, W] in [0, 1]: grown by `dilation` pixels (a square neighbourhood),
     then feathered outwards: a pixel d pixels outside weighs smoothstep(1 − d / feather), so the

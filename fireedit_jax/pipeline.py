@@ -167,8 +167,7 @@ class Editor:
             pixels = np.stack([images.to_model_array(loaded[i], size) for i in members])
             edit_masks = None
             if has_mask:
-                resized = [np.asarray(Image.fromarray(masks[i]).resize(size, Image.NEAREST)) for i in members]
-                edit_masks = np.stack([images.soften_mask(m, mask_dilation, mask_feather) for m in resized])
+                edit_masks = np.stack([images.working_mask(masks[i], size, mask_dilation, mask_feather) for i in members])
             edited = self.edit_arrays(
                 pixels, [instructions[i] for i in members], boxes=[box_list[i] for i in members], steps=steps,
                 image_guidance=image_guidance, text_guidance=text_guidance, seed=seed, scheduler=scheduler,

@@ -55,14 +55,25 @@ def editor(tmp_path_factory):
 
     def spy(pixels, instructions, **kwargs):  # records every batch the runners send
         calls.append((np.asarray(pixels), list(instructions), kwargs.get("boxes")))
+        editor.masks.append(None if kwargs.get("masks") is None else np.asarray(kwargs["masks"]))
         return edit_arrays(pixels, instructions, **kwargs)
 
     editor.edit_arrays = spy
-    editor.calls = calls
+    editor.calls, editor.masks = calls, []
     return editor
 
 
-# MagicBrush's test release: session → turns; 104's input is corrupt.
+def _mask_file(k: int, transparent: bool) -> Image.Image:
+    """Turn k's edit region, a box: transparent in an RGBA picture (DALL-E 2's convention) or white on black."""
+    inside = np.zeros((SIZE, SIZE), bool)
+    inside[8 * k : 8 * k + 24, 4:40] = True
+    if transparent:
+        picture = np.asarray(_image(k)).copy()
+        return Image.fromarray(np.dstack([picture, np.where(inside, 0, 255).astype(np.uint8)]), "RGBA")
+    return Image.fromarray(inside.astype(np.uint8) * 255, "L")
+
+
+# MagicBrush's test release: session → turns; 104's input is corrupt; 103's second mask is missing.
 SESSIONS = {"101": ["add a hat", "make it night", "add snow"], "102": ["remove the cup"],
             "103": ["paint it red", "add a dog"], "104": ["add a tree"]}
 
@@ -77,6 +88,9 @@ def magicbrush_dir(tmp_path_factory):
         names = [f"{session}-input.png"] + [f"{session}-output{k}.png" for k in range(1, len(instructions) + 1)]
         for i, name in enumerate(names):
             _image(10 * n + i).save(folder / name)
+        for k in range(1, len(instructions) + 1):
+            if (session, k) != ("103", 2):
+                _mask_file(k, transparent=session == "101").save(folder / f"{session}-mask{k}.png")
         sessions[session] = [{"input": names[k - 1], "mask": f"{session}-mask{k}.png", "output": names[k],
                               "instruction": text} for k, text in enumerate(instructions, 1)]
         local[session] = {names[k]: f"caption {session} {k}" for k in range(1, len(names))}
@@ -137,6 +151,22 @@ def test_magicbrush_single_then_both_resumes(editor, magicbrush_dir, tmp_path):
         run_magicbrush(editor, str(magicbrush_dir), str(out), settings=EditSettings(steps=3), progress=False)
 
 
+def test_magicbrush_under_its_masks(editor, magicbrush_dir, tmp_path):
+    out = tmp_path / "mb_masks"
+    start = len(editor.masks)
+    summary = run_magicbrush(editor, str(magicbrush_dir), str(out), turns="single", limit=3, settings=SETTINGS,
+                             masks=True, mask_dilation=2, progress=False)  # fmt: skip
+    assert summary["counts"] == {"samples": 6, "finished": 5, "errors": 1}
+    assert summary["errors"][0]["key"] == "103/inde/2" and "mask" in summary["errors"][0]["error"]
+    (sent,) = editor.masks[start:]  # one batch of the five turns: 101/1-3, 102/1, 103/1
+    for row, k in enumerate((1, 2, 3, 1, 1)):  # each the annotated box, grown by 2 pixels
+        want = np.zeros((SIZE, SIZE), np.float32)
+        want[max(8 * k - 2, 0) : 8 * k + 26, 2:42] = 1
+        np.testing.assert_array_equal(sent[row], want)
+    with pytest.raises(RunSettingsError, match="masks"):
+        run_magicbrush(editor, str(magicbrush_dir), str(out), turns="single", settings=SETTINGS, progress=False)
+
+
 def test_magicbrush_wrong_schema_names_the_fields(magicbrush_dir, tmp_path):
     broken = tmp_path / "broken"
     (broken / "images").mkdir(parents=True)
@@ -157,7 +187,7 @@ def test_magicbrush_parquet_layout(tmp_path):
     table = pa.table({
         "img_id": [r[0] for r in rows], "turn_index": pa.array([r[1] for r in rows], pa.int32()),
         "source_img": pa.array([{"bytes": _png(_image(i)), "path": f"s{i}.png"} for i in range(3)], IMAGE_STRUCT),
-        "mask_img": pa.array([{"bytes": _png(_image(9)), "path": "m.png"}] * 3, IMAGE_STRUCT),
+        "mask_img": pa.array([{"bytes": _png(_mask_file(1, True)), "path": "m.png"}] * 3, IMAGE_STRUCT),
         "instruction": [r[2] for r in rows],
         "target_img": pa.array([{"bytes": _png(_image(20 + i)), "path": f"t{i}.png"} for i in range(3)], IMAGE_STRUCT),
     })  # fmt: skip
@@ -168,6 +198,7 @@ def test_magicbrush_parquet_layout(tmp_path):
         [("7", 1, "first"), ("7", 2, "second")], [("9", 1, "only")]]
     np.testing.assert_array_equal(np.asarray(sessions[0][0].source()), np.asarray(_image(1)))  # row 1, 2nd group
     np.testing.assert_array_equal(np.asarray(sessions[1][0].target()), np.asarray(_image(22)))
+    assert sessions[1][0].mask().mode == "RGBA"  # read as stored: the region is its transparency
     with pytest.raises(DatasetError, match="no train-\\*.parquet"):
         load_magicbrush(str(tmp_path), split="train")
     pq.write_table(table.drop_columns(["instruction", "target_img"]), tmp_path / "data" / "dev-00000-of-00001.parquet")

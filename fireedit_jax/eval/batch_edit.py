@@ -83,6 +83,7 @@ class EditJob:
     instruction: str
     payload: Any = None  # handed back with the output (targets, captions, …)
     boxes: np.ndarray | None = None  # float[R, 4] normalised xyxy region proposals (FireEdit); None: none / proposed
+    mask: np.ndarray | None = None  # bool[H, W] at the image's size, True = edit (masked sampling); None: no mask
 
 
 def sample_id(key: str) -> int:
@@ -107,11 +108,12 @@ class DeviceBatcher:
     """
 
     def __init__(self, editor, settings: EditSettings = EditSettings(), batch_size: int | None = None,
-                 propose: Proposer | None = None):
+                 propose: Proposer | None = None, mask_dilation: int = 0, mask_feather: float = 0.0):
         devices = jax.local_devices()
         n = len(devices)
         self.batch_size = n * max(1, -(-(batch_size or n) // n))  # round up to a multiple of the devices
         self.editor, self.settings, self.propose = editor, settings, propose
+        self.mask_dilation, self.mask_feather = mask_dilation, mask_feather
         self.mesh = jax.make_mesh((n,), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=devices)
         self._batch = NamedSharding(self.mesh, P("data"))
         self._steps_batch = NamedSharding(self.mesh, P(None, "data"))
@@ -140,7 +142,12 @@ class DeviceBatcher:
             for job, boxes in zip(unboxed, self.propose([job.image for job in unboxed])):
                 job.boxes = boxes
         padded = jobs + [jobs[-1]] * (self.batch_size - len(jobs))
-        boxes = {"boxes": [job.boxes for job in padded]} if any(job.boxes is not None for job in jobs) else {}
+        extra = {"boxes": [job.boxes for job in padded]} if any(job.boxes is not None for job in jobs) else {}
+        if any(job.mask is not None for job in jobs):
+            if any(job.mask is None for job in jobs):
+                raise ValueError("a batch mixes edits with and without a mask: give every job a mask, or none")
+            extra["masks"] = np.stack([images.working_mask(job.mask, size, self.mask_dilation, self.mask_feather)
+                                       for job in padded])  # fmt: skip
         pixels = np.stack([images.to_model_array(images.to_rgb(job.image), size) for job in padded])
         pixels = jax.device_put(pixels, self._batch)
         ids = np.asarray([sample_id(job.key) for job in padded], np.uint32)
@@ -149,7 +156,7 @@ class DeviceBatcher:
         s = self.settings
         edited = self.editor.edit_arrays(
             pixels, [job.instruction for job in padded], steps=s.steps, image_guidance=s.image_guidance,
-            text_guidance=s.text_guidance, scheduler=s.scheduler, initial_noise=initial, step_noise=step, **boxes,
+            text_guidance=s.text_guidance, scheduler=s.scheduler, initial_noise=initial, step_noise=step, **extra,
         )  # fmt: skip
         edited = np.asarray(edited)
         return [(job, images.from_model_array(edited[i], job.image.size)) for i, job in enumerate(jobs)]

@@ -11,7 +11,8 @@ MagicBrush, the test release (the password-protected zip; also its dev release):
                                      {"input": "<id>-output1.png", "mask": "<id>-mask2.png",
                                       "output": "<id>-output2.png", "instruction": "..."}, ...]}
                            one list per edit session, in turn order; turn k's input is the
-                           ground-truth output of turn k−1 ("mask" is not used)
+                           ground-truth output of turn k−1 ("mask": its edit region, read
+                           with masks=True)
   DIR/images/<id>/         <id>-input.png, <id>-outputK.png, <id>-maskK.png
   DIR/local_descriptions.json, DIR/global_descriptions.json (optional)
                            {"<id>": {"<id>-outputK.png": caption, ...}} — captions for CLIP-T;
@@ -87,23 +88,25 @@ class RunSettingsError(ValueError):
 ImageLoader = Callable[[], Image.Image]
 
 
-def decode_image(value, name: str) -> Image.Image:
-    """A parquet image cell ({bytes, path} struct or raw bytes) → RGB PIL; ImageError naming the cell."""
+def decode_image(value, name: str, rgb: bool = True) -> Image.Image:
+    """A parquet image cell ({bytes, path} struct or raw bytes) → RGB PIL (rgb=False: as stored,
+    e.g. a mask's alpha); ImageError naming the cell."""
     data = value.get("bytes") if isinstance(value, dict) else value
     if not data:
         raise images.ImageError(f"{name} holds no image bytes")
     try:
         with Image.open(io.BytesIO(data)) as opened:
             opened.load()
-            return images.to_rgb(opened.copy())
+            return images.to_rgb(opened.copy()) if rgb else opened.copy()
     except UnidentifiedImageError:
         raise images.ImageError(f"{name} is not a readable image (unknown format)") from None
     except OSError as err:
         raise images.ImageError(f"{name} is not a readable image ({err})") from None
 
 
-def _file_loader(path: str) -> ImageLoader:
-    return lambda: images.load_image(path)
+def _file_loader(path: str, rgb: bool = True) -> ImageLoader:
+    """Loads the file when called: RGB, or (rgb=False) as stored, e.g. a mask's alpha."""
+    return (lambda: images.load_image(path)) if rgb else (lambda: images.open_image(path, "mask"))
 
 
 class ParquetRows:
@@ -130,17 +133,17 @@ class ParquetRows:
                     self.rows.append(row)
         self._groups: dict[tuple, list] = {}
 
-    def loader(self, row: dict, field: str) -> ImageLoader:
-        return lambda: self.image(row, field)
+    def loader(self, row: dict, field: str, rgb: bool = True) -> ImageLoader:
+        return lambda: self.image(row, field, rgb)
 
-    def image(self, row: dict, field: str) -> Image.Image:
+    def image(self, row: dict, field: str, rgb: bool = True) -> Image.Image:
         path, group, offset, index = row["_where"]
         cache_key = (path, group, field)
         if cache_key not in self._groups:
             if len(self._groups) >= 4:  # a few row groups of image bytes at a time
                 self._groups.pop(next(iter(self._groups)))
             self._groups[cache_key] = self._files[path].read_row_group(group, columns=[field]).column(field).to_pylist()
-        return decode_image(self._groups[cache_key][offset], f"{os.path.basename(path)} row {index} {field!r}")
+        return decode_image(self._groups[cache_key][offset], f"{os.path.basename(path)} row {index} {field!r}", rgb)
 
 
 def _parquet_files(data_dir: str, split: str, what: str) -> list[str]:
@@ -164,6 +167,7 @@ class MagicBrushTurn:
     source: ImageLoader
     target: ImageLoader
     caption: str | None = None
+    mask: ImageLoader | None = None  # the annotators' edit region, as stored (`images.mask_from_image` reads it)
 
 
 def load_magicbrush(data_dir: str, *, split: str = "test", captions: str = "local") -> list[list[MagicBrushTurn]]:
@@ -203,6 +207,7 @@ def _magicbrush_release(root: str, captions: str) -> list[list[MagicBrushTurn]]:
                 source=_file_loader(os.path.join(folder, entry["input"])),
                 target=_file_loader(os.path.join(folder, entry["output"])),
                 caption=descriptions.get(str(session), {}).get(entry["output"]),
+                mask=_file_loader(os.path.join(folder, entry["mask"]), rgb=False) if entry.get("mask") else None,
             ))  # fmt: skip
         out.append(entries)
     if problems:
@@ -223,7 +228,8 @@ def _magicbrush_parquet(data_dir: str, split: str) -> list[list[MagicBrushTurn]]
     for session, rows in sessions.items():
         rows.sort(key=lambda r: r["turn_index"])
         out.append([MagicBrushTurn(session=session, turn=k, instruction=row["instruction"],
-                                   source=table.loader(row, "source_img"), target=table.loader(row, "target_img"))
+                                   source=table.loader(row, "source_img"), target=table.loader(row, "target_img"),
+                                   mask=table.loader(row, "mask_img", rgb=False))
                     for k, row in enumerate(rows, 1)])
     return out
 
@@ -269,6 +275,7 @@ class _Spec:
     reference: ImageLoader  # what the output is compared with
     labels: dict  # copied into the record
     caption: str | None = None
+    mask: ImageLoader | None = None  # the edit region (masked runs)
     source_caption: str | None = None
     after: str | None = None  # the spec whose output this one edits
 
@@ -283,8 +290,9 @@ class ResultLog:
         self.rescore = False
         if self._run_path.exists():
             previous = json.loads(self._run_path.read_text())
-            differences = [f"{name}: {previous['settings'].get(name)!r} then, {value!r} now"
-                           for name, value in settings.items() if previous["settings"].get(name) != value]
+            then = previous["settings"]
+            differences = [f"{name}: {then.get(name)!r} then, {settings.get(name)!r} now"
+                           for name in {**then, **settings} if then.get(name) != settings.get(name)]
             if differences:
                 raise RunSettingsError(f"{out_dir!r} holds results made with other settings ("
                                        + "; ".join(differences) + "): use a new output directory")
@@ -332,7 +340,8 @@ def _score(scorer: Scorer, specs: Sequence[_Spec], outputs, references, versus_s
 
 
 def _run_specs(editor, waves: Sequence[Sequence[_Spec]], log: ResultLog, scorer: Scorer, settings: EditSettings,
-               batch_size: int | None, proposer: str | None, progress: bool, versus_source: bool) -> dict:
+               batch_size: int | None, proposer: str | None, progress: bool, versus_source: bool,
+               mask_edit: dict | None = None) -> dict:
     """Edits and scores every unfinished spec, wave after wave (a wave may edit the previous one's outputs)."""
     out_dir = log.out_dir
     by_key = {s.key: s for wave in waves for s in wave}
@@ -344,7 +353,7 @@ def _run_specs(editor, waves: Sequence[Sequence[_Spec]], log: ResultLog, scorer:
     stats = {"edits": 0, "errors": 0, "seconds": 0.0}
     if not total:
         return stats
-    batcher = DeviceBatcher(editor, settings, batch_size, propose=detector_proposer(proposer))
+    batcher = DeviceBatcher(editor, settings, batch_size, propose=detector_proposer(proposer), **(mask_edit or {}))
     start = time.perf_counter()
     with progress_bar(total, progress, "edit") as bar:
 
@@ -359,13 +368,17 @@ def _run_specs(editor, waves: Sequence[Sequence[_Spec]], log: ResultLog, scorer:
                 if spec.after is not None and not log.done(spec.after):
                     fail(spec, f"the turn it continues ({spec.after}) has no output")
                     continue
+                if mask_edit is not None and spec.mask is None:
+                    fail(spec, "no mask in the data set for this edit")
+                    continue
                 try:
                     source = _load_source(log, by_key, spec)
                     reference = source if versus_source else spec.reference()
+                    mask = images.load_mask(spec.mask(), source.size, f"{spec.key} mask") if mask_edit is not None else None
                 except images.ImageError as err:
                     fail(spec, str(err))
                     continue
-                yield EditJob(spec.key, source, spec.instruction, payload=(spec, reference))
+                yield EditJob(spec.key, source, spec.instruction, payload=(spec, reference), mask=mask)
 
         for wave in pending:
             for batch in batcher.run(jobs(wave)):
@@ -419,6 +432,7 @@ def _magicbrush_spec(turn: MagicBrushTurn, mode: str) -> _Spec:
         key=_magicbrush_key(turn.session, turn.turn, mode), output=_magicbrush_output(turn.session, turn.turn, mode),
         instruction=turn.instruction, source=None if iterative else turn.source, reference=turn.target,
         caption=turn.caption, after=_magicbrush_key(turn.session, turn.turn - 1, mode) if iterative else None,
+        mask=turn.mask,
         labels={"benchmark": "magicbrush", "session": turn.session, "turn": turn.turn,
                 "mode": "iterative" if iterative else "independent"},
     )  # fmt: skip
@@ -427,14 +441,17 @@ def _magicbrush_spec(turn: MagicBrushTurn, mode: str) -> _Spec:
 def run_magicbrush(editor, data_dir: str, out_dir: str, *, scorer: Scorer | None = None, split: str = "test",
                    turns: str = "single", limit: int | None = None, batch_size: int | None = None,
                    settings: EditSettings = EditSettings(), captions: str = "local", proposer: str | None = None,
-                   grid_size: int = 8, progress: bool = True) -> dict:
+                   grid_size: int = 8, masks: bool = False, mask_dilation: int = 0, mask_feather: float = 0.0,
+                   progress: bool = True) -> dict:
     """Runs MagicBrush; returns the summary (also written to out_dir). See the module docstring.
 
     limit: the first N edit sessions (all their turns). captions: "local" or "global"
     descriptions for CLIP-T (release layout only). proposer: a Deformable DETR directory
     proposing FireEdit's regions on each edit's input (data/proposals.py); None: no regions.
     batch_size: edits per batch, rounded up to a multiple of the local devices (default:
-    one per device). grid_size: rows of grid.png.
+    one per device). grid_size: rows of grid.png. masks: edit under each turn's annotated mask
+    (masked sampling; grown by mask_dilation pixels and feathered over mask_feather at the working
+    size, as `Editor.edit`); a turn without one is recorded as an error.
     """
     if turns not in TURNS:
         raise ValueError(f"turns={turns!r}: one of {', '.join(TURNS)}")
@@ -451,10 +468,13 @@ def run_magicbrush(editor, data_dir: str, out_dir: str, *, scorer: Scorer | None
                      for k in range(2, depth + 1)]
     run_settings = {"benchmark": "magicbrush", "data": os.fspath(storage.as_path(data_dir)), "split": split,
                     "captions": captions, **_common_settings(settings, proposer)}
+    mask_edit = dict(mask_dilation=mask_dilation, mask_feather=mask_feather) if masks else None
+    if masks:  # recorded only when used, so runs made before masks existed still resume
+        run_settings.update(masks=True, **mask_edit)
     log = ResultLog(out_dir, run_settings, scorer.describe())
     try:
         this_run = _run_specs(editor, [independent, *iterative], log, scorer, settings, batch_size, proposer,
-                              progress, versus_source=False)  # fmt: skip
+                              progress, versus_source=False, mask_edit=mask_edit)  # fmt: skip
     finally:
         log.close()
 
