@@ -11,10 +11,11 @@ import torch
 from fireedit_jax.nn import attention, embeddings, norms, resize
 
 
-def naive_attention(q, k, v, mask=None, is_causal=False):
+def naive_attention(q, k, v, mask=None, is_causal=False, bias=0.0, scale=None):
     n, kv = q.shape[2], k.shape[2]
     k, v = np.repeat(k, n // kv, axis=2), np.repeat(v, n // kv, axis=2)
-    scores = np.einsum("btnh,bsnh->bnts", q, k) / math.sqrt(q.shape[-1])
+    scale = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
+    scores = np.einsum("btnh,bsnh->bnts", q, k) * scale + bias
     if is_causal:
         causal = np.tril(np.ones(scores.shape[-2:], bool))
         mask = causal if mask is None else mask & causal
@@ -43,6 +44,21 @@ def test_chunked_attention_equals_naive(t, s, n, kv, chunk, masked, is_causal, h
         implementation="xla", query_chunk=chunk,
     )
     np.testing.assert_allclose(np.asarray(out), naive_attention(q, k, v, mask, is_causal), atol=1e-5)
+
+
+def test_chunked_attention_with_bias_and_scale(highest_precision):
+    """An additive bias shared over the batch (T5's relative positions), no scaling, GQA, padding, chunks."""
+    rng = np.random.default_rng(0)
+    q = rng.normal(size=(2, 13, 4, 8)).astype(np.float32)
+    k, v = (rng.normal(size=(2, 11, 2, 8)).astype(np.float32) for _ in range(2))
+    bias = rng.normal(size=(1, 4, 13, 11)).astype(np.float32)
+    mask = np.ones((2, 1, 1, 11), bool)
+    mask[1, ..., 7:] = False
+    out = attention.dot_product_attention(
+        jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), bias=jnp.asarray(bias), mask=mask, scale=1.0,
+        implementation="xla", query_chunk=5,
+    )
+    np.testing.assert_allclose(np.asarray(out), naive_attention(q, k, v, mask, bias=bias, scale=1.0), atol=1e-5)
 
 
 def test_attention_rejects_unknown_implementation():

@@ -2,7 +2,8 @@
 
 For checking a checkpoint of your own against its PyTorch original, or converting a
 part once and reusing it. SRC is a transformers / diffusers directory (config.json +
-weights); OUT gets config.json ({"network": ..., "config": {...}}) and params/.
+weights); OUT gets config.json ({"network": ..., "config": {...}}), params/ and, when SRC
+holds tokenizer files (a T5 or CLIP text directory often does), tokenizer/ with them.
 """
 
 from __future__ import annotations
@@ -10,16 +11,19 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
+import tempfile
 from typing import Any, Callable, NamedTuple
 
 import ml_collections
 
 from fireedit_jax import checkpoint
-from fireedit_jax.convert import clip, core, dinov2, llama, qformer, unet, vae, vit
+from fireedit_jax.convert import clip, core, dinov2, llama, qformer, t5, unet, vae, vit
 from fireedit_jax.models.clip import CLIPTextConfig, CLIPVisionConfig
 from fireedit_jax.models.dinov2 import DINOv2Config
 from fireedit_jax.models.llama import LlamaConfig
 from fireedit_jax.models.qformer import QFormerConfig
+from fireedit_jax.models.t5 import T5EncoderConfig
 from fireedit_jax.models.unet import UNetConfig
 from fireedit_jax.models.vae import VAEConfig
 from fireedit_jax.models.vit import ViTConfig
@@ -41,7 +45,13 @@ NETWORKS: dict[str, Network] = {
     "dinov2": Network(DINOv2Config.from_hf, dinov2.load_dinov2, dinov2.verify_dinov2),
     "qformer": Network(QFormerConfig.from_hf, qformer.load_qformer, qformer.verify_qformer),
     "vit": Network(ViTConfig.from_hf, vit.load_vit, vit.verify_vit),
+    "t5": Network(T5EncoderConfig.from_hf, t5.load_t5, t5.verify_t5),
 }
+
+
+# transformers' tokenizer files (sentencepiece, BPE, fast): copied beside a converted network
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "spiece.model", "tokenizer.model", "vocab.json", "merges.txt", "vocab.txt")  # fmt: skip
 
 
 def convert_network(name: str, src: str, out: str, *, verify: bool = False) -> float | None:
@@ -54,5 +64,9 @@ def convert_network(name: str, src: str, out: str, *, verify: bool = False) -> f
         config = network.config(json.load(f))
     params = network.load(src, config)
     saved = ml_collections.ConfigDict({"network": name, "config": dataclasses.asdict(config)})
-    checkpoint.save(out, params, saved)
+    found = [name for name in TOKENIZER_FILES if os.path.isfile(os.path.join(src, name))]
+    with tempfile.TemporaryDirectory() as staging:  # the tokenizer files alone, not the weights beside them
+        for file in found:
+            shutil.copy(os.path.join(src, file), staging)
+        checkpoint.save(out, params, saved, tokenizer_dir=staging if found else None)
     return network.verify(src, params, config) if verify else None

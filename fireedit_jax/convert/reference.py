@@ -179,3 +179,23 @@ def save_clip_vision(directory: str, *, width: int = 16, layers: int = 2, image_
                                              num_attention_heads=2, image_size=image_size, patch_size=patch))  # fmt: skip
     model.save_pretrained(directory)
     return model
+
+
+def save_t5(directory: str, *, width: int = 32, layers: int = 2, heads: int = 4, head_dim: int = 8, ffn: int = 37,
+            vocab: int = 99, feed_forward_proj: str = "gated-gelu", full: bool = False, seed: int = 0):
+    """A random transformers T5EncoderModel (full: a T5ForConditionalGeneration, decoder and LM head too)."""
+    import torch
+    from transformers import T5Config, T5EncoderModel, T5ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    config = T5Config(vocab_size=vocab, d_model=width, d_kv=head_dim, d_ff=ffn, num_layers=layers, num_heads=heads,
+                      relative_attention_num_buckets=8, relative_attention_max_distance=20,
+                      feed_forward_proj=feed_forward_proj)  # fmt: skip
+    model = (T5ForConditionalGeneration if full else T5EncoderModel)(config)
+    # The norms start at 1: randomise them so that a dropped or swapped one would show.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("layer_norm.weight"):
+                p.add_(0.1 * torch.randn_like(p))
+    model.save_pretrained(directory)
+    return model.eval()
