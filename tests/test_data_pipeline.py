@@ -1,6 +1,7 @@
 """Transforms (boxes follow crop and flip, buckets, tokenisation) and the grain pipeline
 (determinism, exact resume, process shards, mixing, bad records, global arrays)."""
 
+import dataclasses
 import io
 import json
 import os
@@ -203,6 +204,22 @@ def test_vqa_and_box_buckets():
     assert batch["boxes"].shape == (2, 8, 4)
     np.testing.assert_array_equal(batch["box_mask"].sum(1), [0, 3])
     assert transform.collate([three, example_many])["boxes"].shape == (2, 100, 4)
+
+
+def test_caption_examples_have_no_target_and_batch_only_with_their_kind():
+    caption = EditRecord("c", png_bytes(4), "make the left cup b", source_caption="a left cup",
+                         target_caption="a b left cup", task=Task.CAPTION)  # fmt: skip
+    transform = EditTransform(resolution=8, texts=(TextField("caption", word_ids, (4, 8), source="target_caption"),))
+    example, _ = transform(caption)
+    flipped, _ = dataclasses.replace(transform, flip_probability=1.0)(caption, np.random.default_rng(0))
+    assert "target" not in example and "target" not in flipped
+    assert (example["task"], example["vlm_weight"], example["diffusion_weight"]) == (Task.CAPTION, 0.0, 0.0)
+    batch = transform.collate([example, flipped])
+    assert "target" not in batch and batch["source"].shape == (2, 8, 8, 3) and batch["caption_ids"].shape == (2, 4)
+    np.testing.assert_array_equal(batch["caption_ids"][:, 2], [VOCAB["left"], VOCAB["right"]])  # flipped texts
+    edit, _ = transform(EditRecord("e", png_bytes(5), "edit a", png_bytes(6), target_caption="a"))
+    with pytest.raises(ValueError, match="a batch mixes examples with and without target \\(tasks caption, edit\\)"):
+        transform.collate([example, edit])
 
 
 # ------------------------------------------------------------------ pipeline

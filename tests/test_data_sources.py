@@ -1,5 +1,6 @@
 """Sources read fixtures written here in the real layouts (HF parquet with image structs,
-folder + JSONL, LLaVA JSON, TFDS ArrayRecord) and yield the records that were written."""
+folder + JSONL, LLaVA JSON, TFDS ArrayRecord, webdataset tar shards) and yield the records
+that were written; caption records (learnable regions) from each caption layout."""
 
 import dataclasses
 import io
@@ -239,14 +240,192 @@ def test_tfds_array_record_round_trip(tmp_path):
         EditRecord("b", src, "what is this?", answer="a cup", task=Task.VQA),
         EditRecord("c", png_bytes(4), "segment the ünïcode cup", png_bytes(5), boxes=np.zeros((0, 4), np.float32),
                    task=Task.SEGMENTATION),
+        EditRecord("d", png_bytes(6), "make it red", source_caption="a cup", target_caption="a red cup",
+                   task=Task.CAPTION),
     ]  # fmt: skip
     directory = build_triplets(str(tmp_path / "tfds"), {"train": records[:2], "validation": records[2:]})
     train, validation = TFDSSource(directory, "train"), TFDSSource(directory, "validation", name="val")
-    assert (len(train), len(validation), validation.name) == (2, 1, "val")
+    assert (len(train), len(validation), validation.name) == (2, 2, "val")
     # stored as bytes: the path's content comes back
     stored = [dataclasses.replace(records[0]), dataclasses.replace(records[1], source_image=png_bytes(1))]
     assert sorted((train[i] for i in range(2)), key=lambda r: r.key) == stored
-    assert validation[0] == records[2]
+    assert sorted((validation[i] for i in range(2)), key=lambda r: r.key) == records[2:]
     assert pickle.loads(pickle.dumps(train))[0] in stored
     with pytest.raises(KeyError, match="no split 'test'"):
         TFDSSource(directory, "test")
+
+
+# ------------------------------------------------------------------ caption records (learnable regions)
+
+
+def caption_record(key="c", **fields) -> EditRecord:
+    values = dict(source_image=png_bytes(0), instruction="make the cup red", source_caption="a cup",
+                  target_caption="a red cup", task=Task.CAPTION)  # fmt: skip
+    return EditRecord(key, **(values | fields))
+
+
+def test_caption_record_needs_both_captions_and_no_target_image():
+    assert caption_record().target_image is None
+    for missing in ("source_caption", "target_caption"):
+        with pytest.raises(BadRecord, match=f"c: a caption record needs {missing}"):
+            caption_record(**{missing: None})
+    with pytest.raises(BadRecord, match="needs source_caption and target_caption"):
+        caption_record(source_caption="", target_caption=None)
+    with pytest.raises(BadRecord, match="c: a caption record has no target image, but one was given"):
+        caption_record(target_image=png_bytes(1))
+
+
+def test_captions_parquet(tmp_path):
+    rows = [
+        {"image": image_cell(png_bytes(i), f"{i}.png"), "caption": f"a cup {i}", "instruction": f"make cup {i} red",
+         "target_caption": f"a red cup {i}"}
+        for i in range(3)
+    ]  # fmt: skip
+    schema = pa.schema([("image", IMAGE), ("caption", pa.string()), ("instruction", pa.string()),
+                        ("target_caption", pa.string())])  # fmt: skip
+    pq.write_table(pa.Table.from_pylist(rows, schema), tmp_path / "captions.parquet", row_group_size=2)
+    source = sources.open_source("captions", str(tmp_path), name="laion")
+    expected = [
+        caption_record(f"captions.parquet#{i}", source_image=png_bytes(i), instruction=f"make cup {i} red",
+                       source_caption=f"a cup {i}", target_caption=f"a red cup {i}")
+        for i in range(3)
+    ]  # fmt: skip
+    assert source.name == "laion" and [source[i] for i in (2, 0, 1)] == [expected[i] for i in (2, 0, 1)]
+    assert pickle.loads(pickle.dumps(source))[1] == expected[1]
+    pq.write_table(pa.table({"image": [rows[0]["image"]], "caption": ["a cup"]}), tmp_path / "captions.parquet")
+    with pytest.raises(sources.SchemaError, match=r"not a captions parquet file: missing column\(s\) instruction, "):
+        sources.open_source("captions", str(tmp_path))
+
+
+def test_jsonl_caption_lines(tmp_path):
+    _write_image(str(tmp_path / "images" / "0.png"), png_bytes(0))
+    line = {"task": "caption", "source_image": "images/0.png", "source_caption": "a cup",
+            "instruction": "make the cup red", "target_caption": "a red cup", "boxes": [[0.1, 0.2, 0.5, 0.6]]}  # fmt: skip
+    (tmp_path / "metadata.jsonl").write_text(json.dumps(line) + "\n")
+    assert sources.open_source("jsonl", str(tmp_path))[0] == caption_record(
+        "metadata.jsonl:1", source_image=str(tmp_path / "images" / "0.png"),
+        boxes=np.array([[0.1, 0.2, 0.5, 0.6]], np.float32),
+    )  # fmt: skip
+    wrong = [
+        ({**line, "target_image": "images/0.png"}, "a caption line has no target_image"),
+        ({k: v for k, v in line.items() if k != "target_caption"}, r"missing field\(s\) target_caption"),
+    ]
+    for entry, problem in wrong:
+        (tmp_path / "metadata.jsonl").write_text(json.dumps(entry) + "\n")
+        with pytest.raises(sources.SchemaError, match=f"metadata.jsonl:1: {problem}"):
+            sources.JsonlSource(str(tmp_path))
+
+
+def jpeg_bytes(seed: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.open(io.BytesIO(png_bytes(seed))).save(buffer, "JPEG")
+    return buffer.getvalue()
+
+
+def write_tar(path, members: dict[str, bytes | dict | str]) -> None:
+    """A shard with these members in order (dicts written as JSON, strings as UTF-8)."""
+    import tarfile
+
+    with tarfile.open(path, "w") as archive:
+        for name, content in members.items():
+            data = json.dumps(content).encode() if isinstance(content, dict) else content
+            data = data.encode() if isinstance(data, str) else data
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+
+
+TEXTS = {"caption": "a cup", "instruction": "make the cup red", "target_caption": "a red cup"}
+
+
+def test_webdataset_tar_shards(tmp_path):
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    # jpg + json; a key with a directory and dots in the name after the first
+    write_tar(shards / "000000.tar", {"s/0.jpg": jpeg_bytes(0), "s/0.json": TEXTS,
+                                      "1.JPEG": jpeg_bytes(1), "1.json": {**TEXTS, "caption": "two cups"},
+                                      "1.seg.png": png_bytes(9)})  # fmt: skip
+    # png + json + txt (the caption); a sample without texts, one without an image: left out, counted
+    no_caption = {k: v for k, v in TEXTS.items() if k != "caption"}
+    write_tar(shards / "000001.tar", {"2.png": png_bytes(2), "2.txt": "a blue cup\n", "2.json": no_caption,
+                                      "3.png": png_bytes(3), "3.json": {"caption": "a cup"},
+                                      "4.json": TEXTS, "4.txt": "a cup"})  # fmt: skip
+    left_out = "left out 2 of 5 samples lacking an image or a text: 000001.tar#3: no instruction, target_caption; "
+    with pytest.warns(UserWarning, match=left_out + "000001.tar#4: no image"):
+        source = sources.open_source("wds", str(shards))
+    assert (source.name, len(source), source.incomplete) == ("wds", 3, 2)
+    expected = [
+        caption_record("000000.tar#s/0", source_image=jpeg_bytes(0)),
+        caption_record("000000.tar#1", source_image=jpeg_bytes(1), source_caption="two cups"),
+        caption_record("000001.tar#2", source_image=png_bytes(2), source_caption="a blue cup"),
+    ]
+    assert [source[i] for i in (2, 0, 1)] == [expected[i] for i in (2, 0, 1)]
+    with pytest.raises(IndexError):
+        source[3]
+    # grain reads with threads, and in worker processes from a pickled copy
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(4) as pool:
+        assert list(pool.map(source.__getitem__, [0, 1, 2] * 4)) == expected * 4
+    assert pickle.loads(pickle.dumps(source))[2] == expected[2]
+    with pytest.warns(UserWarning, match="one: left out 2 of 3 samples"):
+        assert sources.TarCaptionSource([str(shards / "000001.tar")], name="one")[0] == expected[2]
+
+    # a shard with no complete sample is in another layout: refused, naming it and a sample
+    write_tar(shards / "000002.tar", {"5.jpg": jpeg_bytes(5), "5.txt": "a cup", "5.json": {"url": "http://x"}})
+    refused = r"000002.tar has no sample with an image and the texts caption, instruction, target_caption \(sample 5: "
+    with pytest.raises(sources.SchemaError, match=refused + "no instruction, target_caption"):
+        sources.TarCaptionSource(str(shards / "*.tar"))
+    (shards / "000002.tar").write_bytes(b"not a tar")
+    with pytest.raises(sources.SchemaError, match="000002.tar cannot be read as an uncompressed tar file"):
+        sources.TarCaptionSource(str(shards))
+
+
+def test_shapes_caption_view_and_a_mixed_caption_batch(tmp_path):
+    """ShapeEdit's caption view: the scene, its caption (shapes.describe), the instruction and
+    the edited scene's caption, never the edited scene; then one batch of a mixture of every
+    caption layout through the training input path."""
+    import ml_collections
+
+    from fireedit_jax.data import shapes
+    from fireedit_jax.data.transforms import EditTransform, TextField, decode_image
+    from fireedit_jax.train import inputs
+
+    spec = {"kind": "shapes", "view": "captions", "split": "test", "num_samples": 4, "size": 32, "weight": 2.0}
+    source = inputs.make_source("scenes", spec)
+    edits = inputs.make_source("scenes", {**spec, "view": "edits"})
+    config = shapes.ShapesConfig(size=32)
+    for i in range(len(source)):
+        record, sample = source[i], shapes.generate(config, "test", i)
+        objects = [shapes.Obj(o["shape"], o["colour"], o["size"], tuple(round(v * 32) for v in o["box"]))
+                   for o in sample["objects"]]  # fmt: skip
+        assert record.task == Task.CAPTION and record.target_image is None and record.mask_image is None
+        assert record.source_caption == shapes.describe(objects, 32) and record.instruction == sample["instruction"]
+        assert record.target_caption == sample["target_caption"] != record.source_caption
+        np.testing.assert_array_equal(decode_image(record.source_image), sample["source"])
+        np.testing.assert_array_equal(record.boxes, sample["boxes"])
+        assert edits[i].task == Task.EDIT and edits[i].target_image is not None
+    with pytest.raises(ValueError, match="shapes source 'scenes': view='pairs'; choose one of edits, captions"):
+        inputs.make_source("scenes", {**spec, "view": "pairs"})
+
+    texts = {"source_caption": "a cup", "instruction": "make it red", "target_caption": "a red cup"}
+    columns = {"image": [image_cell(png_bytes(7), "7.png")], "caption": ["a cup"], "instruction": ["make it red"],
+               "target_caption": ["a red cup"]}  # fmt: skip
+    pq.write_table(pa.table(columns), tmp_path / "c.parquet")
+    write_tar(tmp_path / "0.tar", {"0.jpg": jpeg_bytes(8), "0.json": TEXTS})
+    _write_image(str(tmp_path / "folder" / "0.png"), png_bytes(9))
+    line = {"task": "caption", "source_image": "0.png", **texts}
+    (tmp_path / "folder" / "metadata.jsonl").write_text(json.dumps(line))
+    mixture = {"scenes": spec, "parquet": {"kind": "captions", "path": str(tmp_path / "c.parquet")},
+               "tars": {"kind": "wds", "path": str(tmp_path / "0.tar")},
+               "folder": {"kind": "jsonl", "path": str(tmp_path / "folder")}}  # fmt: skip
+    config = ml_collections.ConfigDict({"seed": 0, "data": {"sources": mixture}})
+    words = lambda text: [len(word) for word in text.split()]  # noqa: E731
+    transform = EditTransform(resolution=16, texts=(TextField("caption", words, (64,), source="target_caption"),))
+    iterator = inputs.make_train_iterator(config, transform, batch_size=10)
+    batch = next(iterator)
+    assert "target" not in batch and batch["source"].shape == (10, 16, 16, 3)
+    assert (batch["task"] == Task.CAPTION).all()
+    assert not batch["vlm_weight"].any() and not batch["diffusion_weight"].any()
+    assert batch["caption_mask"].any(axis=1).all() and set(batch["source_index"]) == {0, 1, 2, 3}
+    iterator.close()

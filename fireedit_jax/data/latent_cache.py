@@ -49,8 +49,8 @@ from tqdm import tqdm
 
 from fireedit_jax import checkpoint, storage
 from fireedit_jax.data.pipeline import DataError, make_iterator
-from fireedit_jax.data.records import EditRecord, Task
-from fireedit_jax.data.sources import SOURCE_KINDS, SchemaError, open_source
+from fireedit_jax.data.records import BadRecord, EditRecord, Task
+from fireedit_jax.data.sources import CAPTION_KINDS, SOURCE_KINDS, SchemaError, open_source
 from fireedit_jax.data.tfds_builder import decode_texts, encode_texts, image_bytes, split_source, text_features
 from fireedit_jax.data.transforms import EditTransform, crop_resize, crop_window, decode_image
 from fireedit_jax.models.fireedit import EditModel
@@ -109,6 +109,8 @@ class _CropAndKeep:
     pixels: EditTransform
 
     def __call__(self, record: EditRecord, rng=None):
+        if record.task == Task.CAPTION:
+            raise BadRecord(f"{record.key}: a caption record has no target image to encode")
         example, _ = self.pixels(record)  # no rng: centred crop, no flip
         kept = encode_texts(record)
         kept.update(boxes=example["boxes"], has_boxes=record.boxes is not None, task=int(record.task),
@@ -300,7 +302,8 @@ class LatentTransform:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The `cache-latents` sub-command's arguments."""
     parser.add_argument("--checkpoint", required=True, help="checkpoint directory whose VAE encodes")
-    parser.add_argument("--source", required=True, choices=SOURCE_KINDS, help="the data set's layout")
+    parser.add_argument("--source", required=True, choices=[k for k in SOURCE_KINDS if k not in CAPTION_KINDS],
+                        help="the data set's layout (caption layouts have no target to encode)")
     parser.add_argument("--data", required=True,
                         help="its path: parquet directory/glob/file, JSONL folder, LLaVA JSON or TFDS directory")
     parser.add_argument("--image-root", default=None, help="folder of a llava source's images")

@@ -16,7 +16,8 @@ iterators with the same arguments give the same batches, and restoring a saved
 
 The batch (per process, numpy), B = batch_size, S = resolution, R / T the box / token
 buckets chosen per batch:
-  source, target      uint8[B, S, S, 3]  (a VQA sample's target is zeros)
+  source, target      uint8[B, S, S, 3]  (a VQA sample's target is zeros; a batch of caption
+                      samples has no target)
   vlm_source          uint8[B, V, V, 3]  (if the transform has vlm_resolution V)
   boxes               float32[B, R, 4] normalised xyxy; box_mask bool[B, R]
   <text>_ids          int32[B, T]; <text>_mask bool[B, T]  (one pair per TextField)

@@ -1,4 +1,4 @@
-"""The record every source yields: one edit triplet (or a VQA / segmentation-as-edit sample).
+"""The record every source yields: one edit triplet (or a VQA, segmentation-as-edit or caption sample).
 
 Sources keep images encoded (file bytes, or a path to the file): decoding happens in
 the transforms, inside grain's worker processes, where a record that fails is skipped
@@ -21,10 +21,14 @@ class Task(enum.IntEnum):
     EDIT = 0
     VQA = 1  # an answer text instead of a target image: trains L_VLM only
     SEGMENTATION = 2  # segmentation as an edit: the target shows the region painted over
+    # an image with its caption, an instruction and the target caption: no target image;
+    # the learnable-region loss (trained from image-caption pairs, never from edit pairs)
+    CAPTION = 3
 
 
-# Per-sample loss weights (L_VLM, L_diff) by task: the batch carries them per example.
-LOSS_WEIGHTS = {Task.EDIT: (1.0, 1.0), Task.VQA: (1.0, 0.0), Task.SEGMENTATION: (1.0, 1.0)}
+# Per-sample loss weights (L_VLM, L_diff) by task: the batch carries them per example. A caption
+# sample trains neither (the learnable-region loss is its own).
+LOSS_WEIGHTS = {Task.EDIT: (1.0, 1.0), Task.VQA: (1.0, 0.0), Task.SEGMENTATION: (1.0, 1.0), Task.CAPTION: (0.0, 0.0)}
 
 
 class BadRecord(ValueError):
@@ -36,11 +40,12 @@ class EditRecord:
     """One training sample, as read from a source (nothing decoded yet).
 
     key: where it came from, for messages ("train-00000.parquet#12", "metadata.jsonl:7").
-    source_image / target_image: encoded images; target_image is None for VQA.
+    source_image / target_image: encoded images; target_image is None for VQA and CAPTION.
     instruction: the edit instruction (the question for VQA).
     answer: the VQA answer text (None otherwise).
     boxes: float32[N, 4] region boxes, normalised xyxy on the source image, or None.
-    source_caption / target_caption: captions of the two images where the data set has them.
+    source_caption / target_caption: captions of the image before and after the edit where the
+      data set has them (a CAPTION record needs both: the target caption stands in for the target).
     mask_image: the encoded edit mask (white or transparent where the edit is), or None.
     """
 
@@ -63,7 +68,13 @@ class EditRecord:
             raise BadRecord(f"{self.key}: no instruction")
         if self.task == Task.VQA and self.answer is None:
             raise BadRecord(f"{self.key}: a VQA record needs an answer")
-        if self.task != Task.VQA and self.target_image is None:
+        if self.task == Task.CAPTION:
+            missing = [name for name in ("source_caption", "target_caption") if not getattr(self, name)]
+            if missing:
+                raise BadRecord(f"{self.key}: a caption record needs {' and '.join(missing)}")
+            if self.target_image is not None:  # its method learns without edit pairs: it must never read one
+                raise BadRecord(f"{self.key}: a caption record has no target image, but one was given")
+        elif self.task != Task.VQA and self.target_image is None:
             raise BadRecord(f"{self.key}: a {self.task.name.lower()} record needs a target image")
         if self.boxes is not None:
             boxes = np.asarray(self.boxes, np.float32).reshape(-1, 4)

@@ -45,6 +45,8 @@ A sample (`generate`, `ShapeEditSource[i]`) is a dict:
                    i.e. the requested colour / shape where one is requested
   from_colour, from_shape   the edited object before the edit (None for add)
   place            add only: "left", "right", "above", "below" or a corner ("top left", …)
+  caption, target_caption   rule-made descriptions of the source and the target scene (`describe`;
+                   the caption view of learnt edit regions: image–caption pairs, no target image)
   objects          the source scene: [{"shape", "colour", "size", "box"}] (box normalised)
   split, index
 """
@@ -348,6 +350,20 @@ def _plan(rng: np.random.Generator, objects: list[Obj], kind: str, refer: str, s
     return None
 
 
+def describe(objects: Sequence[Obj], size: int) -> str:
+    """A scene's caption in the instruction vocabulary, objects left to right: "a big red circle in
+    the top left a small blue square" (the third of the image its centre lies in; none in the middle)."""
+
+    def where(obj: Obj) -> str:
+        cx, cy = ((obj.box[0] + obj.box[2]) / 2 / size, (obj.box[1] + obj.box[3]) / 2 / size)
+        third = lambda v, low, high: low if v < 1 / 3 else high if v > 2 / 3 else ""  # noqa: E731
+        cell = " ".join(w for w in (third(cy, "top", "bottom"), third(cx, "left", "right")) if w)
+        return f" in the {cell}" if cell else ""
+
+    ordered = sorted(objects, key=lambda o: (o.box[0] + o.box[2], o.box[1] + o.box[3]))
+    return " ".join(f"a {o.size} {o.colour} {o.shape}{where(o)}" for o in ordered)
+
+
 def _normalised(box, size: int) -> list[float]:
     return [v / size for v in box]
 
@@ -409,6 +425,8 @@ def generate(config: ShapesConfig, split: str, index: int) -> dict:
         "from_colour": None if before is None else before.colour,
         "from_shape": None if before is None else before.shape,
         "place": place,
+        "caption": describe(objects, config.size),
+        "target_caption": describe(after, config.size),
         "objects": [
             {"shape": o.shape, "colour": o.colour, "size": o.size, "box": _normalised(o.box, config.size)}
             for o in objects

@@ -11,8 +11,14 @@ Image struct {bytes, path} or plain binary):
   LLaVA-Instruct   llava_instruct_150k.json style: [{id, image, conversations: [{from, value}]}]
 and (tfds_builder.py) an ArrayRecord data set built with our TFDS builder.
 
-Every path may be local or gs:// (storage.py): parquet is read through file objects with
-range requests, JSONL / JSON whole, images when decoded (transforms.decode_image).
+Caption records (Task.CAPTION: image, caption, instruction, target caption, never a target
+image; the learnable-region method's data) come from three layouts:
+  parquet          columns image, caption, instruction, target_caption (`CAPTIONS`)
+  folder + JSONL   lines with "task": "caption" (`JsonlSource`)
+  webdataset tars  *.tar shards, per sample key an image and a .json (`TarCaptionSource`)
+
+Every path may be local or gs:// (storage.py): parquet and tar shards are read through file
+objects with range requests, JSONL / JSON whole, images when decoded (transforms.decode_image).
 
 A file with the wrong schema is refused up front with the missing fields named. A
 record whose content is bad (a null image, a broken file) is left for the pipeline to
@@ -29,7 +35,9 @@ import dataclasses
 import glob
 import json
 import os
+import tarfile
 import threading
+import warnings
 from typing import Sequence
 
 import numpy as np
@@ -46,12 +54,14 @@ class SchemaError(ValueError):
 class ParquetLayout:
     """Which parquet column holds each `EditRecord` field.
 
-    columns: record field → column name; optional: the fields a file may lack.
+    columns: record field → column name; optional: the fields a file may lack; task: the
+    records' task.
     """
 
     name: str
     columns: dict[str, str]
     optional: frozenset[str] = frozenset()
+    task: Task = Task.EDIT
 
 
 INSTRUCTPIX2PIX = ParquetLayout(
@@ -81,24 +91,31 @@ ULTRAEDIT = ParquetLayout(
     },
     optional=frozenset({"source_caption", "target_caption", "mask_image"}),
 )
+CAPTIONS = ParquetLayout(
+    "captions",
+    {"source_image": "image", "source_caption": "caption", "instruction": "instruction",
+     "target_caption": "target_caption"},
+    task=Task.CAPTION,
+)  # fmt: skip
 _IMAGE_FIELDS = ("source_image", "target_image", "mask_image")
 
 
-def _parquet_files(paths: str | Sequence[str]) -> list[str]:
-    """A directory (searched recursively), a glob pattern, a file, or a list of these → files."""
+def _data_files(paths: str | Sequence[str], suffix: str) -> list[str]:
+    """A directory (its files ending in `suffix`, searched recursively), a glob pattern, a
+    file, or a list of these → files."""
     found = []
     for path in [paths] if isinstance(paths, (str, os.PathLike)) else paths:
         path = os.fspath(path)
         if glob.has_magic(path):
             found += map(os.fspath, storage.glob(path))
         elif storage.as_path(path).is_dir():
-            found += map(os.fspath, storage.files(path, ".parquet"))
+            found += map(os.fspath, storage.files(path, suffix))
         elif storage.as_path(path).exists():
             found.append(os.fspath(storage.as_path(path)))
         else:
-            raise FileNotFoundError(f"parquet path {path!r} does not exist")
+            raise FileNotFoundError(f"{suffix[1:]} path {path!r} does not exist")
     if not found:
-        raise FileNotFoundError(f"no parquet files in {paths!r}")
+        raise FileNotFoundError(f"no {suffix[1:]} files in {paths!r}")
     return found
 
 
@@ -118,7 +135,7 @@ class ParquetSource:
     def __init__(self, paths, layout: ParquetLayout, *, name: str | None = None, cached_row_groups: int = 4):
         self.name = name or layout.name
         self.layout = layout
-        self._files = _parquet_files(paths)
+        self._files = _data_files(paths, ".parquet")
         self._cache_size = cached_row_groups
         self._groups = []  # (file index, row group, first row of the group in its file)
         starts = []
@@ -183,7 +200,7 @@ class ParquetSource:
         for field in _IMAGE_FIELDS:
             if field in values:
                 values[field] = _image_value(values[field], os.path.dirname(path))
-        return EditRecord(key=f"{os.path.basename(path)}#{first + row}", **values)
+        return EditRecord(key=f"{os.path.basename(path)}#{first + row}", task=self.layout.task, **values)
 
     def _row_group(self, k: int):
         with self._lock:
@@ -242,19 +259,30 @@ def ultraedit_source(paths, **kwargs) -> ParquetSource:
 
 
 _JSONL_FIELDS = {f.name for f in dataclasses.fields(EditRecord)} - {"key"}
+# What a JSONL line of each task needs besides source_image and instruction.
+_TASK_FIELDS = {
+    Task.EDIT: {"target_image"}, Task.VQA: {"answer"}, Task.SEGMENTATION: {"target_image"},
+    Task.CAPTION: {"source_caption", "target_caption"},
+}  # fmt: skip
 
 
 class JsonlSource:
     """A folder of images with `metadata.jsonl`: one JSON object per line with the
     `EditRecord` fields, image paths relative to the folder, `task` one of "edit",
-    "vqa", "segmentation" (default "edit"), `boxes` a list of normalised [x0, y0, x1, y1],
-    `mask_image` (optional) the edit region (white, or transparent, where to edit):
+    "vqa", "segmentation", "caption" (default "edit"), `boxes` a list of normalised
+    [x0, y0, x1, y1], `mask_image` (optional) the edit region (white, or transparent, where to edit):
 
         {"source_image": "images/0_src.png", "target_image": "images/0_tgt.png",
          "instruction": "make the left cup blue", "boxes": [[0.1, 0.2, 0.4, 0.6]],
          "mask_image": "images/0_mask.png"}
 
-    Raises SchemaError naming the line and its missing or unknown fields.
+    A caption line (learnable regions: trained without edit pairs) has source_caption and
+    target_caption and no target_image:
+
+        {"task": "caption", "source_image": "images/1.jpg", "source_caption": "a cup on a table",
+         "instruction": "make the cup blue", "target_caption": "a blue cup on a table"}
+
+    Raises SchemaError naming the line and its missing, unknown or forbidden fields.
     """
 
     def __init__(self, root: str, *, metadata: str = "metadata.jsonl", name: str | None = None):
@@ -282,10 +310,13 @@ class JsonlSource:
         task = entry.get("task", "edit")
         if task.upper() not in Task.__members__:
             raise SchemaError(f"{where}: task {task!r} is not one of {', '.join(t.lower() for t in Task.__members__)}")
-        required = {"source_image", "instruction", "answer" if task.upper() == "VQA" else "target_image"}
+        task = Task[task.upper()]
+        required = {"source_image", "instruction", *_TASK_FIELDS[task]}
         missing, unknown = sorted(required - entry.keys()), sorted(entry.keys() - _JSONL_FIELDS)
         problems = [f"missing field(s) {', '.join(missing)}"] if missing else []
         problems += [f"unknown field(s) {', '.join(unknown)}"] if unknown else []
+        if task == Task.CAPTION and entry.get("target_image") is not None:
+            problems.append("a caption line has no target_image (its method never reads one)")
         if problems:
             raise SchemaError(f"{where}: {'; '.join(problems)}")
 
@@ -305,6 +336,135 @@ class JsonlSource:
 
     def __repr__(self) -> str:
         return f"JsonlSource({self.name!r}, {len(self)} records)"
+
+
+_TAR_IMAGES = ("jpg", "jpeg", "png", "webp")  # a sample's image: the first of these it has
+_TAR_TEXTS = {"caption": "source_caption", "instruction": "instruction", "target_caption": "target_caption"}
+
+
+class TarCaptionSource:
+    """Caption records from webdataset-style tar shards (e.g. img2dataset's, with instructions
+    and target captions added to each sample's .json).
+
+    A shard's members are grouped into samples by key, webdataset's convention: the member's
+    path up to the first dot of its file name ("00/0123.jpg" and "00/0123.json" are sample
+    "00/0123"). A sample has an image (.jpg, .jpeg, .png or .webp: the first of these) and a
+    .json with "caption", "instruction" and "target_caption" (a .txt member is the caption
+    where the json has none); other members are ignored:
+
+        0123.jpg  0123.json  {"caption": "a cup on a table", "instruction": "make the cup blue",
+                              "target_caption": "a blue cup on a table"}
+
+    Args:
+      paths: a directory (all *.tar below it, sorted), a glob, a shard or a list; local or gs://.
+      name: the source's name in metrics and messages.
+
+    Each shard is read once here, in one sequential pass (its member headers, its .json and
+    .txt members); a record's members are then read by offset. A sample without an image or without the three texts is
+    left out and counted (`incomplete`, with a warning naming the first ones): at LAION scale
+    a few broken samples should not stop a run. A shard without one complete sample is in
+    another layout: SchemaError naming the shard, its first key and what that sample lacks.
+    Every read opens its own file object: thread-safe, and nothing open to pickle for grain's
+    worker processes.
+    """
+
+    def __init__(self, paths, *, name: str = "wds"):
+        self.name = name
+        self._shards = _data_files(paths, ".tar")
+        self.incomplete = 0
+        shard_of, spans, keys, reported = [], [], [], []
+        for i, shard in enumerate(self._shards):
+            complete, first_problem = 0, None
+            with storage.as_path(shard).open("rb") as file:
+                samples = _tar_samples(file, shard)
+            for key, members in samples.items():
+                image = next((members[e][:2] for e in _TAR_IMAGES if e in members), None)
+                try:
+                    if image is None:
+                        raise SchemaError(f"no image (.{', .'.join(_TAR_IMAGES)})")
+                    _tar_texts(*(members[e][2] if e in members else None for e in ("json", "txt")))
+                except SchemaError as problem:
+                    self.incomplete += 1
+                    first_problem = first_problem or f"sample {key}: {problem}"
+                    if len(reported) < 3:
+                        reported.append(f"{os.path.basename(shard)}#{key}: {problem}")
+                    continue
+                complete += 1
+                shard_of.append(i)
+                spans.append([image, members["json"][:2], members["txt"][:2] if "txt" in members else (-1, 0)])
+                keys.append(key.encode())
+            if not complete:  # another layout, not a few broken samples
+                texts, found = ", ".join(_TAR_TEXTS), first_problem or "no files"
+                raise SchemaError(f"{shard} has no sample with an image and the texts {texts} ({found})")
+        # arrays, not lists of tuples: millions of samples stay small and quick to pickle to workers
+        self._shard_of = np.asarray(shard_of, np.int32)
+        self._spans = np.asarray(spans, np.int64)  # [N, (image, json, txt), (offset, size)]; no txt: offset -1
+        self._keys = np.asarray(keys)
+        if self.incomplete:
+            more = "; …" if self.incomplete > len(reported) else ""
+            warnings.warn(f"{self.name}: left out {self.incomplete} of {self.incomplete + len(keys)} samples lacking "
+                          f"an image or a text: {'; '.join(reported)}{more}")  # fmt: skip
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def __getitem__(self, index: int) -> EditRecord:
+        if not 0 <= index < len(self):
+            raise IndexError(f"{self.name}: index {index} out of range [0, {len(self)})")
+        shard = self._shards[self._shard_of[index]]
+        image, meta, txt = self._spans[index].tolist()
+        with storage.as_path(shard).open("rb") as file:
+            source_image, meta = _read(file, *image), _read(file, *meta)
+            caption = _read(file, *txt) if txt[0] >= 0 else None
+        texts = _tar_texts(meta, caption)
+        key = f"{os.path.basename(shard)}#{self._keys[index].decode()}"
+        return EditRecord(key=key, source_image=source_image, task=Task.CAPTION, **texts)
+
+    def __repr__(self) -> str:
+        return f"TarCaptionSource({self.name!r}, {len(self._shards)} shards, {len(self)} samples)"
+
+
+def _tar_samples(file, shard: str) -> dict[str, dict[str, tuple[int, int, bytes | None]]]:
+    """{sample key: {extension, lower case: (offset, size, data)}} of a tar's files; the data of
+    .json and .txt members only, read as the scan passes them (a shard in a bucket is read once,
+    front to back, not sought back and forth)."""
+    samples = {}
+    try:
+        with tarfile.open(fileobj=file, mode="r:") as archive:
+            for member in archive:
+                directory, _, base = member.name.rpartition("/")
+                stem, dot, extension = base.partition(".")
+                if member.isfile() and dot:
+                    key, extension = f"{directory}/{stem}" if directory else stem, extension.lower()
+                    data = archive.extractfile(member).read() if extension in ("json", "txt") else None
+                    samples.setdefault(key, {})[extension] = (member.offset_data, member.size, data)
+    except tarfile.TarError as error:
+        raise SchemaError(f"{shard} cannot be read as an uncompressed tar file ({error})") from None
+    return samples
+
+
+def _tar_texts(meta: bytes | None, caption: bytes | None) -> dict[str, str]:
+    """A sample's texts as record fields, from its .json (and its .txt: the caption where the
+    json has none); SchemaError saying what is missing."""
+    if meta is None:
+        raise SchemaError("no .json")
+    try:
+        values = json.loads(meta)
+    except ValueError as error:
+        raise SchemaError(f"its .json is not JSON ({error})") from None
+    if not isinstance(values, dict):
+        raise SchemaError(f"its .json holds a {type(values).__name__}, not an object")
+    if not values.get("caption") and caption is not None:
+        values["caption"] = caption.decode("utf-8", "replace").strip()
+    missing = [name for name in _TAR_TEXTS if not isinstance(values.get(name), str) or not values[name].strip()]
+    if missing:
+        raise SchemaError(f"no {', '.join(missing)}")
+    return {field: values[name] for name, field in _TAR_TEXTS.items()}
+
+
+def _read(file, offset: int, size: int) -> bytes:
+    file.seek(offset)
+    return file.read(size)
 
 
 class LlavaVQASource:
@@ -361,22 +521,27 @@ class LlavaVQASource:
         return f"LlavaVQASource({self.name!r}, {len(self)} turns)"
 
 
-SOURCE_KINDS = ("instructpix2pix", "magicbrush", "ultraedit", "jsonl", "llava", "tfds")
+SOURCE_KINDS = ("instructpix2pix", "magicbrush", "ultraedit", "captions", "jsonl", "wds", "llava", "tfds")
+CAPTION_KINDS = ("captions", "wds")  # their records are all Task.CAPTION
 
 
 def open_source(kind: str, path: str, *, split: str = "train", image_root: str | None = None,
                 name: str | None = None):  # fmt: skip
     """A source named by kind, as command lines and configs give it.
 
-    path: the parquet directory / glob / file (instructpix2pix, magicbrush, ultraedit), the
-    folder holding metadata.jsonl (jsonl), the conversations JSON (llava, whose images lie
-    under image_root), or a `build_triplets` data set directory (tfds, read at `split`).
+    path: the parquet directory / glob / file (instructpix2pix, magicbrush, ultraedit, captions),
+    the folder holding metadata.jsonl (jsonl), the tar shards' directory / glob / file (wds), the
+    conversations JSON (llava, whose images lie under image_root), or a `build_triplets` data
+    set directory (tfds, read at `split`). captions and wds yield caption records.
     """
-    parquet = {"instructpix2pix": INSTRUCTPIX2PIX, "magicbrush": MAGICBRUSH, "ultraedit": ULTRAEDIT}
+    parquet = {"instructpix2pix": INSTRUCTPIX2PIX, "magicbrush": MAGICBRUSH, "ultraedit": ULTRAEDIT,
+               "captions": CAPTIONS}  # fmt: skip
     if kind in parquet:
         return ParquetSource(path, parquet[kind], name=name)
     if kind == "jsonl":
         return JsonlSource(path, name=name)
+    if kind == "wds":
+        return TarCaptionSource(path, **({"name": name} if name else {}))
     if kind == "llava":
         if image_root is None:
             raise ValueError("a llava source needs the folder of its images (image_root)")

@@ -184,6 +184,10 @@ def vlm_text_fields(tokenizer, template: VLMTemplate, *, captions: bool = False)
 class EditTransform:
     """Record → example, and examples → batch.
 
+    The example has `target` for edits and segmentations, zeros for VQA, and none for a
+    caption record (the learnable-region method never sees a target image), so caption
+    examples batch only with caption examples.
+
     resolution: side of the square source / target images.
     vlm_resolution: if set, the example also has `vlm_source`, the same crop at this side.
     texts: the `TextField`s to tokenise.
@@ -214,15 +218,16 @@ class EditTransform:
         min_side = math.ceil(max(self.resolution, self.vlm_resolution or 0) / self.min_crop_scale)
         source = decode_image(record.source_image, f"{record.key}: source image", min_side)
         target = None
-        if record.task != Task.VQA:
+        if record.task not in (Task.VQA, Task.CAPTION):
             target = decode_image(record.target_image, f"{record.key}: target image", min_side)
         window = crop_window(*source.size, rng if self.random_crop else None, min_scale=self.min_crop_scale)
         boxes = crop_boxes(record.boxes if record.boxes is not None else np.zeros((0, 4), np.float32), window)
         texts = {field.source: getattr(record, field.source) for field in self.texts}
         example = {"source": crop_resize(source, window, self.resolution)}
-        example["target"] = (
-            crop_resize(target, window, self.resolution) if target is not None else np.zeros_like(example["source"])
-        )
+        if target is not None:
+            example["target"] = crop_resize(target, window, self.resolution)
+        elif record.task == Task.VQA:  # zeros, so VQA batches with edits; a caption example has no target at all
+            example["target"] = np.zeros_like(example["source"])
         if self.vlm_resolution:
             example["vlm_source"] = crop_resize(source, window, self.vlm_resolution)
         if self.mask:
@@ -267,6 +272,15 @@ class EditTransform:
         """Stacks examples; `boxes` → float32[B, R, 4] + `box_mask` bool[B, R] and each
         `<name>_ids` → int32[B, T] + `<name>_mask` bool[B, T], R and T the smallest
         buckets that fit."""
+        keys = examples[0].keys()
+        for example in examples:
+            if example.keys() != keys:
+                tasks = sorted({Task(int(e["task"])).name.lower() for e in examples})
+                raise ValueError(
+                    f"a batch mixes examples with and without {', '.join(sorted(keys ^ example.keys()))} "
+                    f"(tasks {', '.join(tasks)}): caption records have no target image, so caption sources "
+                    "cannot share a training mixture with edit, segmentation or VQA sources"
+                )
         batch = {}
         for key in examples[0]:
             rows = [example[key] for example in examples]
