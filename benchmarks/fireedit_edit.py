@@ -23,7 +23,6 @@ import numpy as np
 from fireedit_jax.convert.fireedit import bridge_configs
 from fireedit_jax.convert.reference import EDIT_WORDS, word_tokenizer
 from fireedit_jax.data.tokenizer import NEW_TOKENS, add_new_tokens
-from fireedit_jax.diffusion.edit_loop import stack_branches
 from fireedit_jax.diffusion.schedules import SchedulerConfig
 from fireedit_jax.models.clip import CLIPVisionConfig
 from fireedit_jax.models.dinov2 import DINOv2Config
@@ -83,11 +82,8 @@ def main() -> None:
     pixels = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (1, args.size, args.size, 3)), jnp.float32)
     boxes = [np.array([[0.1, 0.2, 0.4, 0.6], [0.5, 0.5, 0.9, 0.9]])]
     inputs = editor.text_inputs(["make the left cup blue"], boxes)
-    image_latents = editor._encode_image(params, pixels)
-
-    condition_first, condition = median_seconds(lambda: editor._condition(params, pixels, *inputs)[0], args.repeats)
-    cond, _ = editor._condition(params, pixels, *inputs)
-    cond = stack_branches(*model.branches(params, cond))
+    condition_first, condition = median_seconds(lambda: editor._edit_inputs(params, pixels, inputs)[1], args.repeats)
+    image_latents, cond, _ = editor._edit_inputs(params, pixels, inputs)
     from fireedit_jax.diffusion.samplers import make_sampler
 
     sampler = make_sampler("euler_ancestral", editor.scheduler_config, args.steps)
@@ -96,7 +92,7 @@ def main() -> None:
         lambda: editor.edit_arrays(pixels, ["make the left cup blue"], boxes=boxes, steps=args.steps), args.repeats
     )
     print(f"FireEdit (reduced) edit at {args.size}x{args.size}, {args.steps} Euler-ancestral steps, float32, CPU")
-    print(f"  conditioning (VLM + Q-Former + HVCA, once)  {condition:7.3f} s   (first call {condition_first:.1f} s)")
+    print(f"  conditioning (VLM, Q-Former, HVCA, latents) {condition:7.3f} s   (first call {condition_first:.1f} s)")
     print(f"  denoising per step (TATI + 3-branch UNet)    {loop / args.steps:7.3f} s   "
           f"({args.steps} steps {loop:.2f} s; first call {loop_first:.1f} s)")  # fmt: skip
     print(f"  whole edit (incl. VAE encode/decode)         {total:7.3f} s")

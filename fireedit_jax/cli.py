@@ -1,9 +1,29 @@
-"""`fireedit-jax` command line: convert, edit, info, propose, eval, shapes, demo, serve."""
+"""`fireedit-jax` command line: convert, edit, info, propose, eval, shapes, demo, serve.
+
+On Linux with glibc the command re-executes itself once with GLIBC_TUNABLES=glibc.malloc.hugetlb=1:
+XLA:CPU allocates each step's buffers afresh, and with 4 KiB pages the kernel faults in every page
+of them every step (90,000 faults per step of the demo, a quarter of its CPU time in the kernel);
+transparent huge pages take that to about 400 and the demo's step from 0.44 to 0.37 s
+(BENCHMARKS.md). FIREEDIT_JAX_HUGE_PAGES=0 turns this off.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
+import platform
 import sys
+
+HUGE_PAGES = "glibc.malloc.hugetlb=1"
+
+
+def with_huge_pages(env) -> dict | None:
+    """`env` with glibc's malloc asking for transparent huge pages (see the module docstring), or
+    None where that does not apply: not glibc, already set, or FIREEDIT_JAX_HUGE_PAGES=0."""
+    tunables = env.get("GLIBC_TUNABLES", "")
+    if platform.libc_ver()[0] != "glibc" or "glibc.malloc.hugetlb" in tunables or env.get("FIREEDIT_JAX_HUGE_PAGES") == "0":
+        return None
+    return {**env, "GLIBC_TUNABLES": f"{tunables}:{HUGE_PAGES}" if tunables else HUGE_PAGES}
 
 
 def _convert_ip2p(args) -> int:
@@ -84,11 +104,17 @@ def _shapes(args) -> int:
 
 
 def _demo(args) -> int:
-    from fireedit_jax.demo import run_demo
+    from fireedit_jax.demo import run_demo, run_region_demo
 
     out = args.out or ("outputs/demo" if args.method == "fireedit" else f"outputs/demo_{args.method}")
-    run_demo(out, method=args.method, fresh=args.fresh, steps=args.steps, batch_size=args.batch_size, samples=args.samples,
-             edit_steps=args.edit_steps, guidance=(args.image_guidance, args.text_guidance))  # fmt: skip
+    common = dict(fresh=args.fresh, steps=args.steps, batch_size=args.batch_size, samples=args.samples,
+                  edit_steps=args.edit_steps, guidance=(args.image_guidance, args.text_guidance), seed=args.seed)
+    if args.method == "region":
+        run_region_demo(out, generator=args.generator, **common)
+    else:
+        if args.generator:
+            raise ValueError("--generator is for --method region")
+        run_demo(out, method=args.method, **common)
     return 0
 
 
@@ -115,7 +141,10 @@ def _add_generation_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _edit(args) -> int:
-    from fireedit_jax import storage
+    import numpy as np
+    from PIL import Image
+
+    from fireedit_jax import images, storage
     from fireedit_jax.pipeline import Editor
 
     instructions = args.instruction or []
@@ -127,10 +156,14 @@ def _edit(args) -> int:
         raise ValueError("--image needs --instruction (repeat it to edit in several turns)")
     if args.boxes and not (args.image and len(instructions) == 1):
         raise ValueError('--boxes is for one single-turn edit; a --jsonl line takes its own "boxes"')
-    if (args.mask or args.mask_box) and not (args.image and len(instructions) == 1):
-        raise ValueError("--mask / --mask-box are for one single-turn edit of --image")
+    if (args.mask or args.mask_box or args.mask_from) and not (args.image and len(instructions) == 1):
+        raise ValueError("--mask / --mask-box / --mask-from are for one single-turn edit of --image")
+    if args.mask_from and (args.mask or args.mask_box):
+        raise ValueError("--mask-from predicts the mask: drop --mask / --mask-box")
     editor = Editor.from_pretrained(args.checkpoint, dtype=args.dtype)
-    editor.check_method(args.method, bool(args.mask or args.mask_box))
+    method = editor.check_method(args.method, bool(args.mask or args.mask_box or args.mask_from))
+    if args.save_mask and not (args.mask_from or method == "region"):
+        raise ValueError("--save-mask writes a predicted mask: it needs --method region or --mask-from")
     if args.images or args.jsonl:
         from fireedit_jax.eval.batch_edit import edit_folder, edit_jsonl
 
@@ -160,11 +193,21 @@ def _edit(args) -> int:
 
         boxes = propose(args.proposer, [args.image])[0]
     mask_box = _parse_box(args.mask_box) if args.mask_box else None
+    mask = args.mask
+    if args.mask_from or method == "region":  # the predicted region: a mask-guided edit under it
+        predictor = Editor.from_pretrained(args.mask_from, dtype=args.dtype) if args.mask_from else editor
+        mask, method = predictor.predict_regions([args.image], instructions)[0], "mask"
+        if args.save_mask:
+            storage.save_image(Image.fromarray(mask.astype(np.uint8) * 255), args.save_mask)
+            print(f"wrote the predicted mask to {args.save_mask}")
+        if not mask.any():  # nothing to edit (warned): the source as it is
+            storage.save_image(images.load_image(args.image), args.out)
+            print(f"wrote {args.out} (unchanged)")
+            return 0
     out = editor.edit(
         args.image, instructions[0], steps=args.steps, image_guidance=args.image_guidance,
         text_guidance=args.text_guidance, seed=args.seed, scheduler=args.scheduler, boxes=boxes,
-        mask=args.mask, mask_box=mask_box, mask_dilation=args.mask_dilate, mask_feather=args.mask_feather,
-        method=args.method,
+        mask=mask, mask_box=mask_box, mask_dilation=args.mask_dilate, mask_feather=args.mask_feather, method=method,
     )  # fmt: skip
     storage.save_image(out, args.out)
     print(f"wrote {args.out}")
@@ -228,6 +271,11 @@ def _edit_parser(commands) -> None:
                            "warning if its size differs): outside it the image is kept")  # fmt: skip
     edit.add_argument("--mask-box", default=None, metavar="X0,Y0,X1,Y1",
                       help="the region to edit as a normalised box, instead of --mask")
+    edit.add_argument("--mask-from", default=None, metavar="CKPT",
+                      help="a checkpoint with a region model (learnt edit regions): its predicted mask is the edit's "
+                           "mask, e.g. for a FireEdit or InstructPix2Pix --checkpoint")  # fmt: skip
+    edit.add_argument("--save-mask", default=None, metavar="PNG",
+                      help="write the predicted mask (--method region or --mask-from; white = edited)")
     _add_mask_softening(edit)
     edit.add_argument("--batch-size", type=int, default=None,
                       help="edits per batch with --images/--jsonl, rounded up to a multiple of the local "
@@ -354,13 +402,19 @@ def build_parser() -> argparse.ArgumentParser:
     from fireedit_jax.demo import GUIDANCE, STEPS  # numpy and PIL only
 
     demo = commands.add_parser("demo", help="the end-to-end demo (writes outputs/demo/)")
-    demo.add_argument("--method", choices=("fireedit", "mask"), default="fireedit",
+    demo.add_argument("--method", choices=("fireedit", "mask", "region"), default="fireedit",
                       help="fireedit: configs/shapes.py's FireEdit; mask: configs/shapes_mask.py's mask-guided "
-                           "editor, edited under the exact masks (default fireedit)")  # fmt: skip
-    demo.add_argument("--out", default=None, help="output directory (default outputs/demo, outputs/demo_mask)")
+                           "editor, edited under the exact masks; region: learnt edit regions (configs/shapes_region.py:"
+                           " a mask-guided generator, then CLIP and the region model on captions alone) (default fireedit)")  # fmt: skip
+    demo.add_argument("--out", default=None,
+                      help="output directory (default outputs/demo, outputs/demo_mask, outputs/demo_region)")
+    demo.add_argument("--generator", default=None, metavar="CKPT",
+                      help="--method region: an exported mask-guided checkpoint to use as the generator (e.g. "
+                           "outputs/demo_mask/checkpoint) instead of training one")  # fmt: skip
     demo.add_argument("--fresh", action="store_true", help="retrain from scratch instead of reusing OUT/train")
     demo.add_argument("--steps", type=int, default=STEPS, help=f"training steps (default {STEPS})")
     demo.add_argument("--batch-size", type=int, default=16)
+    demo.add_argument("--seed", type=int, default=0, help="the run's seed: init, data order, noise (default 0)")
     demo.add_argument("--samples", type=int, default=64, help="test scenes edited and scored")
     demo.add_argument("--edit-steps", type=int, default=20, help="denoising steps per edit")
     demo.add_argument("--image-guidance", type=float, default=GUIDANCE[0], help=f"s_I (default {GUIDANCE[0]})")
@@ -388,5 +442,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def run_command() -> int:
+    """The `fireedit-jax` program: re-executed once with huge pages (module docstring), then `main`."""
+    env = with_huge_pages(os.environ)
+    if env is not None:
+        os.execve(sys.executable, [sys.executable, "-m", "fireedit_jax.cli", *sys.argv[1:]], env)
+    return main()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command())

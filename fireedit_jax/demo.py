@@ -14,6 +14,8 @@ OUT (default outputs/demo):
   checkpoint/   the exported inference checkpoint: `fireedit-jax edit --checkpoint OUT/checkpoint`
   edits.png     rows: input · instruction · output · target (test samples)
   metrics.json  per model: overall, per edit kind and per referring type; the run's figures
+                (the same for the same seed on the same machine: no times in it)
+  timings.json  the seconds each phase of this run took (also printed at the end)
 
 A re-run resumes / reuses OUT/train (training only continues up to --steps) unless --fresh.
 """
@@ -83,11 +85,14 @@ def masked(config) -> bool:
 
 
 def edit_samples(editor, samples, *, steps: int, batch_size: int, guidance: tuple[float, float] = GUIDANCE,
-                 seed: int = 0, desc: str = "editing") -> np.ndarray:  # fmt: skip
-    """uint8[N, S, S, 3]: the editor's outputs for the samples' sources, instructions and boxes (and
-    their exact edit masks, for a mask-guided checkpoint); guidance: (s_I, s_T)."""
+                 seed: int = 0, desc: str = "editing", masks: np.ndarray | None = None) -> np.ndarray:  # fmt: skip
+    """uint8[N, S, S, 3]: the editor's outputs for the samples' sources, instructions and boxes;
+    guidance: (s_I, s_T). masks: bool[N, S, S] to edit under (default: the samples' exact edit masks
+    for a mask-guided checkpoint, none otherwise)."""
     from tqdm.auto import tqdm
 
+    if masks is None and masked(editor.config):
+        masks = np.stack([s["mask"] for s in samples])
     outputs = []
     batches = range(0, len(samples), batch_size)
     with tqdm(total=len(batches) * steps, desc=desc, unit="step", dynamic_ncols=True) as bar:
@@ -95,8 +100,8 @@ def edit_samples(editor, samples, *, steps: int, batch_size: int, guidance: tupl
             chunk = samples[start : start + batch_size]
             pixels = np.stack([s["source"] for s in chunk]).astype(np.float32) / 127.5 - 1.0
             boxes = [s["boxes"] for s in chunk] if editor.model.conditioner == "vlm" else None
-            masks = np.stack([s["mask"] for s in chunk]).astype(np.float32) if masked(editor.config) else None
-            edited = editor.edit_arrays(pixels, [s["instruction"] for s in chunk], boxes=boxes, masks=masks, steps=steps,
+            chunk_masks = None if masks is None else masks[start : start + batch_size].astype(np.float32)
+            edited = editor.edit_arrays(pixels, [s["instruction"] for s in chunk], boxes=boxes, masks=chunk_masks, steps=steps,
                                         image_guidance=guidance[0], text_guidance=guidance[1], seed=seed,
                                         progress=lambda _: bar.update(1))  # fmt: skip
             outputs.append(np.clip((np.asarray(edited) + 1.0) * 127.5 + 0.5, 0, 255).astype(np.uint8))
@@ -111,10 +116,56 @@ def score(outputs, samples) -> dict:
 
 
 def untrained_params(config):
-    """The run's parameters at step 0 (its init compiled as in training: the compilation cache serves it)."""
+    """The run's parameters at step 0 as host arrays, as `Editor.from_pretrained` holds the trained
+    ones: the edit program compiled for those serves these too (the init's compilation comes from the
+    compilation cache)."""
+    import jax
+
     from fireedit_jax.train.step import Trainer
 
-    return Trainer.from_config(config).init_state()["params"]
+    return jax.device_get(Trainer.from_config(config).init_state()["params"])
+
+
+# Seconds of an edit pass per second of a train step, and of the edit program's compilation per
+# second of the step's, both measured here (2-core CPU, the demo's sizes): the estimate's editing part.
+EDIT_STEP_PER_TRAIN_STEP, EDIT_COMPILE_PER_TRAIN_COMPILE = 0.4, 0.25
+
+
+class Clock:
+    """The seconds each phase took, and the estimate printed once training's step time is known."""
+
+    def __init__(self, train_steps: int, edit_steps: int):
+        self.start = time.perf_counter()
+        self.train_steps, self.edit_steps = train_steps, edit_steps
+        self.phases: dict[str, float] = {}
+        self._mark = self.start
+        self._estimated = False
+
+    def phase(self, name: str) -> None:
+        """Ends the phase `name` (it began where the previous one ended)."""
+        now = time.perf_counter()
+        self.phases[name] = round(now - self._mark, 1)
+        self._mark = now
+
+    def on_log(self, step: int, values: dict) -> None:
+        """train_and_evaluate's hook: the first step time measured gives the estimate."""
+        if self._estimated or "step_time" not in values:
+            return
+        self._estimated = True
+        elapsed = time.perf_counter() - self.start
+        training = (self.train_steps - step) * values["step_time"]
+        compile_seconds = elapsed - step * values["step_time"]  # start-up and compilation so far
+        editing = 2 * (self.edit_steps * EDIT_STEP_PER_TRAIN_STEP * values["step_time"]
+                       + EDIT_COMPILE_PER_TRAIN_COMPILE * compile_seconds)  # fmt: skip
+        total = elapsed + training + editing
+        print(f"\n  estimate: about {total / 60:.0f} min in all ({elapsed:.0f} s so far, training "
+              f"{training / 60:.1f} min more at {values['step_time']:.2f} s per step, editing ~{editing / 60:.1f} min)",
+              flush=True)  # fmt: skip
+
+    def summary(self) -> str:
+        total = time.perf_counter() - self.start
+        parts = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in self.phases.items())
+        return f"took {total / 60:.1f} min ({total:.0f} s): {parts}"
 
 
 def edits_grid(samples, outputs, rows: int = ROWS_SHOWN, zoom: int = ZOOM) -> Image.Image:
@@ -160,6 +211,7 @@ def run_demo(
 ) -> dict:
     """Trains (or reuses) the demo model of `method` (METHOD_VARIANTS), edits `samples` test scenes,
     writes OUT; returns metrics.json's content."""
+    clock = Clock(steps, edit_steps * -(-samples // batch_size))
     from fireedit_jax.pipeline import Editor
     from fireedit_jax.train import checkpoints as ckpt_lib
     from fireedit_jax.train.run import train_and_evaluate
@@ -172,37 +224,178 @@ def run_demo(
     config = demo_config(steps, batch_size, METHOD_VARIANTS[method], seed=seed)
     what = "a tiny FireEdit" if method == "fireedit" else "a tiny mask-guided editor (PromptEditDiff)"
     told = " under their exact masks" if masked(config) else ""
-    print(f"fireedit-jax demo: {what} trained from scratch on ShapeEdit ({steps} steps of {batch_size}),")
+    print(f"fireedit-jax demo: {what} trained from scratch on ShapeEdit ({steps} steps of {batch_size}, seed {seed}),")
     print(f"then {samples} test edits{told} scored against exact targets. Output: {out_dir}/")
     found = ckpt_lib.find_training_checkpoint(workdir) if os.path.isdir(workdir) else None
     if found is not None:
         print(f"  reusing the training run in {workdir} (step {found[1]}; pass --fresh to retrain)")
-    start = time.perf_counter()
-    result = train_and_evaluate(config, workdir)
-    train_seconds = time.perf_counter() - start
+    clock.phase("start-up")
+    result = train_and_evaluate(config, workdir, on_log=clock.on_log)
+    clock.phase("training")
     ckpt_lib.export(workdir, export_dir)
     editor = Editor.from_pretrained(export_dir)
+    clock.phase("export")
 
     tests = test_samples(config, samples)
     edit = dict(steps=edit_steps, batch_size=batch_size, guidance=guidance)
     outputs = {"trained": edit_samples(editor, tests, **edit, desc="editing (trained)")}
+    clock.phase("editing (trained)")
     editor.params = untrained_params(config)
     outputs["untrained"] = edit_samples(editor, tests, **edit, desc="editing (untrained)")
+    clock.phase("editing (untrained)")
     outputs["copy_input"] = np.stack([s["source"] for s in tests])
     results = {name: score(outputs[name], tests) for name in MODELS}
 
     edits_grid(tests, outputs["trained"]).save(os.path.join(out_dir, "edits.png"))
+    timing_keys = ("step_time", "examples_per_second", "tflops_per_device")
     summary = {
-        "split": "test", "samples": samples, "edit_steps": edit_steps, "guidance": list(guidance),
-        "train_steps": result.step,
-        "batch_size": batch_size, "train_seconds_this_run": round(train_seconds, 1),
-        "final_train_metrics": result.metrics, "checkpoint": export_dir, "models": results,
+        "split": "test", "samples": samples, "edit_steps": edit_steps, "guidance": list(guidance), "seed": seed,
+        "train_steps": result.step, "batch_size": batch_size,
+        "final_train_metrics": {k: v for k, v in result.metrics.items() if k not in timing_keys},
+        "checkpoint": export_dir, "models": results,
     }  # fmt: skip
     with open(os.path.join(out_dir, "metrics.json"), "w") as f:
         json.dump(summary, f, indent=1)
+    clock.phase("scoring")
+    timings = {"seconds": clock.phases, "final_train_metrics": {k: result.metrics[k] for k in timing_keys
+                                                                if k in result.metrics}}  # fmt: skip
+    with open(os.path.join(out_dir, "timings.json"), "w") as f:
+        json.dump(timings, f, indent=1)
     print(table(results))
+    print(f"the demo {clock.summary()}")
     settings = f"--steps {edit_steps} --image-guidance {guidance[0]} --text-guidance {guidance[1]}"
     print(f"wrote {out_dir}/edits.png and {out_dir}/metrics.json; edit with\n"
           f"  fireedit-jax edit --checkpoint {export_dir} {settings} --image IMAGE --instruction 'make the red circle blue'\n"
           f"or in a web page:\n  fireedit-jax serve --checkpoint {export_dir} {settings}")  # fmt: skip
+    return summary
+
+
+REGION_CONFIG = os.path.join(CONFIGS, "shapes_region.py")
+REGION_SPLITS = ("test", "heldout")
+
+
+def region_config(variant: str, seed: int):
+    """configs/shapes_region.py's `variant` ("clip" for the CLIP stage) with the run's seed."""
+    from fireedit_jax.train.run import load_config
+
+    config = load_config(f"{REGION_CONFIG}:{variant}")
+    config.seed = seed
+    return config
+
+
+def train_region_model(out_dir: str, *, generator: str, variant: str = "region", seed: int = 0,
+                       clip_run: str | None = None) -> str:  # fmt: skip
+    """The CLIP stage (in OUT/clip, unless `clip_run` gives one) then the region stage (OUT/train)
+    from the exported mask-guided `generator`; exports OUT/checkpoint and returns it."""
+    from fireedit_jax.train import checkpoints as ckpt_lib
+    from fireedit_jax.train.run import train_and_evaluate
+
+    if clip_run is None:
+        clip_run = os.path.join(out_dir, "clip")
+        print(f"CLIP on ShapeEdit's scene captions (contrastive) in {clip_run}")
+        train_and_evaluate(region_config("clip", seed), clip_run, init=generator)
+    workdir, export_dir = os.path.join(out_dir, "train"), os.path.join(out_dir, "checkpoint")
+    print(f"the region model ({variant}) on captions, generator and CLIP frozen, in {workdir}")
+    train_and_evaluate(region_config(variant, seed), workdir, init=clip_run)
+    ckpt_lib.export(workdir, export_dir)
+    return export_dir
+
+
+def evaluate_regions(editor, config, count: int, *, steps: int, batch_size: int,
+                     guidance: tuple[float, float] = GUIDANCE) -> dict:  # fmt: skip
+    """Per split (REGION_SPLITS): the predicted regions' IoU with the edit boxes (all, by referring
+    type, and "position/size": the references that need the scene's layout), and the mask-guided
+    edits under the predicted and under the exact masks, scored (`score`)."""
+    from fireedit_jax.eval import shapes_metrics
+
+    results = {}
+    for split in REGION_SPLITS:
+        tests = test_samples(config, count, split)
+        pixels = np.stack([s["source"] for s in tests]).astype(np.float32) / 127.5 - 1.0
+        predicted = np.concatenate([editor.region_mask_arrays(pixels[i : i + batch_size],
+                                                              [s["instruction"] for s in tests[i : i + batch_size]])
+                                    for i in range(0, count, batch_size)])  # fmt: skip
+        iou = shapes_metrics.region_iou(predicted, tests)
+        by_refer = {r: float(np.mean([v for v, s in zip(iou, tests) if s["refer"] == r]))
+                    for r in sorted({s["refer"] for s in tests})}  # fmt: skip
+        layout = [v for v, s in zip(iou, tests) if s["refer"] in ("position", "size")]
+        edit = dict(steps=steps, batch_size=batch_size, guidance=guidance)
+        results[split] = {
+            "iou": float(np.mean(iou)), "iou_position_size": float(np.mean(layout)) if layout else None,
+            "iou_by_refer": by_refer, "region_area": float(np.mean(predicted)),
+            "region_edit": score(edit_samples(editor, tests, masks=predicted, desc=f"editing ({split}, predicted)",
+                                              **edit), tests),
+            "exact_mask_edit": score(edit_samples(editor, tests, masks=np.stack([s["mask"] for s in tests]),
+                                                  desc=f"editing ({split}, exact masks)", **edit), tests),
+        }  # fmt: skip
+    return results
+
+
+def region_table(results: dict) -> str:
+    lines = [f"{'split':8s} {'IoU':>6s} {'IoU pos/size':>12s} {'area':>6s} {'specific (predicted)':>21s} "
+             f"{'specific (exact mask)':>22s}"]
+    for split, r in results.items():
+        layout = "–" if r["iou_position_size"] is None else f"{r['iou_position_size']:.3f}"
+        lines.append(f"{split:8s} {r['iou']:6.3f} {layout:>12s} {r['region_area']:6.3f} "
+                     f"{r['region_edit']['overall']['specific']:21.3f} {r['exact_mask_edit']['overall']['specific']:22.3f}")
+    return "\n".join(lines)
+
+
+def run_region_demo(
+    out_dir: str = "outputs/demo_region",
+    *,
+    fresh: bool = False,
+    steps: int = STEPS,
+    batch_size: int = 16,
+    samples: int = 64,
+    edit_steps: int = 20,
+    guidance: tuple[float, float] = GUIDANCE,
+    seed: int = 0,
+    generator: str | None = None,
+) -> dict:
+    """Learnt edit regions (Beyond Editing Pairs) on ShapeEdit: the mask-guided generator (trained
+    here as `--method mask` trains it, or `generator`, an exported one), the region's CLIP and the
+    region model, trained on captions alone; then `evaluate_regions` on the test and held-out splits.
+    Writes OUT/metrics.json, OUT/timings.json and OUT/regions.png (input · instruction · predicted
+    region · edit); returns metrics.json's content."""
+    from fireedit_jax.pipeline import Editor
+    from fireedit_jax.train import checkpoints as ckpt_lib
+    from fireedit_jax.train.run import train_and_evaluate
+
+    clock = Clock(steps, 0)
+    if fresh and os.path.isdir(out_dir):
+        shutil.rmtree(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    use_compilation_cache(out_dir)
+    print(f"fireedit-jax demo: learnt edit regions (Beyond Editing Pairs) on ShapeEdit, seed {seed}: a mask-guided\n"
+          f"generator, then CLIP and the region model trained on captions alone. Output: {out_dir}/")  # fmt: skip
+    if generator is None:
+        generator = os.path.join(out_dir, "generator", "checkpoint")
+        workdir = os.path.join(out_dir, "generator", "train")
+        print(f"the mask-guided generator on edit pairs ({steps} steps of {batch_size}) in {workdir}")
+        train_and_evaluate(demo_config(steps, batch_size, "mask", seed=seed), workdir)
+        ckpt_lib.export(workdir, generator)
+    clock.phase("generator")
+    checkpoint = train_region_model(out_dir, generator=generator, seed=seed)
+    clock.phase("region model")
+    editor = Editor.from_pretrained(checkpoint)
+    results = evaluate_regions(editor, editor.config, samples, steps=edit_steps, batch_size=batch_size,
+                               guidance=guidance)  # fmt: skip
+    clock.phase("editing")
+    tests = test_samples(editor.config, ROWS_SHOWN)
+    pixels = np.stack([s["source"] for s in tests]).astype(np.float32) / 127.5 - 1.0
+    regions = editor.region_mask_arrays(pixels, [s["instruction"] for s in tests])
+    shown = np.where(regions[..., None], np.stack([s["source"] for s in tests]), 0).astype(np.uint8)
+    edited = edit_samples(editor, tests, masks=regions, steps=edit_steps, batch_size=batch_size, guidance=guidance,
+                          desc="editing (shown)")  # fmt: skip
+    edits_grid([dict(s, target=e) for s, e in zip(tests, edited)], shown).save(os.path.join(out_dir, "regions.png"))
+    summary = {"samples": samples, "edit_steps": edit_steps, "guidance": list(guidance), "seed": seed,
+               "generator": generator, "checkpoint": checkpoint, "splits": results}  # fmt: skip
+    with open(os.path.join(out_dir, "metrics.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    with open(os.path.join(out_dir, "timings.json"), "w") as f:
+        json.dump({"seconds": clock.phases}, f, indent=1)
+    print(region_table(results))
+    print(f"wrote {out_dir}/regions.png (input · instruction · the predicted region · the edit under it) and "
+          f"{out_dir}/metrics.json; the demo {clock.summary()}")
     return summary

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import warnings
@@ -16,7 +17,7 @@ from fireedit_jax import checkpoint, images
 from fireedit_jax.data import tokenizer as llm_tokenizer
 from fireedit_jax.data.proposals import validate_boxes
 from fireedit_jax.data.vlm_inputs import build_vlm_inputs
-from fireedit_jax.diffusion.edit_loop import make_edit_fn, stack_branches
+from fireedit_jax.diffusion.edit_loop import edit_inputs, make_edit_fn
 from fireedit_jax.diffusion.samplers import make_sampler
 from fireedit_jax.diffusion.schedules import SchedulerConfig
 from fireedit_jax.models.fireedit import EditModel, dataclass_from_dict
@@ -47,11 +48,10 @@ class Editor:
         if model.conditioner == "vlm":
             self.token_ids = llm_tokenizer.add_new_tokens(tokenizer, model.vlm.llm.vocab_size)
         self._edit = make_edit_fn(model.denoise)
-        self._condition = jax.jit(model.condition)
-        self._encode_image = jax.jit(model.encode_image)
-        self._image_condition = jax.jit(model.image_condition_latents)
-        self._latent_mask = jax.jit(model.latent_mask)
+        self._edit_inputs = jax.jit(functools.partial(edit_inputs, model))
         self._decode = jax.jit(model.decode)
+        if model.region is not None:
+            self._region_mask = jax.jit(model.region.region_mask)
 
     @property
     def size_multiple(self) -> int:
@@ -69,14 +69,15 @@ class Editor:
     @property
     def methods(self) -> tuple[str, ...]:
         """The edit methods this checkpoint serves: its conditioner's (ip2p or fireedit) unless it
-        is an inpainting UNet, and mask (masked sampling works with any UNet; trained with a mask
-        encoder, the UNet also reads the mask). region needs a region predictor (none yet)."""
-        if self.model.image_condition == "masked":
-            return ("mask",)
-        return ("fireedit" if self.model.conditioner == "vlm" else "ip2p", "mask")
+        is an inpainting UNet, mask (masked sampling works with any UNet; trained with a mask
+        encoder, the UNet also reads the mask) and, with a region model, region (the mask predicted)."""
+        own = () if self.model.image_condition == "masked" else ("fireedit" if self.model.conditioner == "vlm" else "ip2p",)
+        return (*own, "mask", *(("region",) if self.model.region is not None else ()))
 
     @property
     def default_method(self) -> str:
+        if self.model.region is not None:
+            return "region"
         return "mask" if self.model.mask_encoder is not None or self.model.image_condition == "masked" else self.methods[0]
 
     def check_method(self, method: str | None, has_mask: bool) -> str:
@@ -94,6 +95,8 @@ class Editor:
                              f"It serves: {', '.join(self.methods)}")  # fmt: skip
         if method == "mask" and not has_mask:
             raise ValueError("--method mask needs the region to edit: a mask image (--mask) or a box (--mask-box)")
+        if method == "region" and has_mask:
+            raise ValueError("--method region predicts where to edit: give no mask (or use --method mask)")
         return method
 
     @classmethod
@@ -152,12 +155,14 @@ class Editor:
         if mask is not None and mask_box is not None:
             raise ValueError("give a mask or a mask box, not both")
         has_mask = mask is not None or mask_box is not None
-        self.check_method(method, has_mask)
+        method = self.check_method(method, has_mask)
         loaded = [images.load_image(x) for x in image_list]
         masks = [None] * count
         if has_mask:
             masks = [images.load_mask(m, img.size, f"mask {i}") if m is not None else images.box_mask(b, img.size)
                      for i, (img, m, b) in enumerate(zip(loaded, mask_list, mask_boxes))]  # fmt: skip
+        elif method == "region":
+            masks, has_mask = self.predict_regions(loaded, instructions), True
         outputs: list[Image.Image | None] = [None] * len(loaded)
         # one batch per working size (images of one size share a compiled loop)
         groups: dict[tuple[int, int], list[int]] = {}
@@ -208,17 +213,9 @@ class Editor:
         if masks is None and self.model.image_condition == "masked":
             raise ValueError("this checkpoint is an inpainting UNet: every edit needs a mask (or a mask box)")
         sampler = make_sampler(scheduler or self.config.model.sampler, self.scheduler_config, steps)
-        blend, hard, latent_mask = None, None, None
-        if masks is not None:
-            soft = jnp.asarray(masks, jnp.float32)[..., None]
-            hard = (soft > 0).astype(jnp.float32)
-            latent_mask = self._latent_mask(hard)
-            if self.model.image_condition != "masked":  # an inpainting UNet sees the source itself (diffusers' rule)
-                source = self._encode_image(self.params, pixels) * self.model.vae.config.scaling_factor
-                blend = (self._latent_mask(soft), source)
-        image_latents = self._image_condition(self.params, pixels, hard)
-        cond, _ = self._condition(self.params, pixels, *self.text_inputs(instructions, boxes), mask=latent_mask)
-        cond = stack_branches(*self.model.branches(self.params, cond))
+        masks = None if masks is None else jnp.asarray(masks, jnp.float32)[..., None]
+        image_latents, cond, blend = self._edit_inputs(self.params, pixels, self.text_inputs(instructions, boxes),
+                                                       masks)  # fmt: skip
         h, w = pixels.shape[1] // factor, pixels.shape[2] // factor
         with _progress_bar(steps, progress) as on_step:
             latents = self._edit(
@@ -227,6 +224,39 @@ class Editor:
                 seed=seed, initial_noise=initial_noise, step_noise=step_noise, progress=on_step,
             )  # fmt: skip
         return self._decode(self.params, latents)
+
+    def predict_regions(self, images_in, instructions: Sequence[str]) -> list[np.ndarray]:
+        """Where the checkpoint's region model would edit: bool[H, W] per image, at its own size
+        (the patches predicted above the model's threshold). images_in: paths, PIL images or arrays."""
+        out = []
+        for image, text in zip(images_in, instructions):
+            image = images.load_image(image)
+            pixels = images.to_model_array(image, self.working_size(*image.size))[None]
+            predicted = self.region_mask_arrays(pixels, [text])[0]
+            if not predicted.any():
+                warnings.warn(f"the region model found nothing to edit for {text!r}: the image stays as it is")
+            resized = Image.fromarray(predicted.astype(np.uint8) * 255).resize(image.size, Image.NEAREST)
+            out.append(np.asarray(resized) > 127)
+        return out
+
+    def region_mask_arrays(self, pixels, instructions: Sequence[str]) -> np.ndarray:
+        """float[B, H, W, 3] in [-1, 1] → bool[B, H, W]: the region model's predicted masks."""
+        if self.model.region is None:
+            raise ValueError("this checkpoint has no region model (learnt edit regions): it cannot predict a mask")
+        check_vocabulary(self.tokenizer, instructions)
+        ids, mask = self.region_tokens(instructions)
+        return np.asarray(self._region_mask(self.params["region"], jnp.asarray(pixels, jnp.float32), ids, mask)) > 0.5
+
+    def region_tokens(self, instructions: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """The instructions as the region model's T5 reads them: (int32[B, T], bool[B, T] real tokens),
+        T = config.data.region_length (longer ones are truncated, keeping the end token)."""
+        length = int(self.config.data.get("region_length", 32))
+        rows = [self.tokenizer(text).input_ids for text in instructions]  # with the special tokens
+        ids, mask = np.zeros((len(rows), length), np.int32), np.zeros((len(rows), length), bool)
+        for i, row in enumerate(rows):
+            row = row if len(row) <= length else [*row[: length - 1], row[-1]]
+            ids[i, : len(row)], mask[i, : len(row)] = row, True
+        return ids, mask
 
     def text_inputs(self, instructions: Sequence[str], boxes=None) -> tuple:
         """The conditioner's inputs: (CLIP ids,) or ((input_ids, attention_mask), boxes, box_mask)."""

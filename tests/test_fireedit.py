@@ -61,8 +61,8 @@ def test_info_prints_trainable_counts_per_stage(fireedit_ckpt, capsys):
 def test_edit_with_and_without_boxes_runs_the_vlm_once_per_edit(fireedit_ckpt, tmp_path, capsys):
     editor = Editor.from_pretrained(str(fireedit_ckpt))
     calls = []
-    condition = editor._condition
-    editor._condition = lambda *a, **k: calls.append(1) or condition(*a, **k)
+    prepare = editor._edit_inputs  # the conditioning: VLM, Q-Former, HVCA, image latents
+    editor._edit_inputs = lambda *a, **k: calls.append(1) or prepare(*a, **k)
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 56, 3), np.uint8))
     with_boxes = editor.edit(image, "make the left cup blue", steps=3, boxes=[[0.1, 0.2, 0.5, 0.7]], progress=False)
     assert calls == [1]  # 3 denoising steps, one VLM pass

@@ -9,6 +9,7 @@ import pytest
 
 from fireedit_jax.train.region_losses import (
     clip_guidance,
+    contrastive,
     cosine_distance,
     directional,
     region_loss_parts,
@@ -118,3 +119,12 @@ def test_region_loss_parts_weights_each_part(dtype):
         np.testing.assert_allclose(value, want[name], rtol=1e-5)
     assert total.dtype == jnp.float32
     np.testing.assert_allclose(total, 0.5 * want["semantic_alignment"] + 2.0 * want["clip"], rtol=1e-5)
+
+
+def test_contrastive_is_the_mean_of_both_cross_entropies():
+    images = jnp.asarray([[1.0, 0.0], [0.0, 2.0]])
+    texts = jnp.asarray([[3.0, 0.0], [1.0, 1.0]])  # cos: [[1, 1/√2], [0, 1/√2]]
+    cos = np.array([[1.0, 1 / np.sqrt(2)], [0.0, 1 / np.sqrt(2)]]) / 0.5
+    rows = -np.mean([cos[0, 0] - np.log(np.exp(cos[0]).sum()), cos[1, 1] - np.log(np.exp(cos[1]).sum())])
+    cols = -np.mean([cos[0, 0] - np.log(np.exp(cos[:, 0]).sum()), cos[1, 1] - np.log(np.exp(cos[:, 1]).sum())])
+    np.testing.assert_allclose(contrastive(images, texts, 0.5), (rows + cols) / 2, rtol=1e-6)

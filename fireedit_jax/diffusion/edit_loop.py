@@ -168,6 +168,29 @@ def sample_edit(
     return latents
 
 
+def edit_inputs(model, params, pixels: jax.Array, text_inputs: tuple, masks: jax.Array | None = None,
+                grounding: jax.Array | None = None):  # fmt: skip
+    """What `sample_edit` reads for an `EditModel` edit: (image_latents, the stacked branch conditions,
+    blend or None).
+
+    pixels: float[B, H, W, 3] in [-1, 1]; text_inputs: `EditModel.condition`'s (text_inputs, boxes,
+    box_mask) or (text_inputs,). masks: float[B, H, W, 1] in [0, 1], 1 = edit, or None: masked
+    sampling blends with it. grounding: what the mask encoder and an inpainting UNet read, float[B,
+    H, W, 1]; default every pixel where masks > 0 (a feathered edge counts as inside). An inpainting
+    UNet reads the masked source instead of being blended (diffusers' rule).
+    """
+    blend, latent_grounding = None, None
+    if masks is not None:
+        grounding = (masks > 0).astype(jnp.float32) if grounding is None else grounding
+        latent_grounding = model.latent_mask(grounding)
+        if model.image_condition != "masked":
+            source = model.encode_image(params, pixels) * model.vae.config.scaling_factor
+            blend = (model.latent_mask(masks), source)
+    image_latents = model.image_condition_latents(params, pixels, grounding)
+    cond, _ = model.condition(params, pixels, *text_inputs, mask=latent_grounding)
+    return image_latents, stack_branches(*model.branches(params, cond)), blend
+
+
 # Progress callables are looked up by an id that travels into the compiled loop as a
 # traced integer, so a new callable (a new progress bar per edit) never retraces.
 _progress_callables: dict[int, Callable[[int], Any]] = {}

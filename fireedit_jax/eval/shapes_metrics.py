@@ -24,6 +24,7 @@ samples of `ShapeEditSource` or lines of samples.jsonl serve as they are).
                 when there are none). Success only looks inside the edited box, so a model
                 that fades every object "removes" the referred one too: kept shows it
   specific      success with every other object kept (the edit, and only the edit)
+and `region_iou`: a predicted edit region's IoU with the edit's box (learnt edit regions).
 """
 
 from __future__ import annotations
@@ -188,6 +189,15 @@ def evaluate(outputs, targets, edits: Sequence[Mapping]) -> list[dict]:
             "kept": others_kept, "specific": float(success and others_kept == 1.0),
         })  # fmt: skip
     return records
+
+
+def region_iou(masks, edits: Sequence[Mapping]) -> np.ndarray:
+    """Predicted edit regions bool[B, H, W] → float[B]: each one's IoU with its edit's box (the
+    edited object's; add: the new object's), how well a learnt region finds where to edit."""
+    masks = np.asarray(masks, bool)
+    boxes = box_masks(np.stack([np.asarray(e["box"], np.float32) for e in edits]), *masks.shape[1:3])
+    union = np.sum(masks | boxes, axis=(1, 2))
+    return np.sum(masks & boxes, axis=(1, 2)) / np.maximum(union, 1)
 
 
 def summarize(records: Sequence[Mapping]) -> dict:

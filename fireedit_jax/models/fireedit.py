@@ -10,7 +10,8 @@ conditioner = "vlm" (FireEdit):
 conditioner = "clip_text" (the InstructPix2Pix baseline): text = CLIP text encoder states.
 
 Switches give the paper's ablation rows: `use_regions` (region tokens), `use_tati`,
-`use_hvca`. Mask-guided editing (PromptEditDiff), with either conditioner: `mask_encoder`
+`use_hvca`. Learnt edit regions (Beyond Editing Pairs): `region` (models/learnable_region.py)
+predicts the edit's mask from the source and the instruction. Mask-guided editing (PromptEditDiff), with either conditioner: `mask_encoder`
 turns the edit mask into grounding tokens for the UNet's gated self-attention (computed once
 per edit, the same in every guidance branch); the edit loop's masked sampling keeps the source
 outside the mask. `image_condition` says what the UNet reads beside the noisy latents:
@@ -34,6 +35,7 @@ from fireedit_jax.models import clip, dinov2
 from fireedit_jax.models.clip import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModel
 from fireedit_jax.models.dinov2 import DINOv2Config, DINOv2Model
 from fireedit_jax.models.hvca import HVCA, HVCAConfig
+from fireedit_jax.models.learnable_region import LearnableRegion
 from fireedit_jax.models.llama import LlamaConfig
 from fireedit_jax.models.mask_encoder import MaskEncoder, MaskEncoderConfig
 from fireedit_jax.models.qformer import QFormer, QFormerConfig
@@ -75,7 +77,8 @@ class EditModel:
     params: {"unet", "vae", "null_text": float[L, D]} and, for "clip_text", "text_encoder";
     for "vlm", "vlm", "qformer" (+ "tati" if use_tati) (+ "hvca", "clip_vision" if use_hvca)
     (+ "text_encoder" if the config has one: the frozen CLIP text encoder whose states are
-    stage 1's alignment targets) (+ "mask_encoder" for mask-guided editing).
+    stage 1's alignment targets) (+ "mask_encoder" for mask-guided editing) (+ "region": the
+    learnt edit region's networks).
     """
 
     unet: UNet
@@ -93,6 +96,7 @@ class EditModel:
     source_blend: bool = False  # x0 = m·source + (1 − m)·content, both from the UNet (x0 prediction)
     mask_encoder: MaskEncoder | None = None
     image_condition: str = "source"  # IMAGE_CONDITIONS
+    region: LearnableRegion | None = None
 
     @classmethod
     def from_config(cls, model: ml_collections.ConfigDict, *, dtype=jnp.float32, attention: str | None = None):
@@ -114,6 +118,8 @@ class EditModel:
                 raise ValueError("the mask encoder's tokens enter through the UNet's gated self-attention: "
                                  "a mask_encoder needs unet.gated_injection=True")  # fmt: skip
             parts["mask_encoder"] = MaskEncoder(dataclass_from_dict(MaskEncoderConfig, model.mask_encoder), dtype=dtype)
+        if model.get("learnable_region") is not None:
+            parts["region"] = LearnableRegion.from_config(model.learnable_region, **kw)
         _check_unet_channels(parts["unet"].config, parts["vae"].config, model)
         if model.conditioner == "clip_text" or model.get("text_encoder") is not None:
             parts["text_encoder"] = CLIPTextModel(dataclass_from_dict(CLIPTextConfig, model.text_encoder), **kw)
@@ -199,6 +205,8 @@ class EditModel:
             params["clip_vision"] = self.clip_vision.init(next(keys), jnp.zeros((1, size, size, 3)))["params"]
             visual = jnp.zeros((1, 4, self.hvca.config.visual_dim))
             params["hvca"] = self.hvca.init(next(keys), visual, None, text)["params"]
+        if self.region is not None:  # its own key: the other parts keep theirs
+            params["region"] = self.region.init(jax.random.fold_in(key, 1))
         return params
 
     # ------------------------------------------------------------------ conditioning (once per edit)

@@ -322,9 +322,10 @@ def _matching(abstract_params, template):
 
 
 # Leaves that a method adds to a model (mask-guided editing: the mask encoder, the UNet's gated
-# self-attention). Starting from a checkpoint without them (converted SD / IP2P weights, a FireEdit
-# run), they are initialised anew and listed in a warning; any other difference is an error.
-NEW_LEAVES = (r"^mask_encoder/", r"/fuser/")
+# self-attention; learnt edit regions: the region model). Starting from a checkpoint without them
+# (converted SD / IP2P weights, a FireEdit run, a mask-guided generator), they are initialised anew
+# and listed in a warning; any other difference is an error.
+NEW_LEAVES = (r"^mask_encoder/", r"/fuser/", r"^region/")
 
 
 def init_params(path: str, abstract_params, init_fn=None, key: jax.Array | None = None) -> tuple[Any, str | None]:
@@ -361,6 +362,8 @@ def init_params(path: str, abstract_params, init_fn=None, key: jax.Array | None 
         blocks = {n.split("/fuser/")[0] for n in names if "/fuser/" in n}
         parts = [f"mask encoder ({encoder} leaves)"] if encoder else []
         parts += [f"gated self-attention in {len(blocks)} UNet transformer blocks"] if blocks else []
+        region = sum(n.startswith("region/") for n in names)
+        parts += [f"region model ({region} leaves)"] if region else []
         warnings.warn(f"--init {path!r} has no {' or '.join(parts)}: initialised anew ({len(names)} leaves)")
         log.info("initialised anew: %s", ", ".join(names))
 

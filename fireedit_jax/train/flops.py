@@ -139,6 +139,9 @@ def count(fn, trainable_args, other_args) -> tuple[int, int]:
     return forward, train
 
 
+REGION_LENGTH = 32  # the instruction's T5 tokens (config.data.region_length)
+
+
 def abstract_batch(config: ml_collections.ConfigDict, model: EditModel, batch_size: int, *,
                    text_length: int | None = None, num_boxes: int | None = None) -> dict:  # fmt: skip
     """ShapeDtypeStructs of the batch `config.train.loss` reads (batch_size examples).
@@ -161,6 +164,11 @@ def abstract_batch(config: ml_collections.ConfigDict, model: EditModel, batch_si
         "boxes": ((boxes, 4), jnp.float32), "box_mask": ((boxes,), jnp.bool_), "diffusion_weight": ((), jnp.float32),
         "mask": ((size, size, 1), jnp.float32),
     }  # fmt: skip
+    if model.region is not None:
+        captions = ((model.region.clip_text.config.max_position_embeddings,), jnp.int32)
+        words = int(data.get("region_length", REGION_LENGTH))
+        shapes.update(caption_ids=captions, target_caption_ids=captions, region_ids=((words,), jnp.int32),
+                      region_mask=((words,), jnp.bool_))  # fmt: skip
     return {name: jax.ShapeDtypeStruct((batch_size, *shapes[name][0]), shapes[name][1]) for name in loss_inputs(config)}
 
 
@@ -169,6 +177,12 @@ def loss_inputs(config: ml_collections.ConfigDict) -> tuple[str, ...]:
     mask); from a latent cache the `LATENT_FIELDS` in place of the pixels only the VAE encoder reads
     (FireEdit's VLM still reads the source)."""
     loss, masked = config.train.loss, config.train.loss == "mask_edit"
+    if loss in losses.REGION_LOSSES and losses.uses_latent_cache(config):
+        raise ValueError(f"train.loss={loss!r} reads the source image, not latents: train from the images")
+    if loss == "clip_contrastive":
+        return ("source", "caption_ids")
+    if loss == "learnable_region":
+        return losses.REGION_INPUTS + losses.generator_inputs(config.model.conditioner)
     if masked and losses.uses_latent_cache(config):
         raise ValueError("train.loss='mask_edit' reads masks, which a latent cache does not hold: train from the images")
     if masked:

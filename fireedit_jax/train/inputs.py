@@ -3,10 +3,13 @@
 config.data (configs add it; see configs/tiny.py):
   sources      {name: {kind, weight, ...}}: the training mixture, one entry per source;
                kind and its fields:
-                 shapes   split, num_samples, size, seed, box_jitter, distractor_boxes
-                          (data/shapes.py, made on the fly)
-                 instructpix2pix, magicbrush, ultraedit, jsonl, llava, tfds
+                 shapes   split, num_samples, view ("edits", or "captions": caption records,
+                          no target image, for learnable regions) and the ShapesConfig
+                          fields (size, seed, min_objects, max_objects, box_jitter,
+                          distractor_boxes, …) (data/shapes.py, made on the fly)
+                 instructpix2pix, magicbrush, ultraedit, captions, jsonl, wds, llava, tfds
                           path (and split, image_root), as `data.sources.open_source`
+                          (captions, wds: caption records)
                  latents  path (a `fireedit-jax cache-latents` data set), split: VAE latents
                           instead of pixels, so the loss skips the VAE encoder. Every source of
                           the mixture is then a cache (a batch holds latents or pixels), made
@@ -39,7 +42,7 @@ from PIL import Image
 
 from fireedit_jax import storage
 from fireedit_jax.data import pipeline, sources, transforms
-from fireedit_jax.data.records import EditRecord
+from fireedit_jax.data.records import EditRecord, Task
 from fireedit_jax.data.tokenizer import add_new_tokens
 from fireedit_jax.data.vlm_inputs import DEFAULT_BOX_BUCKETS, DEFAULT_LENGTH_BUCKETS, VLMTemplate
 from fireedit_jax.train import losses
@@ -64,12 +67,22 @@ BUILTIN_TOKENIZERS = {"clip_chars": _clip_chars, "shape_words": _shape_words}
 
 
 class ShapeEditRecords:
-    """`data.shapes.ShapeEditSource` as a source of `EditRecord`s (images PNG-encoded, boxes kept)."""
+    """`data.shapes.ShapeEditSource` as a source of `EditRecord`s (images PNG-encoded, boxes kept).
 
-    def __init__(self, name: str, split: str = "train", num_samples: int = 10_000, **shapes_config):
+    view: "edits" (source, target, edit mask, instruction) or "captions": caption records
+    (the scene, its caption, the instruction, the caption of the edited scene) for the
+    learnable-region method, which never sees the edited scene or its mask.
+    """
+
+    VIEWS = ("edits", "captions")
+
+    def __init__(self, name: str, split: str = "train", num_samples: int = 10_000, view: str = "edits",
+                 **shapes_config):  # fmt: skip
         from fireedit_jax.data.shapes import ShapeEditSource, ShapesConfig
 
-        self.name = name
+        if view not in self.VIEWS:
+            raise ValueError(f"shapes source {name!r}: view={view!r}; choose one of {', '.join(self.VIEWS)}")
+        self.name, self.view = name, view
         self._source = ShapeEditSource(split, num_samples, ShapesConfig(**shapes_config))
 
     def __len__(self) -> int:
@@ -77,14 +90,16 @@ class ShapeEditRecords:
 
     def __getitem__(self, index: int) -> EditRecord:
         sample = self._source[index]
-        return EditRecord(
-            key=f"shapes/{self._source.split}#{index}", source_image=_png(sample["source"]),
-            target_image=_png(sample["target"]), instruction=sample["instruction"], boxes=sample["boxes"],
-            mask_image=_png(sample["mask"].astype(np.uint8) * 255),
-        )  # fmt: skip
+        common = dict(key=f"shapes/{self._source.split}#{index}", source_image=_png(sample["source"]),
+                      instruction=sample["instruction"], boxes=sample["boxes"])  # fmt: skip
+        if self.view == "captions":
+            return EditRecord(**common, source_caption=sample["caption"], target_caption=sample["target_caption"],
+                              task=Task.CAPTION)  # fmt: skip
+        return EditRecord(**common, target_image=_png(sample["target"]),
+                          mask_image=_png(sample["mask"].astype(np.uint8) * 255))  # fmt: skip
 
     def __repr__(self) -> str:
-        return f"ShapeEditRecords({self.name!r}, {self._source!r})"
+        return f"ShapeEditRecords({self.name!r}, {self.view!r}, {self._source!r})"
 
 
 def _png(pixels: np.ndarray) -> bytes:
@@ -150,9 +165,13 @@ def make_transform(config, model, tokenizer) -> transforms.EditTransform:
                          "with a tokenizer/ directory (--init)")  # fmt: skip
     common = dict(resolution=int(config.resolution), min_crop_scale=float(data.get("min_crop_scale", 1.0)),
                   flip_probability=float(data.get("flip_probability", 0.5)), mask=config.train.loss == "mask_edit")  # fmt: skip
+    region = region_text_fields(config, model, tokenizer) if config.train.loss in losses.REGION_LOSSES else ()
     if model.conditioner == "clip_text":
-        field = transforms.clip_text_field(tokenizer, name="input", source="instruction", length=model.max_text_length)
-        return transforms.EditTransform(texts=(field,), **common)
+        source = "instruction"
+        if region:  # the region loss's edit: the generator reads the instruction or the target caption
+            source = config.model.learnable_region.get("generator_text", "instruction")
+        field = transforms.clip_text_field(tokenizer, name="input", source=source, length=model.max_text_length)
+        return transforms.EditTransform(texts=(field, *region), **common)
     from fireedit_jax.data.tokenizer import add_new_tokens
     from fireedit_jax.data.vlm_inputs import DEFAULT_BOX_BUCKETS, DEFAULT_LENGTH_BUCKETS, VLMTemplate
     from fireedit_jax.train.losses import fireedit_stage
@@ -166,7 +185,7 @@ def make_transform(config, model, tokenizer) -> transforms.EditTransform:
         regions=vlm.regions is not None and not captions, box_buckets=box_buckets,
         length_buckets=tuple(data.get("length_buckets", DEFAULT_LENGTH_BUCKETS)),
     )  # fmt: skip
-    texts = transforms.vlm_text_fields(tokenizer, template, captions=captions)
+    texts = transforms.vlm_text_fields(tokenizer, template, captions=captions) + region
     if captions:
         clip = make_tokenizer(data.get("clip_tokenizer"))
         if clip is None:
@@ -174,6 +193,21 @@ def make_transform(config, model, tokenizer) -> transforms.EditTransform:
                              "config.data.clip_tokenizer (a CLIP tokenizer directory)")  # fmt: skip
         texts += (transforms.clip_text_field(clip, length=model.max_text_length),)
     return transforms.EditTransform(texts=texts, vlm=template, box_buckets=box_buckets, **common)
+
+
+def region_text_fields(config, model, tokenizer) -> tuple[transforms.TextField, ...]:
+    """The learnable-region losses' texts, tokenised by the run's tokenizer (the checkpoint keeps one):
+    the instruction for the region's T5 (`region_ids` / `region_mask`, config.data.region_length
+    tokens with the special ones, as `Editor.region_tokens`) and the source and target captions for
+    its CLIP (`caption_ids`, `target_caption_ids`)."""
+    from fireedit_jax.train.flops import REGION_LENGTH
+
+    length = model.region.clip_text.config.max_position_embeddings
+    pad = getattr(tokenizer, "pad_token_id", None) or 0
+    words = transforms.TextField("region", tokenizer, (int(config.data.get("region_length", REGION_LENGTH)),),
+                                 "instruction", pad, add_special_tokens=True, keep_last=True, required=True)  # fmt: skip
+    return (words, transforms.clip_text_field(tokenizer, name="caption", source="source_caption", length=length),
+            transforms.clip_text_field(tokenizer, name="target_caption", source="target_caption", length=length))  # fmt: skip
 
 
 def make_train_iterator(config, transform: transforms.EditTransform, batch_size: int) -> pipeline.DataIterator:

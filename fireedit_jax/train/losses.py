@@ -35,6 +35,17 @@ mask encoder (grounding tokens, never dropped: the mask says where, not what) or
 inpainting UNet, into its mask ‖ masked-image channels; L_diff weighted per latent cell by
 m + w_out·(1 − m) (w_out = train.mask_outside_weight): the denoising loss on the edit region
 and, weighted down, the reconstruction of the rest, which masked sampling replaces anyway.
+
+Learnt edit regions (Beyond Editing Pairs; `learnable_region`) train on caption records (source,
+its caption c_src, an instruction, the target caption c_tgt: never a target image), the model's
+`region` part (models/learnable_region.py) predicting where to edit, everything else frozen:
+L = λ_sa·L_sa + λ_clip·L_clip (train/region_losses.py). L_clip judges the edited image I': the
+model's own mask-guided edit under the *soft* predicted region (masked sampling blends with the
+probabilities, the mask encoder reads them), `train.region_edit_steps` denoising steps of the
+model's sampler, each rematerialised in the backward pass, so that the CLIP losses reach the
+predictor through the blend. With λ_clip = 0 (the paper's "w/o L_clip") no edit is made.
+`clip_contrastive` trains the region's CLIP towers on (image, caption) pairs (where no
+pretrained CLIP exists, as on ShapeEdit): CLIP's symmetric InfoNCE at a fixed temperature.
 """
 
 from __future__ import annotations
@@ -44,10 +55,13 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from fireedit_jax.diffusion.edit_loop import edit_inputs, sample_edit
+from fireedit_jax.diffusion.samplers import make_sampler
 from fireedit_jax.diffusion.schedules import SchedulerConfig, alphas_cumprod
 from fireedit_jax.models.fireedit import EditModel, dataclass_from_dict
 from fireedit_jax.models.vae import VAE, sample_posterior, scale_latents
 from fireedit_jax.models.vlm import vlm_loss
+from fireedit_jax.train import region_losses
 
 LossFn = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
 
@@ -288,6 +302,90 @@ def make_mask_edit_loss(model: EditModel, config) -> LossFn:
     return (make_fireedit_loss if model.conditioner == "vlm" else make_ip2p_loss)(model, config, masked=True)
 
 
+def _region_model(model: EditModel, loss: str):
+    if model.region is None:
+        raise ValueError(f"train.loss={loss!r} trains the learnt edit region: config.model.learnable_region is needed")
+    return model.region
+
+
+REGION_LOSSES = ("clip_contrastive", "learnable_region")  # their batches: caption records (no target image)
+# The batch entries of the learnable-region losses (data/transforms.py `region_text_fields`): the source
+# pixels, its caption and the target caption as the region's CLIP ids, the instruction as its T5 ids
+REGION_INPUTS = ("source", "caption_ids", "target_caption_ids", "region_ids", "region_mask")
+
+
+def generator_inputs(conditioner: str) -> tuple[str, ...]:
+    """The batch entries the mask-guided edit of the region loss conditions on: the text encoder's ids,
+    or FireEdit's VLM sequence and boxes."""
+    return ("input_ids",) if conditioner == "clip_text" else VLM_INPUTS[:2] + ("boxes", "box_mask")
+
+
+def make_clip_contrastive_loss(model: EditModel, config) -> LossFn:
+    """The region's CLIP towers on (source, caption) pairs (module docstring); batch: "source", "caption_ids"."""
+    region = _region_model(model, "clip_contrastive")
+    temperature = float(config.train.get("clip_temperature", 0.07))
+
+    def loss_fn(params, batch, keys):
+        images, _ = region.image_features(params["region"], batch["source"])
+        loss = region_losses.contrastive(images, region.text_embeds(params["region"], batch["caption_ids"]), temperature)
+        return loss, {"contrastive": loss}
+
+    return loss_fn
+
+
+def make_learnable_region_loss(model: EditModel, config) -> LossFn:
+    """Beyond Editing Pairs (module docstring); batch: REGION_INPUTS + `generator_inputs(conditioner)`."""
+    region = _region_model(model, "learnable_region")
+    train = config.train
+    weights = dict(train.get("region_weights") or {})
+    lambda_clip = float(weights.get("lambda_clip", 1.0))
+    schedule = dataclass_from_dict(SchedulerConfig, config.model.scheduler)
+    sampler = make_sampler(config.model.sampler, schedule, int(train.get("region_edit_steps", 4)))
+    image_scale, text_scale = (float(s) for s in train.get("region_guidance", (1.0, 3.0)))
+    denoise = jax.checkpoint(model.denoise)  # every step's activations are recomputed in the backward pass
+
+    def text_inputs(batch):
+        if model.conditioner == "clip_text":
+            return (batch["input_ids"],)
+        return (batch["vlm_input_ids"], batch["vlm_attention_mask"]), batch["boxes"], batch["box_mask"]
+
+    def edit(params, pixels, batch, soft, keys):
+        """The model's mask-guided edit of `pixels` under the soft region float[B, H, W, 1]."""
+        image_latents, cond, blend = edit_inputs(model, params, pixels, text_inputs(batch), soft, grounding=soft)
+        latent_shape = blend[1].shape
+        k_initial, k_steps = per_example(keys, 2)
+        initial = jax.vmap(lambda k: jax.random.normal(k, latent_shape[1:]))(k_initial)
+        steps = jax.vmap(lambda k: jax.random.normal(k, (sampler.num_steps, *latent_shape[1:])))(k_steps)
+        latents = sample_edit(denoise, params, sampler, image_latents, cond, text_scale, image_scale,
+                              guidance=model.guidance, blend=blend, initial_noise=initial,
+                              step_noise=jnp.swapaxes(steps, 0, 1))  # fmt: skip
+        return model.decode(params, latents)
+
+    def loss_fn(params, batch, keys):
+        rp, pixels = params["region"], batch["source"]
+        image_source, patches = jax.lax.stop_gradient(region.image_features(rp, pixels))  # frozen CLIP
+        text_source = jax.lax.stop_gradient(region.text_embeds(rp, batch["caption_ids"]))
+        text_target = jax.lax.stop_gradient(region.text_embeds(rp, batch["target_caption_ids"]))
+        prediction = region.predict(rp, patches, batch["region_ids"], batch["region_mask"])
+        area = jnp.mean(jax.nn.sigmoid(prediction.logits))  # reported: the share of the image the region covers
+        if lambda_clip == 0.0:
+            l_sa = region_losses.semantic_alignment(prediction.fused_embedding, prediction.image_embedding,
+                                                    text_target, text_source)  # fmt: skip
+            return float(weights.get("lambda_sa", 1.0)) * l_sa, {"semantic_alignment": l_sa, "region_area": area}
+        soft = region.pixel_mask(prediction.logits, *pixels.shape[1:3])
+        edited = edit(params, pixels, batch, soft, keys)
+        image_edit, patches_edit = region.image_features(rp, edited)
+        loss, parts = region_losses.region_loss_parts(
+            g_fused=prediction.fused_embedding, g_image=prediction.image_embedding, text_source=text_source,
+            text_target=text_target, image_source=image_source, image_edit=image_edit, patches_source=patches,
+            patches_edit=patches_edit, **weights,
+        )  # fmt: skip
+        return loss, {**parts, "region_area": area}
+
+    return loss_fn
+
+
 LOSSES: dict[str, Callable[[EditModel, object], LossFn]] = {
     "ip2p": make_ip2p_loss, "fireedit": make_fireedit_loss, "mask_edit": make_mask_edit_loss,
+    "clip_contrastive": make_clip_contrastive_loss, "learnable_region": make_learnable_region_loss,
 }  # fmt: skip

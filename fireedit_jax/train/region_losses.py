@@ -121,3 +121,16 @@ def region_loss_parts(
     parts["clip"] = (lambda_guidance * parts["clip_guidance"] + lambda_directional * parts["directional"]
                      + lambda_structural * parts["structural"])  # fmt: skip
     return lambda_sa * parts["semantic_alignment"] + lambda_clip * parts["clip"], parts
+
+
+def contrastive(image_embeds: jax.Array, text_embeds: jax.Array, temperature: float) -> jax.Array:
+    """CLIP's symmetric InfoNCE over a batch of matching pairs: the mean of the image→text and
+    text→image cross-entropies of cos(image_i, text_j) / temperature, the pair (i, i) the label.
+
+    image_embeds, text_embeds: float[B, E] → float32 scalar.
+    """
+    logits = _unit(image_embeds) @ _unit(text_embeds).T / temperature
+    labels = jnp.arange(logits.shape[0])
+    image_to_text = -jnp.mean(jax.nn.log_softmax(logits, axis=1)[labels, labels])
+    text_to_image = -jnp.mean(jax.nn.log_softmax(logits, axis=0)[labels, labels])
+    return (image_to_text + text_to_image) / 2
