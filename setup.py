@@ -50,5 +50,5 @@ setup(
             "gcp-storage-emulator==2026.7.19",
         ],
     },
-    entry_points={"console_scripts": ["fireedit-jax=fireedit_jax.cli:main"]},
+    entry_points={"console_scripts": ["fireedit-jax=fireedit_jax.cli:run_command"]},
 )

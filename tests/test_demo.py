@@ -28,6 +28,14 @@ def test_demo_writes_its_files_and_reuses_the_checkpoint(tmp_path, capsys):
     assert "copy_input" in table and "edit success" in table and "specific" in table
     assert f"fireedit-jax serve --checkpoint {out / 'checkpoint'} --steps 2 " in table  # the web page, same settings
 
+    timings = json.loads((out / "timings.json").read_text())["seconds"]
+    assert list(timings) == ["start-up", "training", "export", "editing (trained)", "editing (untrained)", "scoring"]
+    assert "estimate: about" in table and "the demo took" in table
+
+    # a fresh run with the same seed: the same metrics.json, to the byte (its times are in timings.json)
+    assert cli.main(["demo", "--out", str(tmp_path / "again"), *TINY_DEMO]) == 0
+    assert (tmp_path / "again" / "metrics.json").read_text().replace("again", "demo") == (out / "metrics.json").read_text()
+
     assert cli.main(["demo", "--out", str(out), *TINY_DEMO]) == 0
     assert "reusing the training run" in capsys.readouterr().out
     again = json.loads((out / "metrics.json").read_text())
@@ -45,3 +53,17 @@ def test_demo_writes_its_files_and_reuses_the_checkpoint(tmp_path, capsys):
     assert cli.main([*edit, "--instruction", "make the cup magenta", "--out", str(tmp_path / "x.png")]) == 2
     err = capsys.readouterr().err
     assert "cup, magenta" in err and "circle" in err and "leftmost" in err
+
+
+def test_the_command_asks_glibc_for_huge_pages_once():
+    import platform
+
+    if platform.libc_ver()[0] != "glibc":
+        assert cli.with_huge_pages({}) is None
+        return
+    assert cli.with_huge_pages({"PATH": "/bin"}) == {"PATH": "/bin", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
+    assert cli.with_huge_pages({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"})["GLIBC_TUNABLES"] == (
+        "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
+    )
+    assert cli.with_huge_pages({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}) is None  # the re-executed command
+    assert cli.with_huge_pages({"FIREEDIT_JAX_HUGE_PAGES": "0"}) is None

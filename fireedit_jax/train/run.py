@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import concurrent.futures
 import dataclasses
 import importlib.util
 import json
@@ -43,7 +44,7 @@ import logging
 import os
 import signal
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import ml_collections
@@ -219,18 +220,20 @@ class _Samples:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, init: str | None = None,
-                       mesh=None, progress: bool = True) -> RunResult:  # fmt: skip
+                       mesh=None, progress: bool = True, on_log: Callable[[int, dict], None] | None = None,
+                       ) -> RunResult:  # fmt: skip
     """Trains `config` in `workdir` until config.train.steps (or SIGTERM); see the module docstring.
 
     init: the checkpoint to start from when the workdir has none (default config.init).
     mesh: default `mesh.make_mesh(config.mesh)` over all devices.
+    on_log: called with (step, the logged scalars) at every logged step (e.g. to estimate the time left).
     """
     config = run_defaults(config)
     mesh_lib.maybe_initialize_distributed(config)
     preemption = Preemption()  # from the start: a SIGTERM during start-up stops at the first step boundary
     try:
         return _train(config, check_paths(config, workdir, init or config.get("init")), init, mesh, progress,
-                      preemption)  # fmt: skip
+                      preemption, on_log)  # fmt: skip
     finally:
         preemption.close()
 
@@ -248,7 +251,7 @@ def check_paths(config, workdir, init: str | None):
     return workdir
 
 
-def _train(config, workdir, init: str | None, mesh, progress: bool, preemption: Preemption) -> RunResult:
+def _train(config, workdir, init: str | None, mesh, progress: bool, preemption: Preemption, on_log) -> RunResult:
     """train_and_evaluate's body."""
     trainer = Trainer.from_config(config, mesh=mesh)
     total = int(config.train.steps)
@@ -258,41 +261,50 @@ def _train(config, workdir, init: str | None, mesh, progress: bool, preemption: 
 
     restored = checkpoints.restore_latest(abstract)
     init = init or config.get("init")
-    init_tokenizer = None
-    if restored is not None:
-        state, start = restored.state, restored.step
-        log.info("resuming from %s/%d", checkpoints.directory, start)
-    elif init:
-        params, init_tokenizer = ckpt_lib.init_params(init, abstract["params"], trainer.model.init,
-                                                      jax.random.key(int(config.seed)))  # fmt: skip
-        state, start = trainer.init_state(params=params), 0
-        log.info("starting from %s", init)
-    else:
-        state, start = trainer.init_state(), 0
-    tokenizer, tokenizer_dir = _tokenizer(
-        config, [restored.tokenizer_dir if restored else None, init_tokenizer], workdir
-    )
-    transform = inputs.make_transform(config, trainer.model, tokenizer)
-    local_batch = int(config.train.batch_size) // jax.process_count()
-    data = inputs.make_train_iterator(config, transform, local_batch)
-    if restored is not None and restored.data_state is not None:
-        data.set_state(restored.data_state)
+    init_tokenizer, fresh = None, None
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        if restored is not None:
+            state, start = restored.state, restored.step
+            log.info("resuming from %s/%d", checkpoints.directory, start)
+        elif init:
+            params, init_tokenizer = ckpt_lib.init_params(init, abstract["params"], trainer.model.init,
+                                                          jax.random.key(int(config.seed)))  # fmt: skip
+            state, start = trainer.init_state(params=params), 0
+            log.info("starting from %s", init)
+        else:  # XLA compiles on one core: the init compiles on the other while the step compiles below
+            fresh, start = pool.submit(trainer.init_state), 0
+        tokenizer, tokenizer_dir = _tokenizer(
+            config, [restored.tokenizer_dir if restored else None, init_tokenizer], workdir
+        )
+        transform = inputs.make_transform(config, trainer.model, tokenizer)
+        local_batch = int(config.train.batch_size) // jax.process_count()
+        data = inputs.make_train_iterator(config, transform, local_batch)
+        if restored is not None and restored.data_state is not None:
+            data.set_state(restored.data_state)
+        loss_keys, batch = loss_inputs(config), None
+        if start < total:
+            batch = trainer.shard_batch(inputs.model_batch(next(data), loss_keys))
+            trainer.step.lower(abstract, batch).compile()  # the step's first call finds it compiled
+        if fresh is not None:
+            state = fresh.result()
 
     writer = _Writer(workdir)
     every, sample_every = int(config.logging.every), int(config.logging.sample_every)
     samples = _Samples(config, trainer, tokenizer, transform, workdir) if sample_every and "eval" in config.data else None
     flops = _flops_per_example(config)
     devices = trainer.mesh.devices.size
-    loss_keys = loss_inputs(config)
-    step, last, preempted = start, {}, False
+    step, last, preempted, previous = start, {}, False, None
     last_time, last_step = time.perf_counter(), start
     bar = _progress(total, start, progress)
     try:
         while step < total:
-            batch = trainer.shard_batch(inputs.model_batch(next(data), loss_keys))
+            if batch is None:
+                batch = trainer.shard_batch(inputs.model_batch(next(data), loss_keys))
             state, metrics = trainer.step(state, batch)
-            step += 1
-            check_skips(metrics, int(config.train.max_consecutive_skips))
+            step, batch = step + 1, None
+            if previous is not None:  # the step before: reading this one's would wait for it, not prepare the next batch
+                check_skips(previous, int(config.train.max_consecutive_skips))
+            previous = metrics
             if step % every == 0 or step == total:
                 values = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 now = time.perf_counter()
@@ -304,6 +316,8 @@ def _train(config, workdir, init: str | None, mesh, progress: bool, preemption: 
                         values["tflops_per_device"] = flops * int(config.train.batch_size) / seconds / devices / 1e12
                 values.update({k: float(v) for k, v in data.metrics().items()})
                 writer.scalars(step, values)
+                if on_log is not None:
+                    on_log(step, values)
                 last, last_time, last_step = values, now, step
                 if bar is not None:
                     bar.set_postfix(loss=f"{values['loss']:.4f}")
@@ -319,6 +333,8 @@ def _train(config, workdir, init: str | None, mesh, progress: bool, preemption: 
             if preempted:
                 log.warning("stopped at step %d for preemption; checkpoint saved", step)
                 break
+        if previous is not None:
+            check_skips(previous, int(config.train.max_consecutive_skips))
     finally:
         if bar is not None:
             bar.close()
