@@ -139,3 +139,24 @@ def test_edit_cli_region_saves_the_mask_and_lends_it(region_checkpoint, tmp_path
     assert cli.main([*common, "--checkpoint", str(region_checkpoint), "--method", "ip2p", "--out",
                      str(tmp_path / "x.png"), "--save-mask", str(tmp_path / "m.png")]) == 2  # fmt: skip
     assert "--save-mask writes a predicted mask" in capsys.readouterr().err
+
+
+def test_init_from_an_exported_generator_adds_the_region_model(region_setup, tmp_path):
+    """`--init` an inference checkpoint without a region model (the demo's generator; its VAE has no
+    parameters): the region's leaves are initialised anew and named, everything else restored."""
+    from fireedit_jax.train import checkpoints as ckpt_lib
+    from fireedit_jax.train.step import Trainer
+
+    _, model, params = region_setup
+    config = region_config()
+    config.train.batch_size = 8  # over the test's 8 devices
+    generator = load_config("configs/shapes_mask.py")
+    generator_params = {k: v for k, v in jax.tree.map(np.asarray, params).items() if k != "region"}
+    checkpoint.save(str(tmp_path / "generator"), generator_params, generator)
+    trainer = Trainer.from_config(config)
+    abstract = ckpt_lib.abstract_with_shardings(trainer.abstract_state, trainer.state_shardings)["params"]
+    with pytest.warns(UserWarning, match=r"has no region model \(\d+ leaves\)"):
+        restored, _ = ckpt_lib.init_params(str(tmp_path / "generator"), abstract, model.init, jax.random.key(3))
+    assert restored["vae"] == {} and set(restored) == set(params) | {"vae"}
+    np.testing.assert_array_equal(restored["unet"]["conv_in"]["kernel"], params["unet"]["conv_in"]["kernel"])
+    assert jax.tree.structure(restored["region"]) == jax.tree.structure(params["region"])

@@ -353,8 +353,9 @@ def init_params(path: str, abstract_params, init_fn=None, key: jax.Array | None 
     if training is not None:
         params, step_dir = restore_params(path, old)
     else:
-        params = inference.load_params(path, old)
-        params = jax.device_put(params, jax.tree.map(lambda s: s.sharding, old))
+        loaded = flax.traverse_util.flatten_dict(inference.load_params(path, old))  # drops empty nodes: put back
+        params = flax.traverse_util.unflatten_dict({k: jax.device_put(loaded[k], v.sharding) if k in loaded else v
+                                                    for k, v in flat.items() if k not in new})  # fmt: skip
         step_dir = storage.as_path(path)
     if new:
         names = ["/".join(k) for k in new]
@@ -373,7 +374,8 @@ def init_params(path: str, abstract_params, init_fn=None, key: jax.Array | None 
             return [init[k] for k in new]
 
         values = fresh(jax.random.key(0) if key is None else key)
-        params = flax.traverse_util.unflatten_dict({**flax.traverse_util.flatten_dict(params), **dict(zip(new, values))})
+        kept = flax.traverse_util.flatten_dict(params, keep_empty_nodes=True)
+        params = flax.traverse_util.unflatten_dict({**kept, **dict(zip(new, values))})
     return params, _tokenizer_in(step_dir)
 
 
