@@ -271,6 +271,7 @@ def test_caption_record_needs_both_captions_and_no_target_image():
             caption_record(**{missing: None})
     with pytest.raises(BadRecord, match="needs source_caption and target_caption"):
         caption_record(source_caption="", target_caption=None)
+    assert caption_record(target_caption="").target_caption == ""  # the scene left empty (its only object removed)
     with pytest.raises(BadRecord, match="c: a caption record has no target image, but one was given"):
         caption_record(target_image=png_bytes(1))
 

@@ -69,7 +69,9 @@ class EditRecord:
         if self.task == Task.VQA and self.answer is None:
             raise BadRecord(f"{self.key}: a VQA record needs an answer")
         if self.task == Task.CAPTION:
-            missing = [name for name in ("source_caption", "target_caption") if not getattr(self, name)]
+            # an empty target caption is a scene left empty (ShapeEdit: its only object removed)
+            missing = ["source_caption"] if not self.source_caption else []
+            missing += ["target_caption"] if self.target_caption is None else []
             if missing:
                 raise BadRecord(f"{self.key}: a caption record needs {' and '.join(missing)}")
             if self.target_image is not None:  # its method learns without edit pairs: it must never read one
