@@ -192,14 +192,24 @@ def type_into(browser, elem_id: str, text: str) -> None:
     field.send_keys(text)
 
 
-def click_picture(browser, img, fx: float, fy: float) -> None:
-    """Clicks the point (fx, fy), as fractions of the picture, of an <img> whose picture is centred in its box
-    (CSS object-fit contain or scale-down)."""
+def click_picture(browser, selector: str, fx: float, fy: float) -> None:
+    """Clicks the point (fx, fy), as fractions of the picture, of the <img> `selector` whose picture is centred in
+    its box (CSS object-fit contain or scale-down), once its picture has loaded (a new src loads a moment later)."""
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.action_chains import ActionChains
 
-    natural, fit = browser.execute_script(
-        "const img = arguments[0]; return [[img.naturalWidth, img.naturalHeight], getComputedStyle(img).objectFit]", img
-    )
+    def loaded():
+        img = find(browser, selector)[0]
+        try:
+            natural, fit = browser.execute_script(
+                "const img = arguments[0]; return [[img.naturalWidth, img.naturalHeight], getComputedStyle(img).objectFit]",
+                img,
+            )  # fmt: skip
+        except StaleElementReferenceException:  # replaced meanwhile: find it again
+            return None
+        return (img, natural, fit) if min(natural) > 0 else None
+
+    img, natural, fit = wait_for(loaded, what=f"{selector}'s picture to load")
     box = img.size["width"], img.size["height"]
     scale = min(box[0] / natural[0], box[1] / natural[1])
     if fit == "scale-down":
@@ -240,11 +250,10 @@ def test_edit_end_to_end_in_the_browser(server, browser, tmp_path):
     upload(browser, scene)
     wait_for(lambda: "Uploaded scene.png (32×32)" in status(browser), what="the upload")
 
-    picture = find(browser, "#input-image img")[0]
-    before = picture.get_attribute("src")
-    click_picture(browser, picture, 0.2, 0.6)
+    before = find(browser, "#input-image img")[0].get_attribute("src")
+    click_picture(browser, "#input-image img", 0.2, 0.6)
     wait_for(lambda: find(browser, "#input-image img")[0].get_attribute("src") != before, what="the first corner")
-    click_picture(browser, find(browser, "#input-image img")[0], 0.5, 0.9)
+    click_picture(browser, "#input-image img", 0.5, 0.9)
     boxes = wait_for(lambda: find(browser, "#boxes textarea")[0].get_attribute("value"), what="the box")
     np.testing.assert_allclose([float(v) for v in boxes.split()], [0.2, 0.6, 0.5, 0.9], atol=0.01)
 
