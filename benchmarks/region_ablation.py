@@ -22,9 +22,8 @@ import json
 import os
 import sys
 
-import numpy as np
-
 from fireedit_jax import demo
+from shapes_ablation import mean_spread, write_table
 
 ROWS = {"region": "L_sa + L_clip", "no_sa": "w/o L_sa", "no_clip": "w/o L_clip"}
 COLUMNS = {  # column: how a split's results give it
@@ -62,11 +61,7 @@ def markdown(results: dict, args) -> str:
     lines = [f"| row | split | {' | '.join(COLUMNS)} |", "|---|---|" + "---|" * len(COLUMNS)]
     for variant, runs in results.items():
         for split in demo.REGION_SPLITS:
-            cells = []
-            for column in COLUMNS.values():
-                values = np.array([column(r[split]) for r in runs], float)
-                spread = (values.max() - values.min()) / 2
-                cells.append("–" if np.isnan(values).all() else f"{values.mean():.3f} ± {spread:.3f}")  # no such scenes
+            cells = [mean_spread([column(r[split]) for r in runs]) for column in COLUMNS.values()]
             lines.append(f"| {ROWS[variant]} | {split} | {' | '.join(cells)} |")
     lines.append(f"\nseeds {args.seeds}, {args.samples} scenes per split, {args.edit_steps} denoising steps.")
     return "\n".join(lines)
@@ -87,10 +82,7 @@ def main(argv=None) -> int:
         parser.error(f"{len(args.seeds)} seeds need as many --generators, not {len(args.generators)}")
     demo.use_compilation_cache(args.out)
     results = {v: [run_one(v, seed, g, args) for seed, g in zip(args.seeds, args.generators)] for v in args.variants}
-    table = markdown(results, args)
-    print(table)
-    with open(os.path.join(args.out, "table.md"), "w") as f:
-        f.write(table + "\n")
+    write_table(args.out, markdown(results, args))
     return 0
 
 

@@ -120,6 +120,19 @@ def score(workdir: str, name: str, args) -> dict:
     }  # fmt: skip
 
 
+def mean_spread(values) -> str:
+    """A table cell: the mean ± half the range over seeds; "–" where no seed has a value (no such scenes)."""
+    values = np.array(values, float)
+    return "–" if np.isnan(values).all() else f"{values.mean():.3f} ± {(values.max() - values.min()) / 2:.3f}"
+
+
+def write_table(out: str, table: str) -> None:
+    """Prints the table and writes it to OUT/table.md."""
+    print(table)
+    with open(os.path.join(out, "table.md"), "w") as f:
+        f.write(table + "\n")
+
+
 def markdown(results: dict, args) -> str:
     """The table: one row per variant, mean ± half the range over seeds."""
     lines = [
@@ -127,11 +140,7 @@ def markdown(results: dict, args) -> str:
         "|---|" + "---|" * len(COLUMNS),
     ]
     for variant, runs in results.items():
-        cells = []
-        for column in COLUMNS.values():
-            values = np.array([column(r) for r in runs], float)
-            spread = (values.max() - values.min()) / 2
-            cells.append("–" if np.isnan(values).all() else f"{values.mean():.3f} ± {spread:.3f}")  # one-object scenes
+        cells = [mean_spread([column(r) for r in runs]) for column in COLUMNS.values()]
         lines.append(f"| {ROWS[variant]} | {' | '.join(cells)} |")
     lines.append(f"\n{args.steps} steps × batch {args.batch_size}, seeds {args.seeds}, {args.samples} scenes per split, "
                  f"{args.edit_steps} denoising steps, guidance s_I / s_T {args.guidance[0]} / {args.guidance[1]}"
@@ -160,10 +169,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     demo.use_compilation_cache(args.out)
     results = {v: [run_one(v, seed, args) for seed in args.seeds] for v in args.variants}
-    table = markdown(results, args)
-    print(table)
-    with open(os.path.join(args.out, "table.md"), "w") as f:
-        f.write(table + "\n")
+    write_table(args.out, markdown(results, args))
     return 0
 
 

@@ -4,9 +4,12 @@ the range over seeds per split (the training and scoring are the demo's, tested 
 import importlib.util
 import json
 import os
+import sys
 import types
 
-PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "region_ablation.py")
+BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+PATH = os.path.join(BENCHMARKS, "region_ablation.py")
+sys.path.insert(0, BENCHMARKS)  # as when run: it imports shapes_ablation from its directory
 spec = importlib.util.spec_from_file_location("region_ablation", PATH)
 ablation = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(ablation)
