@@ -44,6 +44,24 @@ GUIDANCE = (1.0, 3.0)
 STEPS = 1500  # training steps of 16 (about 8-14 minutes on a 2-core CPU)
 
 
+def prepare_out(out_dir: str, fresh: bool) -> None:
+    """Creates OUT (emptied first if `fresh`) and caches the run's compilations there."""
+    if fresh and os.path.isdir(out_dir):
+        shutil.rmtree(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    use_compilation_cache(out_dir)
+
+
+def write_json(out_dir: str, name: str, content) -> None:
+    with open(os.path.join(out_dir, name), "w") as f:
+        json.dump(content, f, indent=1)
+
+
+def source_pixels(samples) -> np.ndarray:
+    """float32[N, S, S, 3] in [-1, 1]: the samples' source scenes, as the editor reads them."""
+    return np.stack([s["source"] for s in samples]).astype(np.float32) / 127.5 - 1.0
+
+
 def use_compilation_cache(out_dir: str) -> None:
     """Caches compilations in OUT/jax_cache unless a cache is set: a re-run loads its step and edit loop."""
     import jax
@@ -98,7 +116,7 @@ def edit_samples(editor, samples, *, steps: int, batch_size: int, guidance: tupl
     with tqdm(total=len(batches) * steps, desc=desc, unit="step", dynamic_ncols=True) as bar:
         for start in batches:
             chunk = samples[start : start + batch_size]
-            pixels = np.stack([s["source"] for s in chunk]).astype(np.float32) / 127.5 - 1.0
+            pixels = source_pixels(chunk)
             boxes = [s["boxes"] for s in chunk] if editor.model.conditioner == "vlm" else None
             chunk_masks = None if masks is None else masks[start : start + batch_size].astype(np.float32)
             edited = editor.edit_arrays(pixels, [s["instruction"] for s in chunk], boxes=boxes, masks=chunk_masks, steps=steps,
@@ -216,10 +234,7 @@ def run_demo(
     from fireedit_jax.train import checkpoints as ckpt_lib
     from fireedit_jax.train.run import train_and_evaluate
 
-    if fresh and os.path.isdir(out_dir):
-        shutil.rmtree(out_dir)
-    os.makedirs(out_dir, exist_ok=True)
-    use_compilation_cache(out_dir)
+    prepare_out(out_dir, fresh)
     workdir, export_dir = os.path.join(out_dir, "train"), os.path.join(out_dir, "checkpoint")
     config = demo_config(steps, batch_size, METHOD_VARIANTS[method], seed=seed)
     what = "a tiny FireEdit" if method == "fireedit" else "a tiny mask-guided editor (PromptEditDiff)"
@@ -254,13 +269,11 @@ def run_demo(
         "final_train_metrics": {k: v for k, v in result.metrics.items() if k not in timing_keys},
         "checkpoint": export_dir, "models": results,
     }  # fmt: skip
-    with open(os.path.join(out_dir, "metrics.json"), "w") as f:
-        json.dump(summary, f, indent=1)
+    write_json(out_dir, "metrics.json", summary)
     clock.phase("scoring")
     timings = {"seconds": clock.phases, "final_train_metrics": {k: result.metrics[k] for k in timing_keys
                                                                 if k in result.metrics}}  # fmt: skip
-    with open(os.path.join(out_dir, "timings.json"), "w") as f:
-        json.dump(timings, f, indent=1)
+    write_json(out_dir, "timings.json", timings)
     print(table(results))
     print(f"the demo {clock.summary()}")
     settings = f"--steps {edit_steps} --image-guidance {guidance[0]} --text-guidance {guidance[1]}"
@@ -311,7 +324,7 @@ def evaluate_regions(editor, config, count: int, *, steps: int, batch_size: int,
     results = {}
     for split in REGION_SPLITS:
         tests = test_samples(config, count, split)
-        pixels = np.stack([s["source"] for s in tests]).astype(np.float32) / 127.5 - 1.0
+        pixels = source_pixels(tests)
         predicted = np.concatenate([editor.region_mask_arrays(pixels[i : i + batch_size],
                                                               [s["instruction"] for s in tests[i : i + batch_size]])
                                     for i in range(0, count, batch_size)])  # fmt: skip
@@ -363,10 +376,7 @@ def run_region_demo(
     from fireedit_jax.train.run import train_and_evaluate
 
     clock = Clock(steps, 0)
-    if fresh and os.path.isdir(out_dir):
-        shutil.rmtree(out_dir)
-    os.makedirs(out_dir, exist_ok=True)
-    use_compilation_cache(out_dir)
+    prepare_out(out_dir, fresh)
     print(f"fireedit-jax demo: learnt edit regions (Beyond Editing Pairs) on ShapeEdit, seed {seed}: a mask-guided\n"
           f"generator, then CLIP and the region model trained on captions alone. Output: {out_dir}/")  # fmt: skip
     if generator is None:
@@ -383,7 +393,7 @@ def run_region_demo(
                                guidance=guidance)  # fmt: skip
     clock.phase("editing")
     tests = test_samples(editor.config, ROWS_SHOWN)
-    pixels = np.stack([s["source"] for s in tests]).astype(np.float32) / 127.5 - 1.0
+    pixels = source_pixels(tests)
     regions = editor.region_mask_arrays(pixels, [s["instruction"] for s in tests])
     shown = np.where(regions[..., None], np.stack([s["source"] for s in tests]), 0).astype(np.uint8)
     edited = edit_samples(editor, tests, masks=regions, steps=edit_steps, batch_size=batch_size, guidance=guidance,
@@ -391,10 +401,8 @@ def run_region_demo(
     edits_grid([dict(s, target=e) for s, e in zip(tests, edited)], shown).save(os.path.join(out_dir, "regions.png"))
     summary = {"samples": samples, "edit_steps": edit_steps, "guidance": list(guidance), "seed": seed,
                "generator": generator, "checkpoint": checkpoint, "splits": results}  # fmt: skip
-    with open(os.path.join(out_dir, "metrics.json"), "w") as f:
-        json.dump(summary, f, indent=1)
-    with open(os.path.join(out_dir, "timings.json"), "w") as f:
-        json.dump({"seconds": clock.phases}, f, indent=1)
+    write_json(out_dir, "metrics.json", summary)
+    write_json(out_dir, "timings.json", {"seconds": clock.phases})
     print(region_table(results))
     print(f"wrote {out_dir}/regions.png (input · instruction · the predicted region · the edit under it) and "
           f"{out_dir}/metrics.json; the demo {clock.summary()}")
