@@ -5,8 +5,12 @@ XLA_FLAGS must be set before jax is imported anywhere.
 
 import os
 
+# 8 simulated devices share 2 cores: a device's thread can wait minutes at a collective on a
+# loaded machine, and XLA:CPU aborts the process when the rendezvous outlasts its timeouts
+# (CI once died so in the sharded stage-3 test). Wait up to 30 minutes instead.
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    " --xla_cpu_collective_call_terminate_timeout_seconds=1800 --xla_cpu_collective_timeout_seconds=1800"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
