@@ -7,7 +7,9 @@ one image in float32 on the CPU three ways, in turn (so load from other processe
   plain          no mask
   masked         a box mask: masked sampling (the source outside the mask at every step)
   mask encoder   the same UNet with gated injection and a mask encoder (gates opened): the
-                 mask's tokens enter every transformer block through gated self-attention
+                 mask's tokens enter every transformer block through a gated cross-attention
+                 (injection_layer "cross", configs/shapes_mask.py's default)
+  GLIGEN layer   the same through GLIGEN's gated self-attention + feed-forward ("self")
 Each edit is timed at --steps and at 2 × --steps; the difference over --steps is the per-step time
 (what encoding, conditioning and decoding cost once drops out). Prints the medians and the ratios
 against the plain edit.
@@ -32,10 +34,10 @@ from fireedit_jax.pipeline import Editor
 from timing import interleaved
 
 
-def with_mask_encoder(editor: Editor) -> Editor:
-    """The editor's checkpoint with gated injection and a mask encoder (fresh, gates at 0.5)."""
+def with_mask_encoder(editor: Editor, layer: str) -> Editor:
+    """The editor's checkpoint with gated injection through `layer` and a mask encoder (fresh, gates at 0.5)."""
     config = editor.config.copy_and_resolve_references()
-    config.model.unet.gated_injection = True
+    config.model.unet.gated_injection, config.model.unet.injection_layer = True, layer
     config.model.mask_encoder = dataclasses.asdict(
         MaskEncoderConfig(channels=(32, 64, 128, 128), out_dim=config.model.unet.cross_attention_dim)
     )
@@ -57,7 +59,6 @@ def main() -> None:
     reference.save_ip2p(f"{root}/diffusers", reference.IP2PSizes.sd15_shaped())
     convert_ip2p(f"{root}/diffusers", f"{root}/ckpt")
     plain = Editor.from_pretrained(f"{root}/ckpt")
-    gated = with_mask_encoder(plain)
     rng = np.random.default_rng(0)
     pixels = rng.uniform(-1, 1, (1, args.size, args.size, 3)).astype(np.float32)
     mask = np.zeros((1, args.size, args.size), np.float32)
@@ -67,7 +68,9 @@ def main() -> None:
     def run(editor, masks, steps):
         return lambda: editor.edit_arrays(pixels, instruction, masks=masks, steps=steps).block_until_ready()
 
-    contenders = {"plain": (plain, None), "masked": (plain, mask), "mask encoder": (gated, mask)}
+    contenders = {"plain": (plain, None), "masked": (plain, mask),
+                  "mask encoder": (with_mask_encoder(plain, "cross"), mask),
+                  "GLIGEN layer": (with_mask_encoder(plain, "self"), mask)}  # fmt: skip
     fns = {f"{name} {s}": run(editor, masks, s) for name, (editor, masks) in contenders.items()
            for s in (args.steps, 2 * args.steps)}  # fmt: skip
     results = interleaved(fns, args.repeats, warmup=1)

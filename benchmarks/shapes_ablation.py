@@ -11,7 +11,8 @@ Rows (configs/shapes.py variants), each trained from scratch with the same budge
   clip_text     the UNet on a tiny CLIP text encoder (no VLM)
 and the mask-guided rows (configs/shapes_mask.py; trained with mask_edit, edited under each scene's
 exact edit mask):
-  mask          clip_text + the mask encoder through gated self-attention (PromptEditDiff)
+  mask          clip_text + the mask encoder through gated cross-attention (PromptEditDiff)
+  mask_gligen   the same through GLIGEN's gated self-attention + feed-forward
   mask_blend    clip_text told where only by the loss weights and masked sampling (w/o mask encoder)
   mask_fireedit full (FireEdit) + the mask encoder
 Each model edits the first --samples scenes of the test split and of the held-out split
@@ -42,7 +43,8 @@ from fireedit_jax import demo
 from fireedit_jax.data.shapes import KINDS
 
 ROWS = {"none": "none", "region": "+Region", "region_tati": "+Region+TATI", "full": "full (FireEdit)",
-        "clip_text": "clip_text (IP2P-style)", "mask": "mask (PromptEditDiff)", "mask_blend": "mask w/o mask encoder",
+        "clip_text": "clip_text (IP2P-style)", "mask": "mask (PromptEditDiff)",
+        "mask_gligen": "mask, GLIGEN's layer", "mask_blend": "mask w/o mask encoder",
         "mask_fireedit": "FireEdit + mask"}  # fmt: skip
 COLUMNS = {  # column: how a row-seed's scores.json gives it
     "test": lambda r: r["test"], "position/size": lambda r: r["position/size"], "heldout": lambda r: r["heldout"],

@@ -12,8 +12,10 @@ unshuffle autoencoder is exact).
 
 Variants (the argument after the colon):
   mask       the IP2P-style UNet on the tiny CLIP text encoder + the mask encoder (8 × 8 tokens
-             from the 16 × 16 latent mask) through gated self-attention in every transformer
-             block (the default)
+             from the 16 × 16 latent mask), read in every transformer block by a gated
+             cross-attention (PromptEditDiff's φ·Attn(H, F_M); the default)
+  gligen     the same with GLIGEN's gated self-attention + gated feed-forward instead (diffusers'
+             layer; costs a second self-attention and feed-forward per block)
   blend      the same without the mask encoder: the mask acts only through the loss weights and
              masked sampling (the paper's "w/o mask encoder")
   fireedit   configs/shapes.py's FireEdit (VLM, regions, TATI, HVCA) + the mask encoder: what
@@ -28,18 +30,20 @@ from fireedit_jax.train.run import load_config
 
 SHAPES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "shapes.py")
 CONTEXT_WIDTH = 64  # configs/shapes.py's CONTEXT[1]: the UNet's cross-attention width
-VARIANTS = {"mask": ("clip_text", True), "blend": ("clip_text", False), "fireedit": ("full", True)}
+# variant → (configs/shapes.py's variant, the UNet's injection_layer for the mask tokens or None)
+VARIANTS = {"mask": ("clip_text", "cross"), "gligen": ("clip_text", "self"), "blend": ("clip_text", None),
+            "fireedit": ("full", "cross")}
 MASK_TOKENS = (32, 64)  # conv widths: the 16 × 16 latent mask → 8 × 8 tokens
 
 
 def get_config(variant: str = "mask"):
     if variant not in VARIANTS:
         raise ValueError(f"unknown configs/shapes_mask.py variant {variant!r}; known: {', '.join(VARIANTS)}")
-    base, encoder = VARIANTS[variant]
+    base, layer = VARIANTS[variant]
     config = load_config(f"{SHAPES}:{base}")
     model = config.model
-    if encoder:
-        model.unet.gated_injection = True
+    if layer:
+        model.unet.gated_injection, model.unet.injection_layer = True, layer
         model.mask_encoder = dataclasses.asdict(MaskEncoderConfig(channels=MASK_TOKENS, out_dim=CONTEXT_WIDTH))
         config.train.trainable = (*config.train.trainable, "^mask_encoder/")
     config.train.loss = "mask_edit"

@@ -14,6 +14,8 @@ image is never read. There is no pretrained CLIP or T5 to download, so:
   clip     trains the CLIP towers contrastively on the scene–caption pairs (loss clip_contrastive)
   region   trains the region predictor and the T5 encoder (no pretrained one: it learns the
            instruction's words with the predictor) on L_sa + L_clip, CLIP and the generator frozen
+  structural  region with the structural term ×10 (λ_structural; benchmarks/region_landscape.py's
+           best lever on free logits)
   no_sa    region without L_sa (the paper's Table 4 "w/o L_sa")
   no_clip  region without L_clip ("w/o L_clip": no edit is made, the predictor learns from L_sa alone)
 
@@ -35,7 +37,7 @@ SHAPES_MASK = os.path.join(os.path.dirname(os.path.abspath(__file__)), "shapes_m
 IMAGE_SIZE = 32
 WIDTH = 64  # CLIP, T5 and the predictor; the joint embedding too
 CAPTION_LENGTH = 48  # <s> + a scene of five objects ("a big red circle in the top left" each) + </s>
-VARIANTS = {"clip", "region", "no_sa", "no_clip"}
+VARIANTS = {"clip", "region", "structural", "no_sa", "no_clip"}
 
 
 def region_model() -> dict:
@@ -75,5 +77,7 @@ def get_config(variant: str = "region"):
     train.region_edit_steps = 2
     train.region_guidance = (1.0, 3.0)  # (s_I, s_T) of the edit, the mask demo's
     train.region_weights = dict(lambda_sa=0.0 if variant == "no_sa" else 1.0,
-                                lambda_clip=0.0 if variant == "no_clip" else 1.0)  # fmt: skip
+                                lambda_clip=0.0 if variant == "no_clip" else 1.0,
+                                lambda_guidance=1.0, lambda_directional=1.0,
+                                lambda_structural=10.0 if variant == "structural" else 1.0)  # fmt: skip
     return config

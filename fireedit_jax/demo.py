@@ -287,12 +287,18 @@ REGION_CONFIG = os.path.join(CONFIGS, "shapes_region.py")
 REGION_SPLITS = ("test", "heldout")
 
 
-def region_config(variant: str, seed: int):
-    """configs/shapes_region.py's `variant` ("clip" for the CLIP stage) with the run's seed."""
+def region_config(variant: str, seed: int, generator: str | None = None):
+    """configs/shapes_region.py's `variant` ("clip" for the CLIP stage) with the run's seed; with
+    `generator` (an exported mask-guided checkpoint) its UNet and mask encoder as that checkpoint
+    has them (e.g. configs/shapes_mask.py:gligen's gated self-attention)."""
+    from fireedit_jax import checkpoint
     from fireedit_jax.train.run import load_config
 
     config = load_config(f"{REGION_CONFIG}:{variant}")
     config.seed = seed
+    if generator is not None:
+        trained = checkpoint.load_config(generator).model
+        config.model.unet, config.model.mask_encoder = trained.unet, trained.get("mask_encoder")
     return config
 
 
@@ -306,10 +312,10 @@ def train_region_model(out_dir: str, *, generator: str, variant: str = "region",
     if clip_run is None:
         clip_run = os.path.join(out_dir, "clip")
         print(f"CLIP on ShapeEdit's scene captions (contrastive) in {clip_run}")
-        train_and_evaluate(region_config("clip", seed), clip_run, init=generator)
+        train_and_evaluate(region_config("clip", seed, generator), clip_run, init=generator)
     workdir, export_dir = os.path.join(out_dir, "train"), os.path.join(out_dir, "checkpoint")
     print(f"the region model ({variant}) on captions, generator and CLIP frozen, in {workdir}")
-    train_and_evaluate(region_config(variant, seed), workdir, init=clip_run)
+    train_and_evaluate(region_config(variant, seed, generator), workdir, init=clip_run)
     ckpt_lib.export(workdir, export_dir)
     return export_dir
 

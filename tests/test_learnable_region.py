@@ -160,3 +160,17 @@ def test_init_from_an_exported_generator_adds_the_region_model(region_setup, tmp
     assert restored["vae"] == {} and set(restored) == set(params) | {"vae"}
     np.testing.assert_array_equal(restored["unet"]["conv_in"]["kernel"], params["unet"]["conv_in"]["kernel"])
     assert jax.tree.structure(restored["region"]) == jax.tree.structure(params["region"])
+
+
+def test_region_config_takes_the_generators_unet(tmp_path):
+    """The region stages build the generator's UNet and mask encoder as its checkpoint has them
+    (here GLIGEN's layer), so a generator of any configs/shapes_mask.py variant loads strictly."""
+    from fireedit_jax import demo
+
+    generator = load_config("configs/shapes_mask.py:gligen")
+    generator.model.mask_encoder.channels = (16, 32)
+    (tmp_path / "config.json").write_text(generator.to_json())
+    config = demo.region_config("region", 3, str(tmp_path))
+    assert config.model.unet.injection_layer == "self" and tuple(config.model.mask_encoder.channels) == (16, 32)
+    assert config.seed == 3 and config.train.loss == "learnable_region"
+    assert demo.region_config("region", 3).model.unet.injection_layer == "cross"

@@ -267,37 +267,65 @@ def test_remat_matches(conv_proj, highest_precision):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5), grads_remat, grads)
 
 
-# ------------------------------------------------------------------ gated injection (GLIGEN's gated self-attention)
+# ------------------------------------------------------------------ gated injection (GLIGEN's gated self-attention, or cross-attention)
 
 
-def test_gated_self_attention_matches_diffusers(highest_precision):
-    """Our GatedSelfAttention against diffusers' GatedSelfAttentionDense (random weights, gates moved off 0)."""
-    from diffusers.models.attention import GatedSelfAttentionDense
-
+def _fuser_params(reference) -> dict:
+    """A torch fuser's state dict → our GatedInjection params, named as inside a block, so the
+    key mapping is the UNet's."""
     from fireedit_jax.convert.unet import flax_path
-    from fireedit_jax.models.unet import GatedSelfAttention
 
-    torch.manual_seed(0)
-    reference = GatedSelfAttentionDense(query_dim=16, context_dim=24, n_heads=4, d_head=4).eval()
-    with torch.no_grad():
-        for p in reference.parameters():
-            p.add_(0.3 * torch.randn_like(p))
-    state = {k: v.numpy() for k, v in reference.state_dict().items()}
     params = {}
-    for key, value in state.items():  # named as inside a block, so the key mapping is the UNet's
+    for key, value in reference.state_dict().items():
         path, transform = flax_path(f"fuser.{key}", value.ndim)
         node = params
         for part in path[2:-1]:
             node = node.setdefault(part, {})
-        node[path[-1]] = np.asarray(transform(value))
+        node[path[-1]] = np.asarray(transform(value.numpy()))
+    return params
+
+
+class _GatedCrossAttention(torch.nn.Module):
+    """The "cross" layer from diffusers' parts: x + tanh(α)·Attention(LayerNorm(x), Linear(objs))."""
+
+    def __init__(self, query_dim, context_dim, heads, dim_head):
+        from diffusers.models.attention_processor import Attention as DiffusersAttention
+
+        super().__init__()
+        self.linear = torch.nn.Linear(context_dim, query_dim)
+        self.norm1 = torch.nn.LayerNorm(query_dim)
+        self.attn = DiffusersAttention(query_dim=query_dim, heads=heads, dim_head=dim_head)
+        self.register_parameter("alpha_attn", torch.nn.Parameter(torch.tensor(0.0)))
+
+    def forward(self, x, objs):
+        return x + self.alpha_attn.tanh() * self.attn(self.norm1(x), encoder_hidden_states=self.linear(objs))
+
+
+@pytest.mark.parametrize("layer", ["self", "cross"])
+def test_gated_injection_matches_reference(layer, highest_precision):
+    """GatedInjection against diffusers' GatedSelfAttentionDense ("self") and against the gated
+    cross-attention built from diffusers' Attention ("cross"); random weights, gates moved off 0."""
+    from diffusers.models.attention import GatedSelfAttentionDense
+
+    from fireedit_jax.models.unet import GatedInjection
+
+    torch.manual_seed(0)
+    if layer == "self":
+        reference = GatedSelfAttentionDense(query_dim=16, context_dim=24, n_heads=4, d_head=4).eval()
+    else:
+        reference = _GatedCrossAttention(query_dim=16, context_dim=24, heads=4, dim_head=4).eval()
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    params = _fuser_params(reference)
     rng = np.random.default_rng(0)
     x = rng.normal(size=(2, 12, 16)).astype(np.float32)
     objs = rng.normal(size=(2, 5, 24)).astype(np.float32)
     with torch.no_grad():
         want = reference(torch.from_numpy(x), torch.from_numpy(objs)).numpy()
-    got = GatedSelfAttention(heads=4).apply({"params": params}, x, objs)
+    got = GatedInjection(heads=4, layer=layer).apply({"params": params}, x, objs)
     err = float(np.max(np.abs(np.asarray(got) - want)))
-    print(f"gated self-attention max abs err {err:.2e}")
+    print(f"gated {layer} injection max abs err {err:.2e}")
     assert err <= 1e-4 and np.max(np.abs(want - x)) > 1e-2  # the gates are open: the layer does something
 
 
@@ -315,11 +343,12 @@ def test_parity_gligen_unet(tmp_path, highest_precision):
     assert err <= 1e-4
 
 
-def test_gated_injection_closed_gates_is_the_plain_unet_bit_for_bit(conv_proj):
+@pytest.mark.parametrize("layer", ["self", "cross"])
+def test_gated_injection_closed_gates_is_the_plain_unet_bit_for_bit(layer, conv_proj):
     """An SD/IP2P checkpoint into a gated UNet: the fusers are left to a fresh init (declared fresh);
     with φ = 0 the output equals the plain UNet's exactly, with grounding or without; opened gates change it."""
     _, state, config, params = conv_proj
-    gated = UNetConfig(**{**config.__dict__, "gated_injection": True})
+    gated = UNetConfig(**{**config.__dict__, "gated_injection": True, "injection_layer": layer})
     converted = convert_unet(state, gated)  # no fuser in the checkpoint: fresh, not an error
     assert not any("fuser" in p for p in flax.traverse_util.flatten_dict(converted))
     sample, t, context = _inputs(config, LATENT_SIZE["conv_proj"])

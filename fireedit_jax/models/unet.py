@@ -11,9 +11,12 @@ Optionally (`addition_embed_type="text"`, diffusers' option of that name) the co
 attention-pooled into the time embedding; SD1.5 and IP2P have no such path.
 
 Mask-guided editing (PromptEditDiff) injects spatial tokens G (the mask encoder's) with
-`gated_injection`: each transformer block gets GLIGEN's gated self-attention after its
-self-attention, H = H + tanh(φ_a)·Attn([H, Linear(G)])[:T], H = H + tanh(φ_d)·FF(H), with φ = 0
-at init, so a converted UNet is unchanged until the gates train (diffusers' `attention_type="gated"`).
+`gated_injection`: each transformer block gets a gated layer after its self-attention, φ = 0 at
+init, so a converted UNet is unchanged until the gates train. `injection_layer` picks it:
+  "self"   GLIGEN's gated self-attention (diffusers' `attention_type="gated"`, converts):
+           H = H + tanh(φ_a)·Attn([H, Linear(G)])[:T], H = H + tanh(φ_d)·FF(H); O((T + G)²)
+  "cross"  PromptEditDiff's H = H + φ·Attn(H, F_M): H attends to Linear(G) alone, no FF; O(T·G),
+           a few percent of the block where "self" adds a second self-attention and feed-forward
 """
 
 from __future__ import annotations
@@ -78,7 +81,8 @@ _FIXED_DIFFUSERS_FIELDS = {
 # attention already takes scores and softmax in float32).
 _INERT_DIFFUSERS_FIELDS = ("sample_size", "upcast_attention")
 ADDITION_EMBED_TYPES = (None, "text")
-ATTENTION_TYPES = ("default", "gated")  # diffusers' names; "gated" = gated_injection
+ATTENTION_TYPES = ("default", "gated")  # diffusers' names; "gated" = gated_injection, injection_layer "self"
+INJECTION_LAYERS = ("self", "cross")
 
 
 def _per_level(value, levels: int, name: str) -> tuple:
@@ -123,9 +127,11 @@ class UNetConfig:
     # (adapter style): a UNet trained from scratch then starts unconditioned instead of
     # learning to suppress its random condition.
     zero_init_cross_out: bool = False
-    # GLIGEN's gated self-attention in every transformer block, reading grounding tokens
-    # (float[B, G, cross_attention_dim], the mask encoder's); tanh gates start at zero.
+    # A gated layer in every transformer block reading grounding tokens (float[B, G,
+    # cross_attention_dim], the mask encoder's); tanh gates start at zero. injection_layer:
+    # "self" (GLIGEN's gated self-attention + FF) or "cross" (a gated cross-attention to G).
     gated_injection: bool = False
+    injection_layer: str = "self"
 
     def __post_init__(self):
         levels = len(self.block_out_channels)
@@ -139,6 +145,8 @@ class UNetConfig:
             if unknown:
                 raise ValueError(f"{name}: unsupported block types {unknown}; supported: {allowed}")
             set_(name, types)
+        if self.injection_layer not in INJECTION_LAYERS:
+            raise ValueError(f"injection_layer={self.injection_layer!r}; supported: {INJECTION_LAYERS}")
         if self.addition_embed_type not in ADDITION_EMBED_TYPES:
             raise ValueError(f"addition_embed_type={self.addition_embed_type!r}; supported: {ADDITION_EMBED_TYPES}")
         if self.addition_embed_type and self.cross_attention_dim % self.addition_embed_type_num_heads:
@@ -316,19 +324,23 @@ class TransformerBlock(nn.Module):
             if grounding is None and self.is_initializing():
                 grounding = jnp.zeros((x.shape[0], 1, context.shape[-1]), x.dtype)  # creates the fuser
             if grounding is not None:
-                x = GatedSelfAttention(self.heads, attention=self.attention, name="fuser", **kw)(x, grounding)
+                x = GatedInjection(self.heads, cfg.injection_layer, attention=self.attention, name="fuser", **kw)(
+                    x, grounding
+                )
         elif grounding is not None:
             raise ValueError("grounding tokens given to a UNet without gated injection (config.gated_injection=False)")
         x = x + attn("attn2", cfg.decoupled, cfg.zero_init_cross_out)(LayerNorm(name="norm2", **kw)(x), context, visual)
         return x + GEGLUFeedForward(name="ff", **kw)(LayerNorm(name="norm3", **kw)(x))
 
 
-class GatedSelfAttention(nn.Module):
-    """GLIGEN's GatedSelfAttentionDense: the features attend over themselves and the projected
-    grounding tokens (only the feature positions are kept), then a GEGLU feed-forward, each
-    added through a tanh gate that starts at zero."""
+class GatedInjection(nn.Module):
+    """The grounding tokens' gated layer (module docstring), each branch added through a tanh
+    gate that starts at zero. layer="self": GLIGEN's GatedSelfAttentionDense, the features attend
+    over themselves and the projected grounding tokens (only the feature positions are kept), then
+    a gated GEGLU feed-forward; layer="cross": the features attend to the projected tokens alone."""
 
     heads: int
+    layer: str = "self"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     attention: str | None = None
@@ -338,13 +350,18 @@ class GatedSelfAttention(nn.Module):
         """x: float[B, T, C]; grounding: float[B, G, D] → float[B, T, C]."""
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         tokens = dense(x.shape[-1], ("embed", "mlp"), name="linear", **kw)(grounding.astype(self.dtype))
-        both = LayerNorm(name="norm1", **kw)(jnp.concatenate([x, tokens], axis=1))
-        attended = Attention(self.heads, attention=self.attention, name="attn", **kw)(both)[:, : x.shape[1]]
+        attention = Attention(self.heads, attention=self.attention, name="attn", **kw)
+        if self.layer == "cross":
+            attended = attention(LayerNorm(name="norm1", **kw)(x), tokens)
+        else:
+            attended = attention(LayerNorm(name="norm1", **kw)(jnp.concatenate([x, tokens], axis=1)))[:, : x.shape[1]]
 
         def gate(name):  # tanh(φ), φ a learnt scalar from 0: the block starts as the identity
             return jnp.tanh(self.param(name, partitioned(nn.initializers.zeros, ()), (), self.param_dtype)).astype(x.dtype)
 
         x = x + gate("alpha_attn") * attended
+        if self.layer == "cross":
+            return x
         return x + gate("alpha_dense") * GEGLUFeedForward(name="ff", **kw)(LayerNorm(name="norm2", **kw)(x))
 
 
