@@ -275,14 +275,11 @@ def _fuser_params(reference) -> dict:
     key mapping is the UNet's."""
     from fireedit_jax.convert.unet import flax_path
 
-    params = {}
+    flat = {}
     for key, value in reference.state_dict().items():
         path, transform = flax_path(f"fuser.{key}", value.ndim)
-        node = params
-        for part in path[2:-1]:
-            node = node.setdefault(part, {})
-        node[path[-1]] = np.asarray(transform(value.numpy()))
-    return params
+        flat[tuple(path[2:])] = np.asarray(transform(value.numpy()))
+    return flax.traverse_util.unflatten_dict(flat)
 
 
 class _GatedCrossAttention(torch.nn.Module):
