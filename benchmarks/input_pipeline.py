@@ -175,7 +175,7 @@ def compare_with_step(args) -> None:
     from fireedit_jax.convert.reference import clip_tokenizer
     from fireedit_jax.data.latent_cache import LatentSource, LatentTransform, cache_latents
     from fireedit_jax.data.transforms import clip_text_field
-    from fireedit_jax.train.losses import LATENT_FIELDS
+    from fireedit_jax.models.fireedit import LATENT_FIELDS
     from fireedit_jax.train.step import Trainer
 
     spec = importlib.util.spec_from_file_location("step_config", args.step)

@@ -24,10 +24,9 @@ import numpy as np
 from fireedit_jax import demo
 from fireedit_jax.data.shapes import KINDS
 from fireedit_jax.diffusion.schedules import alphas_cumprod
-from fireedit_jax.models.fireedit import blend_parts
+from fireedit_jax.models.fireedit import blend_parts, encode_latents
 from fireedit_jax.models.vae import scale_latents
 from fireedit_jax.pipeline import Editor
-from fireedit_jax.train.losses import encode_latents
 
 
 def keep_on_edits(editor: Editor, samples: list[dict], timesteps, *, instruction: bool = True, seed: int = 0) -> dict:

@@ -37,14 +37,15 @@ import torch
 from timing import interleaved
 from timing import report as report_ratio
 
-from fireedit_jax.convert import reference
 from fireedit_jax import checkpoint
+from fireedit_jax.config_dataclass import dataclass_from_dict
+from fireedit_jax.convert import reference
 from fireedit_jax.convert.ip2p import convert_ip2p
 from fireedit_jax.data.tokenizer import NEW_TOKENS, NewTokenIds
 from fireedit_jax.data.vlm_inputs import VLMTemplate
 from fireedit_jax.diffusion.schedules import SchedulerConfig, alphas_cumprod
-from fireedit_jax.models.fireedit import EditModel, dataclass_from_dict
-from fireedit_jax.train import flops, losses
+from fireedit_jax.models.fireedit import LATENT_FIELDS, EditModel
+from fireedit_jax.train import flops
 from fireedit_jax.train import run as run_lib
 from fireedit_jax.train.step import Trainer
 
@@ -70,7 +71,7 @@ def ip2p_setup(batch: int):
 def ip2p_batch(config, batch: int, rng) -> dict:
     """Cached-latent IP2P batch: LATENT_FIELDS float32[B, h, w, 4] and CLIP ids int32[B, 77]."""
     side = config.resolution // (2 ** (len(config.model.vae.block_out_channels) - 1))
-    latents = {name: rng.normal(size=(batch, side, side, 4)).astype(np.float32) for name in losses.LATENT_FIELDS}
+    latents = {name: rng.normal(size=(batch, side, side, 4)).astype(np.float32) for name in LATENT_FIELDS}
     latents["target_latents_logvar"] = np.full_like(latents["target_latents_logvar"], -10.0)
     vocab = config.model.text_encoder.vocab_size
     return {**latents, "input_ids": rng.integers(0, vocab, (batch, 77), dtype=np.int32)}

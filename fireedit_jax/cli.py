@@ -156,14 +156,10 @@ def _edit(args) -> int:
         raise ValueError("--image needs --instruction (repeat it to edit in several turns)")
     if args.boxes and not (args.image and len(instructions) == 1):
         raise ValueError('--boxes is for one single-turn edit; a --jsonl line takes its own "boxes"')
-    if (args.mask or args.mask_box or args.mask_from) and not (args.image and len(instructions) == 1):
+    given = args.mask or args.mask_box or args.mask_from
+    if given and not (args.image and len(instructions) == 1):
         raise ValueError("--mask / --mask-box / --mask-from are for one single-turn edit of --image")
-    if args.mask_from and (args.mask or args.mask_box):
-        raise ValueError("--mask-from predicts the mask: drop --mask / --mask-box")
     editor = Editor.from_pretrained(args.checkpoint, dtype=args.dtype)
-    method = editor.check_method(args.method, bool(args.mask or args.mask_box or args.mask_from))
-    if args.save_mask and not (args.mask_from or method == "region"):
-        raise ValueError("--save-mask writes a predicted mask: it needs --method region or --mask-from")
     if args.images or args.jsonl:
         from fireedit_jax.eval.batch_edit import edit_folder, edit_jsonl
 
@@ -193,21 +189,25 @@ def _edit(args) -> int:
 
         boxes = propose(args.proposer, [args.image])[0]
     mask_box = _parse_box(args.mask_box) if args.mask_box else None
-    mask = args.mask
-    if args.mask_from or method == "region":  # the predicted region: a mask-guided edit under it
-        predictor = Editor.from_pretrained(args.mask_from, dtype=args.dtype) if args.mask_from else editor
-        mask, method = predictor.predict_regions([args.image], instructions)[0], "mask"
-        if args.save_mask:
-            storage.save_image(Image.fromarray(mask.astype(np.uint8) * 255), args.save_mask)
-            print(f"wrote the predicted mask to {args.save_mask}")
-        if not mask.any():  # nothing to edit (warned): the source as it is
-            storage.save_image(images.load_image(args.image), args.out)
-            print(f"wrote {args.out} (unchanged)")
-            return 0
+    mask_from = Editor.from_pretrained(args.mask_from, dtype=args.dtype) if args.mask_from else None
+    (region,) = editor.find_regions([args.image], instructions, boxes=[boxes], masks=[args.mask], mask_boxes=[mask_box],
+                                    mask_from=mask_from, whole_image=args.whole_image, method=args.method,
+                                    seed=args.seed)  # fmt: skip
+    if args.save_mask:
+        if region is None:
+            raise ValueError("--save-mask writes the edit's region, and this edit has none (the whole image is "
+                             "edited: a checkpoint without a region head, --whole-image or --method ip2p/fireedit)")  # fmt: skip
+        storage.save_image(Image.fromarray(region.astype(np.uint8) * 255), args.save_mask)
+        print(f"wrote the edit's region to {args.save_mask}")
+    if region is not None and not region.any():  # nothing to edit (warned): the source as it is
+        storage.save_image(images.load_image(args.image), args.out)
+        print(f"wrote {args.out} (unchanged)")
+        return 0
     out = editor.edit(
         args.image, instructions[0], steps=args.steps, image_guidance=args.image_guidance,
         text_guidance=args.text_guidance, seed=args.seed, scheduler=args.scheduler, boxes=boxes,
-        mask=mask, mask_box=mask_box, mask_dilation=args.mask_dilate, mask_feather=args.mask_feather, method=method,
+        mask=region, whole_image=region is None, mask_dilation=args.mask_dilate, mask_feather=args.mask_feather,
+        method="mask" if region is not None else None,
     )  # fmt: skip
     storage.save_image(out, args.out)
     print(f"wrote {args.out}")
@@ -266,16 +266,21 @@ def _edit_parser(commands) -> None:
     edit.add_argument("--method", choices=("ip2p", "fireedit", "mask", "region"), default=None,
                       help="the edit method (default: the checkpoint's own); a method the checkpoint cannot serve "
                            "is refused with the ones it can")  # fmt: skip
-    edit.add_argument("--mask", default=None,
-                      help="mask image of the region to edit (white, or transparent, where to edit; resized with a "
-                           "warning if its size differs): outside it the image is kept")  # fmt: skip
+    edit.add_argument("--mask", default=None, metavar="PNG|auto",
+                      help="where to edit: a mask image (white, or transparent, where to edit; resized with a "
+                           "warning if its size differs), or 'auto': DiffEdit's mask from the checkpoint's own "
+                           "predictions with and without the instruction. Outside it the image is kept exactly. "
+                           "Default: a checkpoint with a region head predicts the region, any other edits the "
+                           "whole image")  # fmt: skip
     edit.add_argument("--mask-box", default=None, metavar="X0,Y0,X1,Y1",
                       help="the region to edit as a normalised box, instead of --mask")
     edit.add_argument("--mask-from", default=None, metavar="CKPT",
-                      help="a checkpoint with a region model (learnt edit regions): its predicted mask is the edit's "
-                           "mask, e.g. for a FireEdit or InstructPix2Pix --checkpoint")  # fmt: skip
+                      help="a checkpoint with a region head (a region model, or FireEdit's grounding): its predicted "
+                           "region is the edit's, e.g. for a FireEdit or InstructPix2Pix --checkpoint")  # fmt: skip
+    edit.add_argument("--whole-image", action="store_true",
+                      help="edit the whole image, even with a checkpoint that predicts regions")
     edit.add_argument("--save-mask", default=None, metavar="PNG",
-                      help="write the predicted mask (--method region or --mask-from; white = edited)")
+                      help="write the edit's region (given or predicted; white = edited)")
     _add_mask_softening(edit)
     edit.add_argument("--batch-size", type=int, default=None,
                       help="edits per batch with --images/--jsonl, rounded up to a multiple of the local "

@@ -134,10 +134,31 @@ def box_mask(box, size: tuple[int, int]) -> np.ndarray:
     return mask
 
 
+def resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """bool[H, W] → bool at `size` = (W, H): a pixel is in the mask if any of the mask covers it (the box
+    filter's average is above 0), so a mask thinner than the new pixels shrinks to one, never to nothing."""
+    mask = np.asarray(mask, bool)
+    if mask.shape[::-1] == tuple(size):
+        return mask.copy()
+    coverage = Image.fromarray(mask.astype(np.float32)).resize(tuple(size), Image.BOX)
+    return np.asarray(coverage) > 1e-6
+
+
 def working_mask(mask: np.ndarray, size: tuple[int, int], dilation: int = 0, feather: float = 0.0) -> np.ndarray:
-    """bool[H, W] → float32 at the working `size` = (W, H): resized (nearest), then `soften_mask`."""
-    resized = np.asarray(Image.fromarray(mask).resize(tuple(size), Image.NEAREST))
-    return soften_mask(resized, dilation, feather)
+    """bool[H, W] → float32 at the working `size` = (W, H): `resize_mask`, then `soften_mask`."""
+    return soften_mask(resize_mask(mask, size), dilation, feather)
+
+
+def composite(source: Image.Image, edited: Image.Image, weight: np.ndarray) -> Image.Image:
+    """The edit pasted into the source at the source's own size: source·(1 − w) + edited·w, w float[H, W]
+    in [0, 1] (1 inside the region, fading over a feathered seam); where w is 0 the output is the source,
+    pixel for pixel."""
+    if source.size != edited.size or weight.shape != source.size[::-1]:
+        raise ValueError(f"composite: source {source.size}, edit {edited.size} and weight {weight.shape[::-1]} differ")
+    a, b = np.asarray(source.convert("RGB"), np.float32), np.asarray(edited.convert("RGB"), np.float32)
+    w = np.asarray(weight, np.float32)[..., None]
+    blended = np.clip(np.rint(a * (1.0 - w) + b * w), 0, 255).astype(np.uint8)
+    return Image.fromarray(np.where(w > 0, blended, np.asarray(source.convert("RGB"))), "RGB")
 
 
 def soften_mask(mask: np.ndarray, dilation: int = 0, feather: float = 0.0) -> np.ndarray:

@@ -14,13 +14,17 @@ import numpy as np
 from PIL import Image
 
 from fireedit_jax import checkpoint, images
+from fireedit_jax.config_dataclass import dataclass_from_dict
 from fireedit_jax.data import tokenizer as llm_tokenizer
 from fireedit_jax.data.proposals import validate_boxes
 from fireedit_jax.data.vlm_inputs import build_vlm_inputs
+from fireedit_jax.diffusion.diffedit import edit_model_diffedit
 from fireedit_jax.diffusion.edit_loop import edit_inputs, make_edit_fn
 from fireedit_jax.diffusion.samplers import make_sampler
 from fireedit_jax.diffusion.schedules import SchedulerConfig
-from fireedit_jax.models.fireedit import EditModel, dataclass_from_dict
+from fireedit_jax.models.fireedit import EditModel
+from fireedit_jax.models.learnable_region import INSTRUCTION_TOKENS
+from fireedit_jax.models.region_predictor import edit_region
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -52,6 +56,9 @@ class Editor:
         self._decode = jax.jit(model.decode)
         if model.region is not None:
             self._region_mask = jax.jit(model.region.region_mask)
+        if model.grounding is not None:
+            self._ground = jax.jit(functools.partial(ground_region, model))
+        self._diffedit = jax.jit(functools.partial(edit_model_diffedit, model, self.scheduler_config))
 
     @property
     def size_multiple(self) -> int:
@@ -67,34 +74,44 @@ class Editor:
         return images.working_size(width, height, int(self.config.get("resolution", 512)), self.size_multiple)
 
     @property
+    def region_head(self) -> str | None:
+        """What predicts where to edit: "region" (the checkpoint's region model), "grounding" (FireEdit's
+        own, from its VLM) or None (a region must be given, or the whole image is edited)."""
+        if self.model.region is not None:
+            return "region"
+        return "grounding" if self.model.grounding is not None else None
+
+    @property
     def methods(self) -> tuple[str, ...]:
-        """The edit methods this checkpoint serves: its conditioner's (ip2p or fireedit) unless it
-        is an inpainting UNet, mask (masked sampling works with any UNet; trained with a mask
-        encoder, the UNet also reads the mask) and, with a region model, region (the mask predicted)."""
+        """The edit methods this checkpoint serves: its conditioner's (ip2p or fireedit: the whole image)
+        unless it is an inpainting UNet, mask (a given region; masked sampling works with any UNet,
+        and a UNet trained with a mask encoder also reads the mask) and, with a region head, region
+        (the region predicted)."""
         own = () if self.model.image_condition == "masked" else ("fireedit" if self.model.conditioner == "vlm" else "ip2p",)
-        return (*own, "mask", *(("region",) if self.model.region is not None else ()))
+        return (*own, "mask", *(("region",) if self.region_head else ()))
 
     @property
     def default_method(self) -> str:
-        if self.model.region is not None:
+        if self.region_head:
             return "region"
         return "mask" if self.model.mask_encoder is not None or self.model.image_condition == "masked" else self.methods[0]
 
     def check_method(self, method: str | None, has_mask: bool) -> str:
-        """The method to run (None: the checkpoint's default); ValueError naming what the
-        checkpoint serves when it cannot serve `method`, or when a mask is missing for it."""
-        method = method or self.default_method
+        """The method to run (None: the checkpoint's default, "mask" where a mask is given); ValueError
+        naming what the checkpoint serves when it cannot serve `method`, or when a mask is missing for it."""
+        method = method or ("mask" if has_mask and self.default_method == "region" else self.default_method)
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
         if method not in self.methods:
             if method == "region":
-                why = "it has no region predictor (learnt edit regions)"
+                why = "it has no region head (a region model or FireEdit's grounding) to predict where to edit"
             else:
                 why = f"its conditioner is {self.model.conditioner!r}"
             raise ValueError(f"this checkpoint cannot edit with --method {method}: {why}. "
                              f"It serves: {', '.join(self.methods)}")  # fmt: skip
         if method == "mask" and not has_mask:
-            raise ValueError("--method mask needs the region to edit: a mask image (--mask) or a box (--mask-box)")
+            raise ValueError("--method mask needs the region to edit: a mask image (--mask), a box (--mask-box), "
+                             "--mask auto or --mask-from")  # fmt: skip
         if method == "region" and has_mask:
             raise ValueError("--method region predicts where to edit: give no mask (or use --method mask)")
         return method
@@ -124,6 +141,8 @@ class Editor:
         boxes=None,
         mask=None,
         mask_box=None,
+        mask_from: Editor | str | None = None,
+        whole_image: bool = False,
         mask_dilation: int = 0,
         mask_feather: float = 0.0,
         method: str | None = None,
@@ -131,56 +150,103 @@ class Editor:
     ):
         """Edits one image (→ PIL image) or a list of images with one instruction each (→ list).
 
-        Images of any size and mode are accepted; each output has its input's size.
-        boxes: region proposals for the VLM, normalised xyxy: float[R, 4] for one image, a
-        list of those for a list (None: no region tokens).
-        mask: where to edit (a path, PIL image or [H, W] array; white / 1 = edit, or transparent), or
-        mask_box: a normalised (x0, y0, x1, y1) box to edit in; one per image for a list. A mask of
-        another size than its image is resized with a warning.
-        mask_dilation: grow the mask by this many pixels; mask_feather: fade the blend out over this
+        Images of any size and mode are accepted; each output has its input's size. Where the edit
+        has a region (`find_regions`: given, or predicted by the checkpoint's region head), the
+        output is the input outside it, pixel for pixel, and the edit inside (`images.composite`).
+        boxes: region proposals (FireEdit's region tokens, and what a region head scores), normalised
+        xyxy: float[R, 4] for one image, a list of those for a list (None: none).
+        mask, mask_box, mask_from, whole_image, method: where to edit (`find_regions`).
+        mask_dilation: grow the region by this many pixels; mask_feather: fade the blend out over this
         many pixels around it (soft edges).
-        method: ip2p | fireedit | mask | region; None: the checkpoint's own (`check_method`).
         """
         single = isinstance(instruction, str)
         image_list = [image] if single else list(image)
         instructions = [instruction] if single else list(instruction)
-        count = len(image_list)
-        per_image = lambda x: [x] if single else list(x) if x is not None else [None] * count  # noqa: E731
-        box_list, mask_list, mask_boxes = per_image(boxes), per_image(mask), per_image(mask_box)
         if len(image_list) != len(instructions):
             raise ValueError(f"{len(image_list)} images but {len(instructions)} instructions")
-        for what, given in (("boxes", box_list), ("masks", mask_list), ("mask boxes", mask_boxes)):
-            if len(given) != count:
-                raise ValueError(f"{what} are given for {len(given)} images, but there are {count} images")
-        if mask is not None and mask_box is not None:
-            raise ValueError("give a mask or a mask box, not both")
-        has_mask = mask is not None or mask_box is not None
-        method = self.check_method(method, has_mask)
+        check_instructions(instructions)
+        count = len(image_list)
+        box_list, mask_list, mask_boxes = (_per_image(x, single, count, what) for x, what in
+                                           ((boxes, "boxes"), (mask, "masks"), (mask_box, "mask boxes")))  # fmt: skip
         loaded = [images.load_image(x) for x in image_list]
-        masks = [None] * count
-        if has_mask:
-            masks = [images.load_mask(m, img.size, f"mask {i}") if m is not None else images.box_mask(b, img.size)
-                     for i, (img, m, b) in enumerate(zip(loaded, mask_list, mask_boxes))]  # fmt: skip
-        elif method == "region":
-            masks, has_mask = self.predict_regions(loaded, instructions), True
+        regions = self.find_regions(loaded, instructions, boxes=box_list, masks=mask_list, mask_boxes=mask_boxes,
+                                    mask_from=mask_from, whole_image=whole_image, method=method, seed=seed)  # fmt: skip
         outputs: list[Image.Image | None] = [None] * len(loaded)
-        # one batch per working size (images of one size share a compiled loop)
-        groups: dict[tuple[int, int], list[int]] = {}
+        # one batch per working size and kind of edit (images of one size share a compiled loop)
+        groups: dict[tuple, list[int]] = {}
         for i, img in enumerate(loaded):
-            groups.setdefault(self.working_size(*img.size), []).append(i)
-        for size, members in groups.items():
+            if regions[i] is not None and not regions[i].any():  # a predicted region found nothing (warned)
+                outputs[i] = loaded[i].copy()
+                continue
+            groups.setdefault((self.working_size(*img.size), regions[i] is None), []).append(i)
+        for (size, whole), members in groups.items():
             pixels = np.stack([images.to_model_array(loaded[i], size) for i in members])
             edit_masks = None
-            if has_mask:
-                edit_masks = np.stack([images.working_mask(masks[i], size, mask_dilation, mask_feather) for i in members])
+            if not whole:  # dilation and feather are the image's pixels: scaled to the working size
+                scales = [size[0] / loaded[i].size[0] for i in members]
+                edit_masks = np.stack([images.working_mask(regions[i], size, round(mask_dilation * k), mask_feather * k)
+                                       for i, k in zip(members, scales)])  # fmt: skip
             edited = self.edit_arrays(
                 pixels, [instructions[i] for i in members], boxes=[box_list[i] for i in members], steps=steps,
                 image_guidance=image_guidance, text_guidance=text_guidance, seed=seed, scheduler=scheduler,
                 masks=edit_masks, progress=progress,
             )  # fmt: skip
             for i, array in zip(members, np.asarray(edited)):
-                outputs[i] = images.from_model_array(array, loaded[i].size)
+                out = images.from_model_array(array, loaded[i].size)
+                if not whole:
+                    out = images.composite(loaded[i], out, images.soften_mask(regions[i], mask_dilation, mask_feather))
+                outputs[i] = out
         return outputs[0] if single else outputs
+
+    def find_regions(self, images_in, instructions: Sequence[str], *, boxes=None, masks=None, mask_boxes=None,
+                     mask_from: Editor | str | None = None, whole_image: bool = False, method: str | None = None,
+                     seed: int = 0) -> list[np.ndarray | None]:  # fmt: skip
+        """Where each edit happens: bool[H, W] at its image's own size, or None (the whole image).
+
+        One place decides, whatever the source of the region (the edit loop never knows which):
+          masks       per image a mask (a path, PIL image or [H, W] array; white / 1 = edit, or
+                      transparent; resized with a warning if its size differs), or "auto": DiffEdit's
+                      mask from this model's own predictions with and without the instruction
+          mask_boxes  per image a normalised (x0, y0, x1, y1) box to edit in (instead of a mask)
+          mask_from   another checkpoint (an Editor or its directory) whose region head predicts it
+          otherwise   this checkpoint's region head (method "region", its default when it has one),
+                      or none: the whole image (whole_image=True, or method ip2p / fireedit)
+        masks, mask_boxes, boxes: one entry per image (entries may be None), or None.
+        """
+        count = len(images_in)
+        loaded = [images.load_image(x) for x in images_in]
+        mask_list, box_masks = (_per_image(x, False, count, what) for x, what in ((masks, "masks"), (mask_boxes, "mask boxes")))
+        if any(m is not None and b is not None for m, b in zip(mask_list, box_masks)):
+            raise ValueError("give a mask or a mask box, not both")
+        given = [m is not None or b is not None for m, b in zip(mask_list, box_masks)]
+        if mask_from is not None and any(given):
+            raise ValueError("mask_from predicts the region: give no mask or mask box with it")
+        method = self.check_method(method, any(given) or mask_from is not None)
+        if whole_image and (any(given) or mask_from is not None or method == "mask"):
+            raise ValueError("whole_image edits without a region: give no mask, mask box or mask_from")
+        regions: list[np.ndarray | None] = [None] * count
+        for i, (img, m, b) in enumerate(zip(loaded, mask_list, box_masks)):
+            if isinstance(m, str) and m == "auto":
+                continue  # below, in one batch
+            if m is not None:
+                regions[i] = images.load_mask(m, img.size, f"mask {i}" if count > 1 else "mask")
+            elif b is not None:
+                regions[i] = images.box_mask(b, img.size)
+        auto = [i for i, m in enumerate(mask_list) if isinstance(m, str) and m == "auto"]
+        if auto:
+            found = self.diffedit_regions([loaded[i] for i in auto], [instructions[i] for i in auto],
+                                          boxes=None if boxes is None else [boxes[i] for i in auto], seed=seed)  # fmt: skip
+            for i, region in zip(auto, found):
+                regions[i] = region
+        predictor = Editor.from_pretrained(mask_from) if isinstance(mask_from, str) else mask_from
+        if predictor is None and method == "region" and not whole_image:
+            predictor = self
+        if predictor is not None:
+            regions = predictor.predict_regions(loaded, instructions, boxes)
+        for i in range(count):
+            if regions[i] is not None and not regions[i].any():
+                warnings.warn(f"the region found for {instructions[i]!r} is empty: the image stays as it is")
+        return regions
 
     def edit_arrays(
         self,
@@ -225,32 +291,51 @@ class Editor:
             )  # fmt: skip
         return self._decode(self.params, latents)
 
-    def predict_regions(self, images_in, instructions: Sequence[str]) -> list[np.ndarray]:
-        """Where the checkpoint's region model would edit: bool[H, W] per image, at its own size
-        (the patches predicted above the model's threshold). images_in: paths, PIL images or arrays."""
+    def predict_regions(self, images_in, instructions: Sequence[str], boxes=None) -> list[np.ndarray]:
+        """Where the checkpoint's region head would edit: bool[H, W] per image, at its own size.
+        images_in: paths, PIL images or arrays; boxes: the proposals it scores, per image float[R, 4]
+        normalised xyxy or None."""
+        boxes = [None] * len(instructions) if boxes is None else boxes
         out = []
-        for image, text in zip(images_in, instructions):
+        for image, text, image_boxes in zip(images_in, instructions, boxes):
             image = images.load_image(image)
             pixels = images.to_model_array(image, self.working_size(*image.size))[None]
-            predicted = self.region_mask_arrays(pixels, [text])[0]
-            if not predicted.any():
-                warnings.warn(f"the region model found nothing to edit for {text!r}: the image stays as it is")
-            resized = Image.fromarray(predicted.astype(np.uint8) * 255).resize(image.size, Image.NEAREST)
-            out.append(np.asarray(resized) > 127)
+            predicted = self.region_mask_arrays(pixels, [text], [image_boxes])[0]
+            out.append(images.resize_mask(predicted, image.size))
         return out
 
-    def region_mask_arrays(self, pixels, instructions: Sequence[str]) -> np.ndarray:
-        """float[B, H, W, 3] in [-1, 1] → bool[B, H, W]: the region model's predicted masks."""
-        if self.model.region is None:
-            raise ValueError("this checkpoint has no region model (learnt edit regions): it cannot predict a mask")
+    def region_mask_arrays(self, pixels, instructions: Sequence[str], boxes=None) -> np.ndarray:
+        """float[B, H, W, 3] in [-1, 1] → bool[B, H, W]: the region head's predicted regions (the
+        proposal it picks, its regressed box, or its cells above the threshold)."""
+        head = self.region_head
+        if head is None:
+            raise ValueError("this checkpoint has no region head (a region model or FireEdit's grounding): it "
+                             "cannot predict where to edit; give a mask, a box, --mask auto or --mask-from")  # fmt: skip
         check_vocabulary(self.tokenizer, instructions)
+        pixels = jnp.asarray(pixels, jnp.float32)
+        if head == "grounding":
+            return np.asarray(self._ground(self.params, pixels, self.text_inputs(instructions, boxes))) > 0.5
         ids, mask = self.region_tokens(instructions)
-        return np.asarray(self._region_mask(self.params["region"], jnp.asarray(pixels, jnp.float32), ids, mask)) > 0.5
+        padded, box_mask = pad_boxes(boxes, len(instructions), max(self.config.data.get("box_buckets", (8,))))
+        region = self._region_mask(self.params["region"], pixels, ids, mask, padded, box_mask)
+        return np.asarray(region) > 0.5
+
+    def diffedit_regions(self, images_in, instructions: Sequence[str], boxes=None, seed: int = 0) -> list[np.ndarray]:
+        """DiffEdit's masks (diffusion/diffedit.py) from this checkpoint's denoiser: bool[H, W] per image,
+        at its own size."""
+        out = []
+        for i, (image, text) in enumerate(zip(images_in, instructions)):
+            image = images.load_image(image)
+            pixels = jnp.asarray(images.to_model_array(image, self.working_size(*image.size))[None])
+            inputs = self.text_inputs([text], None if boxes is None else [boxes[i]])
+            latent = np.asarray(self._diffedit(self.params, pixels, inputs, jax.random.key(seed)))[0] > 0.5
+            out.append(images.resize_mask(latent, image.size))
+        return out
 
     def region_tokens(self, instructions: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """The instructions as the region model's T5 reads them: (int32[B, T], bool[B, T] real tokens),
         T = config.data.region_length (longer ones are truncated, keeping the end token)."""
-        length = int(self.config.data.get("region_length", 32))
+        length = int(self.config.data.get("region_length", INSTRUCTION_TOKENS))
         rows = [self.tokenizer(text).input_ids for text in instructions]  # with the special tokens
         ids, mask = np.zeros((len(rows), length), np.int32), np.zeros((len(rows), length), bool)
         for i, row in enumerate(rows):
@@ -285,6 +370,45 @@ class Editor:
             if len(tokens) > length:
                 warnings.warn(f"instruction truncated to {length} tokens ({len(tokens)} given): {text[:60]!r}…")
         return np.asarray(ids, np.int32)
+
+
+def ground_region(model: EditModel, params, pixels, text_inputs):
+    """FireEdit's grounding → float32[B, H, W] in {0, 1}: the VLM reads the image, the proposals and the
+    instruction once, its states pick the region (`EditModel.ground`, `region_predictor.edit_region`)."""
+    (input_ids, attention_mask), boxes, box_mask = text_inputs
+    _, vlm_out = model.condition(params, pixels, (input_ids, attention_mask), boxes, box_mask)
+    prediction = model.ground(params, vlm_out, input_ids, boxes, box_mask)
+    return edit_region(prediction, *pixels.shape[1:3], boxes)
+
+
+def pad_boxes(boxes, count: int, slots: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per image float[R_i, 4] normalised xyxy or None → (float32[count, slots, 4], bool[count, slots]
+    real), the first `slots` of each image's (validated) boxes."""
+    padded, mask = np.zeros((count, slots, 4), np.float32), np.zeros((count, slots), bool)
+    for i, b in enumerate(boxes if boxes is not None else [None] * count):
+        if b is None:
+            continue
+        b = validate_boxes(b, None, source=f"image {i}")[:slots]
+        padded[i, : len(b)], mask[i, : len(b)] = b, True
+    return padded, mask
+
+
+def check_instructions(instructions: Sequence[str]) -> None:
+    """ValueError for an instruction that says nothing to do (empty, or only spaces)."""
+    for i, text in enumerate(instructions):
+        if not isinstance(text, str) or not text.strip():
+            where = "" if len(instructions) == 1 else f" (instruction {i})"
+            raise ValueError(f"the instruction is empty{where}: say what to change, e.g. \"make the left cup blue\"")
+
+
+def _per_image(value, single: bool, count: int, what: str) -> list:
+    """An argument given for one image (`single`) or per image → a list of `count` entries (None: none)."""
+    if value is None:
+        return [None] * count
+    values = [value] if single else list(value)
+    if len(values) != count:
+        raise ValueError(f"{what} are given for {len(values)} images, but there are {count} images")
+    return values
 
 
 def check_vocabulary(tokenizer, instructions: Sequence[str]) -> None:

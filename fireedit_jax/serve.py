@@ -222,8 +222,11 @@ class EditService:
     def warm_up(self, steps: int, scheduler: str | None = None) -> None:
         """Compiles the edit loop of every working size (an empty instruction on a grey image)."""
         for size in self.sizes:
-            self.edit(Image.new("RGB", size, (128, 128, 128)), "", steps=steps, image_guidance=1.0, text_guidance=1.0,
-                      seed=0, scheduler=scheduler)  # fmt: skip
+            grey = np.zeros((1, size[1], size[0], 3), np.float32)
+            with self._lock:
+                self.editor.edit_arrays(grey, [""], steps=int(steps), image_guidance=1.0, text_guidance=1.0,
+                                        scheduler=scheduler or self.default_sampler)  # fmt: skip
+                self.compiled.add(self.compile_key(size, steps, scheduler))
 
 
 # ---------------------------------------------------------------------------------------- the page

@@ -20,7 +20,7 @@ from fireedit_jax.data.pipeline import make_iterator
 from fireedit_jax.data.records import Task
 from fireedit_jax.data.sources import JsonlSource
 from fireedit_jax.data.transforms import EditTransform, clip_text_field
-from fireedit_jax.models.fireedit import EditModel
+from fireedit_jax.models.fireedit import LATENT_FIELDS, EditModel, encode_latents
 from fireedit_jax.train import flops, inputs, losses, run
 from fireedit_jax.train import mesh as mesh_lib
 
@@ -74,11 +74,11 @@ def test_cache_matches_encoding_on_the_fly(cached, capsys):
     pixels = EditTransform(config.resolution)  # the centred crop, no flip
     examples = [pixels(source[row["index"]])[0] for row in rows]
     to_float = lambda key: np.stack([e[key] for e in examples]).astype(np.float32) / 127.5 - 1.0  # noqa: E731
-    expected = jax.jit(losses.encode_latents, static_argnums=0)(model, params, to_float("source"), to_float("target"))
+    expected = jax.jit(encode_latents, static_argnums=0)(model, params, to_float("source"), to_float("target"))
     # the VQA record's blank target (a constant image) meets GroupNorm at zero variance,
     # where the devices' different summation orders show: looser there
     blank = np.array([row["task"] == Task.VQA for row in rows])
-    for name in losses.LATENT_FIELDS:
+    for name in LATENT_FIELDS:
         got = np.stack([row[name] for row in rows])
         assert got.shape == (RECORDS, 32, 32, 4) and np.std(got) > 0.01
         loose = name != "source_latents"
@@ -117,7 +117,7 @@ def test_ip2p_loss_on_cached_latents_equals_loss_on_pixels(cached):
 
     loss_fn = jax.jit(losses.make_ip2p_loss(model, config))
     keys = jax.random.split(jax.random.key(7), 8)
-    batch = {key: latent_batch[key] for key in (*losses.LATENT_FIELDS, "input_ids")}
+    batch = {key: latent_batch[key] for key in (*LATENT_FIELDS, "input_ids")}
     from_cache, parts = loss_fn(params, batch, keys)
     from_pixels, _ = loss_fn(params, pixel_batch, keys)
     assert np.isfinite(from_cache) and float(from_cache) > 0
@@ -148,7 +148,7 @@ def test_training_reads_the_latent_cache_through_config_data(cached, cache_in_bu
     config = _latent_config(cached[0], cache_in_bucket)
     config.resolution = 16
     config.train.steps, config.checkpoint.every, config.logging.every, config.logging.sample_every = 2, 2, 1, 0
-    assert flops.loss_inputs(config) == ("input_ids", *losses.LATENT_FIELDS)
+    assert flops.loss_inputs(config) == ("input_ids", *LATENT_FIELDS)
     mesh = mesh_lib.make_mesh(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1])
     result = run.train_and_evaluate(config, str(tmp_path / "run"), mesh=mesh, progress=False)
     assert result.step == 2 and np.isfinite(result.metrics["loss"]) and result.metrics["data/read/cache"] == 16
@@ -173,7 +173,7 @@ def test_fireedit_on_a_latent_cache_reads_the_same_inputs_without_the_vae_encode
     source = cached[3]
     config = _latent_config(load_config("tiny_fireedit"), cache_in_bucket)
     keys = flops.loss_inputs(config)
-    assert "source" in keys and "target" not in keys and set(losses.LATENT_FIELDS) <= set(keys)
+    assert "source" in keys and "target" not in keys and set(LATENT_FIELDS) <= set(keys)
     model = EditModel.from_config(config.model)
     transform = inputs.make_transform(config, model, inputs.make_tokenizer("builtin:shape_words"))
     from_cache = next(inputs.make_train_iterator(config, transform, 8))
@@ -181,12 +181,12 @@ def test_fireedit_on_a_latent_cache_reads_the_same_inputs_without_the_vae_encode
     pixels = dataclasses.replace(transform, flip_probability=0.0)  # the cache's crop: centred, not flipped
     from_pixels = pixels.collate([pixels(source[cache[int(i)]["index"]])[0] for i in from_cache["record_index"]])
     for key in keys:
-        if key not in losses.LATENT_FIELDS:
+        if key not in LATENT_FIELDS:
             np.testing.assert_array_equal(from_cache[key], from_pixels[key], err_msg=key)
-    pixel_keys = tuple(k for k in keys if k not in losses.LATENT_FIELDS) + ("target",)
+    pixel_keys = tuple(k for k in keys if k not in LATENT_FIELDS) + ("target",)
     cached_flops, _ = flops.step_flops_per_example(config, inputs.model_batch(from_cache, keys))
     pixel_flops, _ = flops.step_flops_per_example(config, inputs.model_batch(from_pixels, pixel_keys))
     vae = flax.linen.meta.unbox(jax.eval_shape(model.init, jax.random.key(0)))["vae"]
     image = jax.ShapeDtypeStruct((8, 16, 16, 3), np.float32)
-    encoder, _ = flops.count(lambda p, x: losses.encode_latents(model, {"vae": p}, x, x), vae, image)
+    encoder, _ = flops.count(lambda p, x: encode_latents(model, {"vae": p}, x, x), vae, image)
     assert encoder > 0 and pixel_flops - cached_flops == pytest.approx(encoder / 8, rel=1e-9)

@@ -111,7 +111,7 @@ def test_predicted_region_drives_the_masked_edit(region_checkpoint, monkeypatch)
     assert editor.methods == ("ip2p", "mask", "region") and editor.default_method == "region"
     left = np.zeros((32, 32), bool)
     left[:, :16] = True
-    monkeypatch.setattr(editor, "_region_mask", lambda params, pixels, ids, mask: jnp.asarray(left)[None] * 1.0)
+    monkeypatch.setattr(editor, "_region_mask", lambda params, pixels, ids, mask, *boxes: jnp.asarray(left)[None] * 1.0)
     sample = shapes.generate(shapes.ShapesConfig(size=32), "test", 0)
     (predicted,) = editor.predict_regions([Image.fromarray(sample["source"])], [sample["instruction"]])
     np.testing.assert_array_equal(predicted, left)
@@ -119,26 +119,31 @@ def test_predicted_region_drives_the_masked_edit(region_checkpoint, monkeypatch)
     np.testing.assert_array_equal(out[:, 16:], sample["source"][:, 16:])  # outside the predicted region: the source
     assert np.abs(out[:, :16].astype(int) - sample["source"][:, :16]).max() > 20
     with pytest.raises(ValueError, match="predicts where to edit"):
-        editor.edit(Image.fromarray(sample["source"]), "remove the red circle", mask_box=[0, 0, 0.5, 0.5])
+        editor.edit(Image.fromarray(sample["source"]), "remove the red circle", mask_box=[0, 0, 0.5, 0.5],
+                    method="region")  # fmt: skip
+    # a region the user gives overrides the predicted one
+    out = np.asarray(editor.edit(Image.fromarray(sample["source"]), sample["instruction"], mask_box=[0, 0, 1, 0.5],
+                                 steps=2, progress=False))  # fmt: skip
+    np.testing.assert_array_equal(out[16:], sample["source"][16:])
 
 
 def test_edit_cli_region_saves_the_mask_and_lends_it(region_checkpoint, tmp_path, capsys):
     image = tmp_path / "scene.png"
     Image.fromarray(shapes.generate(shapes.ShapesConfig(size=32), "test", 0)["source"]).save(image)
     common = ["edit", "--image", str(image), "--instruction", "make the red circle blue", "--steps", "2"]
-    with pytest.warns(UserWarning, match="found nothing to edit"):  # the untrained predictor marks no patch
+    with pytest.warns(UserWarning, match="is empty"):  # the untrained predictor marks no patch
         code = cli.main([*common, "--checkpoint", str(region_checkpoint), "--out", str(tmp_path / "out.png"),
                          "--save-mask", str(tmp_path / "mask.png")])  # fmt: skip
     assert code == 0
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "out.png")), np.asarray(Image.open(image)))
     assert np.asarray(Image.open(tmp_path / "mask.png")).max() == 0
-    with pytest.warns(UserWarning, match="found nothing to edit"):  # another checkpoint edits under its mask
+    with pytest.warns(UserWarning, match="is empty"):  # another checkpoint edits under its mask
         code = cli.main([*common, "--checkpoint", str(region_checkpoint), "--method", "mask",
                          "--mask-from", str(region_checkpoint), "--out", str(tmp_path / "lent.png")])  # fmt: skip
     assert code == 0
     assert cli.main([*common, "--checkpoint", str(region_checkpoint), "--method", "ip2p", "--out",
                      str(tmp_path / "x.png"), "--save-mask", str(tmp_path / "m.png")]) == 2  # fmt: skip
-    assert "--save-mask writes a predicted mask" in capsys.readouterr().err
+    assert "--save-mask writes the edit's region" in capsys.readouterr().err
 
 
 def test_init_from_an_exported_generator_adds_the_region_model(region_setup, tmp_path):

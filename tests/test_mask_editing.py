@@ -241,7 +241,7 @@ def test_mask_inputs_get_one_clear_error(mask_editor):
         (dict(mask=np.eye(32), mask_box=[0.1, 0.1, 0.5, 0.5]), "not both"),
         (dict(method="mask"), "needs the region to edit"),
         (dict(method="fireedit", mask_box=[0.1, 0.1, 0.5, 0.5]), "It serves: ip2p, mask"),
-        (dict(method="region", mask_box=[0.1, 0.1, 0.5, 0.5]), "no region predictor"),
+        (dict(method="region", mask_box=[0.1, 0.1, 0.5, 0.5]), "no region head"),
     ]
     for kwargs, match in cases:
         with pytest.raises(ValueError, match=match):

@@ -17,9 +17,10 @@ import numpy as np
 import pytest
 
 from fireedit_jax import checkpoint
+from fireedit_jax.config_dataclass import dataclass_from_dict
 from fireedit_jax.convert import ip2p, reference
 from fireedit_jax.models.clip import CLIPTextConfig
-from fireedit_jax.models.fireedit import EditModel, dataclass_from_dict
+from fireedit_jax.models.fireedit import EditModel
 from fireedit_jax.models.unet import UNetConfig
 from fireedit_jax.models.vae import VAEConfig
 from fireedit_jax.train import losses, masks, optimizer

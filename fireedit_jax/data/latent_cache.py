@@ -7,7 +7,7 @@ reads every record of a source (sources.open_source), crops it as evaluation doe
 centred square at the resolution, no flip: a latent cannot be flipped exactly), encodes
 source and target with the checkpoint's VAE (jitted, the batch split over the local
 devices) and writes a TFDS ArrayRecord data set (built without TensorFlow, as
-tfds_builder.py). Per record it stores what the IP2P loss needs (train/losses.py
+tfds_builder.py). Per record it stores what the IP2P loss needs (models/fireedit.py
 `LATENT_FIELDS`): the source's posterior mode, the image condition, and the target's
 posterior mean and log-variance, from which the loss draws a fresh sample each step.
 Texts, task and the boxes (on the crop) are kept as they are; tokenisation happens when
@@ -53,8 +53,7 @@ from fireedit_jax.data.records import BadRecord, EditRecord, Task
 from fireedit_jax.data.sources import CAPTION_KINDS, SOURCE_KINDS, SchemaError, open_source
 from fireedit_jax.data.tfds_builder import decode_texts, encode_texts, image_bytes, split_source, text_features
 from fireedit_jax.data.transforms import EditTransform, crop_resize, crop_window, decode_image
-from fireedit_jax.models.fireedit import EditModel
-from fireedit_jax.train.losses import LATENT_FIELDS, encode_latents
+from fireedit_jax.models.fireedit import LATENT_FIELDS, EditModel, encode_latents
 
 _NO_BOX_LIMIT = 1 << 30  # the cache keeps every box; the reading transform cuts to its buckets
 

@@ -25,6 +25,7 @@ from PIL import Image
 
 from fireedit_jax import storage
 from fireedit_jax.data.records import LOSS_WEIGHTS, BadRecord, EditRecord, ImageData, Task
+from fireedit_jax.data.region_targets import difference_mask
 from fireedit_jax.data.vlm_inputs import DEFAULT_BOX_BUCKETS, VLMTemplate, bucket
 from fireedit_jax.images import ImageError, mask_from_image, to_rgb
 
@@ -198,7 +199,9 @@ class EditTransform:
     vlm: if set, the batch also has the VLM's sequence (`VLMTemplate.collate`; texts from
       `vlm_text_fields`).
     mask: the example also has `mask`, uint8[S, S, 1] in {0, 1} (1 = edit), from the record's
-      mask_image; a record without one is bad (mask-guided editing trains on quads).
+      mask_image; a record without one is bad (mask-guided editing trains on quads), unless
+    difference_masks: a record without a mask gets its pair's difference mask instead, computed on
+      the crop (data/region_targets.py; grounded editing learns where from any edit pair).
     """
 
     resolution: int = 256
@@ -210,6 +213,7 @@ class EditTransform:
     flip_probability: float = 0.5
     vlm: VLMTemplate | None = None
     mask: bool = False
+    difference_masks: bool = False
 
     def __call__(self, record: EditRecord, rng: np.random.Generator | None = None) -> tuple[dict, tuple[str, ...]]:
         """Returns the example (numpy arrays, ragged `boxes` and `*_ids`) and the names
@@ -230,9 +234,11 @@ class EditTransform:
             example["target"] = np.zeros_like(example["source"])
         if self.vlm_resolution:
             example["vlm_source"] = crop_resize(source, window, self.vlm_resolution)
-        if self.mask:
-            if record.mask_image is None:
+        if self.mask and record.mask_image is None:
+            if not (self.difference_masks and target is not None):
                 raise BadRecord(f"{record.key}: no mask image (mask-guided editing trains on source, mask, instruction, target)")
+            example["mask"] = difference_mask(example["source"], example["target"]).astype(np.uint8)[..., None]
+        elif self.mask:
             mask = decode_mask(record.mask_image, f"{record.key}: mask image")
             if mask.size != source.size:
                 raise BadRecord(f"{record.key}: the mask is {mask.size[0]}×{mask.size[1]}, the source image "

@@ -10,15 +10,22 @@ conditioner = "vlm" (FireEdit):
 conditioner = "clip_text" (the InstructPix2Pix baseline): text = CLIP text encoder states.
 
 Switches give the paper's ablation rows: `use_regions` (region tokens), `use_tati`,
-`use_hvca`. Learnt edit regions (Beyond Editing Pairs): `region` (models/learnable_region.py)
-predicts the edit's mask from the source and the instruction. Mask-guided editing (PromptEditDiff), with either conditioner: `mask_encoder`
-turns the edit mask into grounding tokens for the UNet's gated self-attention (computed once
-per edit, the same in every guidance branch); the edit loop's masked sampling keeps the source
-outside the mask. `image_condition` says what the UNet reads beside the noisy latents:
-"source" (IP2P, dual guidance), "masked" (SD inpainting's mask ‖ masked-image latents, text
-guidance) or "none" (SD text-to-image, text guidance; edits by masked sampling alone). Null conditions (DESIGN.md): text-null = params["null_text"] (CLIP("") states)
-in place of the Q-Former output, then through TATI; image-null = zero image latent and
-zero visual tokens (K2/V2 have no bias, so that branch adds nothing).
+`use_hvca`.
+
+Where to edit. Mask-guided editing (PromptEditDiff), with either conditioner: `mask_encoder`
+turns the edit mask into tokens the UNet's transformer blocks read through a gated layer
+(`unet.injection_layer`: PromptEditDiff's gated cross-attention, or GLIGEN's gated
+self-attention), computed once per edit and the same in every guidance branch; the edit loop's
+masked sampling keeps the source outside the mask. The mask comes from the user, or is predicted:
+`region` (models/learnable_region.py, the region model with its own encoders) from the source and
+the instruction, `grounding` (FireEdit's own, `ground`) from the VLM's states.
+
+`image_condition` says what the UNet reads beside the noisy latents: "source" (IP2P, dual
+guidance), "masked" (SD inpainting's mask ‖ masked-image latents, text guidance) or "none" (SD
+text-to-image, text guidance; edits by masked sampling alone). Null conditions (DESIGN.md):
+text-null = params["null_text"] (CLIP("") states) in place of the Q-Former output, then through
+TATI; image-null = zero image latent and zero visual tokens (K2/V2 have no bias, so that branch
+adds nothing).
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from fireedit_jax.config_dataclass import dataclass_from_dict
 from fireedit_jax.models import clip, dinov2
 from fireedit_jax.models.clip import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModel
 from fireedit_jax.models.dinov2 import DINOv2Config, DINOv2Model
@@ -39,35 +47,23 @@ from fireedit_jax.models.learnable_region import LearnableRegion
 from fireedit_jax.models.llama import LlamaConfig
 from fireedit_jax.models.mask_encoder import MaskEncoder, MaskEncoderConfig
 from fireedit_jax.models.qformer import QFormer, QFormerConfig
+from fireedit_jax.models.region_predictor import (
+    RegionPrediction,
+    RegionPredictor,
+    RegionPredictorConfig,
+    example_inputs,
+)
 from fireedit_jax.models.regions import RegionEncoderConfig
 from fireedit_jax.models.tati import TATI, TATIConfig
 from fireedit_jax.models.unet import UNet, UNetConfig
 from fireedit_jax.models.vae import VAE, VAEConfig
-from fireedit_jax.models.vlm import VLM, check_vlm_configs
+from fireedit_jax.models.vlm import VLM, check_vlm_configs, placeholder_states, token_id
 from fireedit_jax.nn.embeddings import coordinates
+from fireedit_jax.nn.resize import unit_square
 
 CONDITIONERS = ("clip_text", "vlm")
 # What the UNet reads beside the noisy latents, and the guidance that goes with it.
 IMAGE_CONDITIONS = {"source": "dual", "masked": "text", "none": "text"}
-
-
-def dataclass_from_dict(cls, values):
-    """A config dataclass from a (JSON-loaded) mapping; lists become tuples."""
-    values = values.to_dict() if isinstance(values, ml_collections.ConfigDict) else dict(values)
-    fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - fields)
-    if unknown:
-        raise ValueError(f"{cls.__name__} has no fields {unknown}")
-    as_tuple = lambda v: tuple(as_tuple(x) for x in v) if isinstance(v, (list, tuple)) else v  # noqa: E731
-    return cls(**{k: as_tuple(v) for k, v in values.items()})
-
-
-def _resize(pixels, size: int):
-    """float[B, H, W, 3] in [-1, 1] → [0, 1] at size × size (antialiased when shrinking)."""
-    x = (pixels.astype(jnp.float32) + 1.0) / 2.0
-    if x.shape[1:3] == (size, size):
-        return x
-    return jax.image.resize(x, (x.shape[0], size, size, 3), "bicubic", antialias=True).clip(0.0, 1.0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,6 +93,7 @@ class EditModel:
     mask_encoder: MaskEncoder | None = None
     image_condition: str = "source"  # IMAGE_CONDITIONS
     region: LearnableRegion | None = None
+    grounding: RegionPredictor | None = None
 
     @classmethod
     def from_config(cls, model: ml_collections.ConfigDict, *, dtype=jnp.float32, attention: str | None = None):
@@ -123,6 +120,10 @@ class EditModel:
         _check_unet_channels(parts["unet"].config, parts["vae"].config, model)
         if model.conditioner == "clip_text" or model.get("text_encoder") is not None:
             parts["text_encoder"] = CLIPTextModel(dataclass_from_dict(CLIPTextConfig, model.text_encoder), **kw)
+        if model.get("grounding") is not None:
+            if model.conditioner != "vlm":
+                raise ValueError("FireEdit's grounding reads the VLM's states: model.grounding needs conditioner='vlm'")
+            parts["grounding"] = RegionPredictor(dataclass_from_dict(RegionPredictorConfig, model.grounding), **kw)
         if model.conditioner == "vlm":
             llm = dataclass_from_dict(LlamaConfig, model.llm)
             vision = dataclass_from_dict(DINOv2Config, model.vision)
@@ -207,6 +208,9 @@ class EditModel:
             params["hvca"] = self.hvca.init(next(keys), visual, None, text)["params"]
         if self.region is not None:  # its own key: the other parts keep theirs
             params["region"] = self.region.init(jax.random.fold_in(key, 1))
+        if self.grounding is not None:
+            inputs = example_inputs(self.grounding.config, patches=self.num_image_tokens)
+            params["grounding"] = self.grounding.init(jax.random.fold_in(key, 2), *inputs)["params"]
         return params
 
     # ------------------------------------------------------------------ conditioning (once per edit)
@@ -238,7 +242,7 @@ class EditModel:
         if self.conditioner == "clip_text":
             return {"text": self.encode_text(params, text_inputs), **grounding}, None
         input_ids, attention_mask = text_inputs
-        image = None if pixels is None else dinov2.normalize_pixels(_resize(pixels, self.vlm_image_size))
+        image = None if pixels is None else dinov2.normalize_pixels(unit_square(pixels, self.vlm_image_size))
         dropout = dict(deterministic=dropout_key is None, rngs=None if dropout_key is None else {"dropout": dropout_key})
         out = self.vlm.apply({"params": params["vlm"]}, image, input_ids, attention_mask, boxes, box_mask, **dropout)
         text = self.qformer.apply({"params": params["qformer"]}, out.e, **dropout)
@@ -248,6 +252,20 @@ class EditModel:
             cond["visual"] = self.hvca.apply({"params": params["hvca"]}, visual, None, text)
         return cond, out
 
+    def ground(self, params, vlm_out, input_ids, boxes, box_mask) -> RegionPrediction:
+        """FireEdit's own grounding (`grounding`): where the edit is, from the VLM's final states.
+        The region tokens' states score the proposals and the image tokens' states give the cells,
+        both reading the [IMG] states e, which come after the instruction (the states at the image and
+        region positions precede it in the causal LLM, so they see only the image).
+
+        vlm_out: `condition`'s VLMOutput; input_ids: int[B, T]; boxes, box_mask: float[B, R, 4], bool[B, R]."""
+        llm = self.vlm.llm
+        hidden = vlm_out.hidden
+        image = placeholder_states(hidden, input_ids, token_id(llm, "<image>"), self.num_image_tokens)
+        regions = placeholder_states(hidden, input_ids, token_id(llm, "<region>"), boxes.shape[1])
+        words = jnp.ones(vlm_out.e.shape[:2], bool)
+        return self.grounding.apply({"params": params["grounding"]}, image, vlm_out.e, words, boxes, box_mask, regions)
+
     def visual_features(self, params, pixels, vlm_vision_states=None) -> jax.Array:
         """HVCA's input: CLIP penultimate and DINOv2 last states at each of `hvca_sizes`, on tokens.
 
@@ -255,7 +273,7 @@ class EditModel:
         """
         features = []
         for size in self.hvca_sizes:
-            x = _resize(pixels, size)
+            x = unit_square(pixels, size)
             clip_out = self.clip_vision.apply({"params": params["clip_vision"]}, clip.normalize_pixels(x),
                                               hidden_layers=(-2,))  # fmt: skip
             features.append(clip_out.hidden_states[0])
@@ -263,7 +281,7 @@ class EditModel:
             if size == self.vlm_image_size and vlm_vision_states is not None:
                 features.append(vlm_vision_states)
                 continue
-            x = dinov2.normalize_pixels(_resize(pixels, size))
+            x = dinov2.normalize_pixels(unit_square(pixels, size))
             tower = DINOv2Model(self.vlm.vision, dtype=self.vlm.dtype, attention=self.vlm.attention)
             features.append(tower.apply({"params": params["vlm"]["vision"]}, x).last_hidden_state)
         return jnp.concatenate([f.astype(jnp.float32) for f in features], axis=1)
@@ -329,6 +347,21 @@ class EditModel:
             text = self.tati.apply({"params": params["tati"]}, text, t)
         unet_in = jnp.concatenate([latents_in, coordinates(latents_in)], -1) if self.coord_channels else latents_in
         return self.unet.apply({"params": params["unet"]}, unet_in, t, text, cond.get("visual"), cond.get("grounding"))
+
+
+# The VAE posteriors the IP2P loss needs: the source's mode, unscaled (the image condition),
+# and the target's mean and log-variance (a sample is drawn per step).
+LATENT_FIELDS = ("source_latents", "target_latents_mean", "target_latents_logvar")
+
+
+def encode_latents(model: EditModel, params, source: jax.Array, target: jax.Array) -> dict[str, jax.Array]:
+    """Pixels float[B, H, W, 3] in [-1, 1] → the `LATENT_FIELDS`, each float32[B, h, w, C].
+
+    One encoder pass over target ‖ source (half the compiled graph of two passes).
+    """
+    mean, logvar = model.vae.apply({"params": params["vae"]}, jnp.concatenate([target, source]), method=VAE.encode)
+    (target_mean, source_mean), (target_logvar, _) = jnp.split(mean, 2), jnp.split(logvar, 2)
+    return dict(zip(LATENT_FIELDS, (source_mean, target_mean, target_logvar)))
 
 
 def blend_parts(out: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -33,11 +33,13 @@ REGION_LAYERS = (-3, -2, -1)
 @flax.struct.dataclass
 class VLMOutput:
     """e: float[B, 32, D]; logits: float32[B, T, V']; vision_states: float[B, 1+n+h·w, Dv]
-    (DINOv2's normed last states, reused by HVCA)."""
+    (DINOv2's normed last states, reused by HVCA); hidden: float[B, T, D] the LLM's final
+    (post-RMSNorm) states at every position (FireEdit's grounding reads them)."""
 
     e: jax.Array
     logits: jax.Array
     vision_states: jax.Array
+    hidden: jax.Array | None = None
 
 
 def token_id(llm: LlamaConfig, token: str) -> int:
@@ -71,6 +73,14 @@ def img_positions(input_ids: jax.Array, first_img_id: int) -> jax.Array:
     """int[B, 32]: the positions of [IMG_1] … [IMG_32] (contiguous; the first one found by argmax)."""
     start = jnp.argmax(input_ids >= first_img_id, axis=1)
     return start[:, None] + jnp.arange(NUM_IMG_TOKENS)[None, :]
+
+
+def placeholder_states(hidden: jax.Array, input_ids: jax.Array, placeholder: int, count: int) -> jax.Array:
+    """float[B, T, D] states → float[B, count, D]: those at the first `count` positions of the
+    (contiguous) `placeholder` block of each sequence, in order (the image or the region tokens)."""
+    start = jnp.argmax(input_ids == placeholder, axis=1)
+    positions = jnp.minimum(start[:, None] + jnp.arange(count)[None, :], hidden.shape[1] - 1)
+    return jnp.take_along_axis(hidden, positions[..., None], axis=1)
 
 
 def vlm_loss(logits: jax.Array, input_ids: jax.Array, target_mask: jax.Array, sample_weight=None) -> jax.Array:
@@ -118,7 +128,8 @@ class VLM(nn.Module):
         out = llm(inputs_embeds=embeds, attention_mask=attention_mask, deterministic=deterministic)
         positions = img_positions(input_ids, token_id(self.llm, "[IMG_1]"))
         e = jnp.take_along_axis(out.last_hidden_state, positions[..., None], axis=1)
-        return VLMOutput(e=e, logits=out.logits, vision_states=None if seen is None else seen.last_hidden_state)
+        return VLMOutput(e=e, logits=out.logits, vision_states=None if seen is None else seen.last_hidden_state,
+                         hidden=out.last_hidden_state)  # fmt: skip
 
     def _splice_visual(self, embeds, pixels, input_ids, boxes, box_mask):
         """The image tokens (and region tokens) in place of their placeholders; also DINOv2's output."""

@@ -7,6 +7,7 @@ to 0.33 on position embeddings. These are the torch rules, as interpolation matr
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -100,3 +101,12 @@ def _resample(x, size, matrix):
     y = jnp.einsum("hH,...HWc->...hWc", rows, x.astype(jnp.float32), precision="highest")
     y = jnp.einsum("wW,...hWc->...hwc", cols, y, precision="highest")
     return y.astype(x.dtype)
+
+
+def unit_square(pixels, size: int):
+    """float[B, H, W, 3] in [-1, 1] → float32 in [0, 1] at size × size (antialiased bicubic when
+    shrinking, clipped): what the vision towers' pixel normalisations start from."""
+    x = (pixels.astype(jnp.float32) + 1.0) / 2.0
+    if x.shape[1:3] == (size, size):
+        return x
+    return jax.image.resize(x, (x.shape[0], size, size, 3), "bicubic", antialias=True).clip(0.0, 1.0)

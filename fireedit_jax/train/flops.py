@@ -39,7 +39,8 @@ import ml_collections
 from jax._src.interpreters import partial_eval as pe  # dce_jaxpr: no public equivalent
 from jax.extend import core as jcore
 
-from fireedit_jax.models.fireedit import EditModel
+from fireedit_jax.models.fireedit import LATENT_FIELDS, EditModel
+from fireedit_jax.models.learnable_region import INSTRUCTION_TOKENS
 from fireedit_jax.train import losses, masks
 
 MATMULS = ("dot_general", "conv_general_dilated")
@@ -139,9 +140,6 @@ def count(fn, trainable_args, other_args) -> tuple[int, int]:
     return forward, train
 
 
-REGION_LENGTH = 32  # the instruction's T5 tokens (config.data.region_length)
-
-
 def abstract_batch(config: ml_collections.ConfigDict, model: EditModel, batch_size: int, *,
                    text_length: int | None = None, num_boxes: int | None = None) -> dict:  # fmt: skip
     """ShapeDtypeStructs of the batch `config.train.loss` reads (batch_size examples).
@@ -156,7 +154,7 @@ def abstract_batch(config: ml_collections.ConfigDict, model: EditModel, batch_si
     latent = (size // model.latent_factor, size // model.latent_factor, model.vae.config.latent_channels)
     shapes = {
         "source": ((size, size, 3), jnp.float32), "target": ((size, size, 3), jnp.float32),
-        **{name: (latent, jnp.float32) for name in losses.LATENT_FIELDS},
+        **{name: (latent, jnp.float32) for name in LATENT_FIELDS},
         "input_ids": ((model.max_text_length,), jnp.int32) if model.text_encoder else None,
         "clip_ids": ((model.max_text_length,), jnp.int32) if model.text_encoder else None,
         "vlm_input_ids": ((length,), jnp.int32), "vlm_attention_mask": ((length,), jnp.bool_),
@@ -165,26 +163,30 @@ def abstract_batch(config: ml_collections.ConfigDict, model: EditModel, batch_si
         "mask": ((size, size, 1), jnp.float32),
     }  # fmt: skip
     if model.region is not None:
-        captions = ((model.region.clip_text.config.max_position_embeddings,), jnp.int32)
-        words = int(data.get("region_length", REGION_LENGTH))
-        shapes.update(caption_ids=captions, target_caption_ids=captions, region_ids=((words,), jnp.int32),
-                      region_mask=((words,), jnp.bool_))  # fmt: skip
+        words = int(data.get("region_length", INSTRUCTION_TOKENS))
+        shapes.update(region_ids=((words,), jnp.int32), region_mask=((words,), jnp.bool_))
+        if model.region.clip_text is not None:
+            captions = ((model.region.clip_text.config.max_position_embeddings,), jnp.int32)
+            shapes.update(caption_ids=captions, target_caption_ids=captions)
     return {name: jax.ShapeDtypeStruct((batch_size, *shapes[name][0]), shapes[name][1]) for name in loss_inputs(config)}
 
 
 def loss_inputs(config: ml_collections.ConfigDict) -> tuple[str, ...]:
     """The batch entries `config.train.loss` reads (mask_edit: its conditioner's loss's, and the
-    mask); from a latent cache the `LATENT_FIELDS` in place of the pixels only the VAE encoder reads
+    mask; grounded: those and `losses.grounding_inputs`, or those alone without the generator);
+    from a latent cache the `LATENT_FIELDS` in place of the pixels only the VAE encoder reads
     (FireEdit's VLM still reads the source)."""
-    loss, masked = config.train.loss, config.train.loss == "mask_edit"
-    if loss in losses.REGION_LOSSES and losses.uses_latent_cache(config):
+    loss, masked = config.train.loss, config.train.loss in ("mask_edit", "grounded")
+    if loss in (*losses.REGION_LOSSES, "grounded") and losses.uses_latent_cache(config):
         raise ValueError(f"train.loss={loss!r} reads the source image, not latents: train from the images")
     if loss == "clip_contrastive":
         return ("source", "caption_ids")
     if loss == "learnable_region":
         return losses.REGION_INPUTS + losses.generator_inputs(config.model.conditioner)
     if masked and losses.uses_latent_cache(config):
-        raise ValueError("train.loss='mask_edit' reads masks, which a latent cache does not hold: train from the images")
+        raise ValueError(f"train.loss={loss!r} reads masks, which a latent cache does not hold: train from the images")
+    if loss == "grounded" and not float(config.train.get("generator_weight", 1.0)):
+        return losses.grounding_inputs(config)
     if masked:
         loss = "fireedit" if config.model.conditioner == "vlm" else "ip2p"
     if loss == "fireedit":
@@ -194,10 +196,11 @@ def loss_inputs(config: ml_collections.ConfigDict) -> tuple[str, ...]:
     else:
         raise ValueError(f"no batch layout known for train.loss={config.train.loss!r}")
     if masked:
-        return keys + ("mask",)
+        grounded = config.train.loss == "grounded"
+        return tuple(dict.fromkeys(keys + (losses.grounding_inputs(config) if grounded else ("mask",))))
     if "target" not in keys or not losses.uses_latent_cache(config):
         return keys
-    return tuple(key for key in keys if key not in encoded) + losses.LATENT_FIELDS
+    return tuple(key for key in keys if key not in encoded) + LATENT_FIELDS
 
 
 def step_flops_per_example(config: ml_collections.ConfigDict, batch=None, **buckets) -> tuple[float, float]:

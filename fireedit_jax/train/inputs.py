@@ -163,17 +163,18 @@ def make_transform(config, model, tokenizer) -> transforms.EditTransform:
     if tokenizer is None:
         raise ValueError("the model needs a tokenizer: set config.data.tokenizer, or start from a checkpoint "
                          "with a tokenizer/ directory (--init)")  # fmt: skip
+    loss = config.train.loss
     common = dict(resolution=int(config.resolution), min_crop_scale=float(data.get("min_crop_scale", 1.0)),
-                  flip_probability=float(data.get("flip_probability", 0.5)), mask=config.train.loss == "mask_edit")  # fmt: skip
-    region = region_text_fields(config, model, tokenizer) if config.train.loss in losses.REGION_LOSSES else ()
+                  flip_probability=float(data.get("flip_probability", 0.5)), mask=loss in ("mask_edit", "grounded"),
+                  difference_masks=loss == "grounded" and bool(data.get("difference_masks", True)))  # fmt: skip
+    own_region = loss in losses.REGION_LOSSES or (loss == "grounded" and model.region is not None)
+    region = region_text_fields(config, model, tokenizer) if own_region else ()
     if model.conditioner == "clip_text":
         source = "instruction"
         if region:  # the region loss's edit: the generator reads the instruction or the target caption
             source = config.model.learnable_region.get("generator_text", "instruction")
         field = transforms.clip_text_field(tokenizer, name="input", source=source, length=model.max_text_length)
         return transforms.EditTransform(texts=(field, *region), **common)
-    from fireedit_jax.data.tokenizer import add_new_tokens
-    from fireedit_jax.data.vlm_inputs import DEFAULT_BOX_BUCKETS, DEFAULT_LENGTH_BUCKETS, VLMTemplate
     from fireedit_jax.train.losses import fireedit_stage
 
     captions = config.train.loss == "fireedit" and fireedit_stage(config) == 1
@@ -196,16 +197,18 @@ def make_transform(config, model, tokenizer) -> transforms.EditTransform:
 
 
 def region_text_fields(config, model, tokenizer) -> tuple[transforms.TextField, ...]:
-    """The learnable-region losses' texts, tokenised by the run's tokenizer (the checkpoint keeps one):
-    the instruction for the region's T5 (`region_ids` / `region_mask`, config.data.region_length
-    tokens with the special ones, as `Editor.region_tokens`) and the source and target captions for
-    its CLIP (`caption_ids`, `target_caption_ids`)."""
-    from fireedit_jax.train.flops import REGION_LENGTH
+    """The region model's texts, tokenised by the run's tokenizer (the checkpoint keeps one): the
+    instruction for its T5 (`region_ids` / `region_mask`, config.data.region_length tokens with the
+    special ones, as `Editor.region_tokens`) and, for the caption-trained losses, the source and
+    target captions for its CLIP (`caption_ids`, `target_caption_ids`)."""
+    from fireedit_jax.models.learnable_region import INSTRUCTION_TOKENS
 
-    length = model.region.clip_text.config.max_position_embeddings
     pad = getattr(tokenizer, "pad_token_id", None) or 0
-    words = transforms.TextField("region", tokenizer, (int(config.data.get("region_length", REGION_LENGTH)),),
+    words = transforms.TextField("region", tokenizer, (int(config.data.get("region_length", INSTRUCTION_TOKENS)),),
                                  "instruction", pad, add_special_tokens=True, keep_last=True, required=True)  # fmt: skip
+    if config.train.loss not in losses.REGION_LOSSES:
+        return (words,)
+    length = model.region.clip_text.config.max_position_embeddings
     return (words, transforms.clip_text_field(tokenizer, name="caption", source="source_caption", length=length),
             transforms.clip_text_field(tokenizer, name="target_caption", source="target_caption", length=length))  # fmt: skip
 
@@ -230,8 +233,8 @@ def make_train_iterator(config, transform: transforms.EditTransform, batch_size:
 
 def _latent_transform(config, caches, transform: transforms.EditTransform):
     """The LatentTransform for these caches, after checking they were made for this model."""
+    from fireedit_jax.config_dataclass import dataclass_from_dict
     from fireedit_jax.data.latent_cache import LatentTransform
-    from fireedit_jax.models.fireedit import dataclass_from_dict
     from fireedit_jax.models.vae import VAEConfig
     from fireedit_jax.train.flops import loss_inputs
 

@@ -50,18 +50,21 @@ pretrained CLIP exists, as on ShapeEdit): CLIP's symmetric InfoNCE at a fixed te
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 
+from fireedit_jax.config_dataclass import dataclass_from_dict
 from fireedit_jax.diffusion.edit_loop import edit_inputs, sample_edit
 from fireedit_jax.diffusion.samplers import make_sampler
 from fireedit_jax.diffusion.schedules import SchedulerConfig, alphas_cumprod
-from fireedit_jax.models.fireedit import EditModel, dataclass_from_dict
-from fireedit_jax.models.vae import VAE, sample_posterior, scale_latents
+from fireedit_jax.models.fireedit import LATENT_FIELDS, EditModel, encode_latents
+from fireedit_jax.models.region_predictor import box_pixels
+from fireedit_jax.models.vae import sample_posterior, scale_latents
 from fireedit_jax.models.vlm import vlm_loss
-from fireedit_jax.train import region_losses
+from fireedit_jax.train import region_losses, region_supervision
 
 LossFn = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
 
@@ -136,26 +139,11 @@ def weighted_mean(values: jax.Array, weights: jax.Array | None = None) -> jax.Ar
     return jnp.sum(jnp.where(weights > 0, values, 0.0) * weights) / jnp.maximum(jnp.sum(weights), 1e-12)
 
 
-# The VAE posteriors the IP2P loss needs: the source's mode, unscaled (the image condition),
-# and the target's mean and log-variance (a sample is drawn per step).
-LATENT_FIELDS = ("source_latents", "target_latents_mean", "target_latents_logvar")
-
-
 def uses_latent_cache(config) -> bool:
     """Whether the training data are latent caches (every config.data.sources entry of kind
     "latents", train/inputs.py): the batches then carry `LATENT_FIELDS` instead of pixels."""
     specs = (config.get("data") or {}).get("sources") or {}
     return bool(specs) and all(spec.get("kind") == "latents" for spec in specs.values())
-
-
-def encode_latents(model: EditModel, params, source: jax.Array, target: jax.Array) -> dict[str, jax.Array]:
-    """Pixels float[B, H, W, 3] in [-1, 1] → the `LATENT_FIELDS`, each float32[B, h, w, C].
-
-    One encoder pass over target ‖ source (half the compiled graph of two passes).
-    """
-    mean, logvar = model.vae.apply({"params": params["vae"]}, jnp.concatenate([target, source]), method=VAE.encode)
-    (target_mean, source_mean), (target_logvar, _) = jnp.split(mean, 2), jnp.split(logvar, 2)
-    return dict(zip(LATENT_FIELDS, (source_mean, target_mean, target_logvar)))
 
 
 def edit_latents(model: EditModel, params, batch, keys: jax.Array) -> tuple[jax.Array, jax.Array | None]:
@@ -235,9 +223,10 @@ def fireedit_stage(config) -> int:
     return stage
 
 
-def make_fireedit_loss(model: EditModel, config, *, masked: bool = False) -> LossFn:
+def make_fireedit_loss(model: EditModel, config, *, masked: bool = False, grounded: bool = False) -> LossFn:
     """FireEdit's loss for `config.stage` (module docstring); the batch: FIREEDIT_INPUTS[stage]
-    (+ "mask" when `masked`: mask_edit's)."""
+    (+ "mask" when `masked`: mask_edit's). `grounded`: + λ_region · the region loss of FireEdit's own
+    grounding (`EditModel.ground`) from the same VLM pass, against the batch's "region_target"."""
     if model.conditioner != "vlm":
         raise ValueError(f"the fireedit loss needs config.model.conditioner='vlm', not {model.conditioner!r}")
     if fireedit_stage(config) == 1:
@@ -265,8 +254,17 @@ def make_fireedit_loss(model: EditModel, config, *, masked: bool = False) -> Los
                                                 image=model.guidance == "dual")  # fmt: skip
         l_diff = diffusion_loss(model, params, latents, image_latents, cond, k_diffusion, schedule,
                                 batch["diffusion_weight"], cell_weights)  # fmt: skip
-        return vlm_weight * l_vlm + l_diff, {"vlm": l_vlm, "diffusion": l_diff}
+        loss, parts = vlm_weight * l_vlm + l_diff, {"vlm": l_vlm, "diffusion": l_diff}
+        if grounded:
+            prediction = model.ground(params, vlm_out, input_ids, batch["boxes"], batch["box_mask"])
+            l_region, region_parts = region_loss(prediction, batch["region_target"], batch)
+            loss, parts = loss + region_weight * l_region, {**parts, **region_parts, "grounding": l_region}
+        return loss, parts
 
+    if grounded and model.grounding is None:
+        raise ValueError("a grounded FireEdit loss trains FireEdit's grounding: config.model.grounding is needed")
+    region_weight = float(config.train.get("region_weight", 1.0))
+    region_loss = make_region_loss(config)
     return loss_fn
 
 
@@ -297,9 +295,12 @@ def _alignment_loss(model: EditModel, dropout: bool) -> LossFn:
     return loss_fn
 
 
-def make_mask_edit_loss(model: EditModel, config) -> LossFn:
-    """Mask-guided editing (module docstring): the IP2P loss for a clip_text model, FireEdit's for a VLM."""
-    return (make_fireedit_loss if model.conditioner == "vlm" else make_ip2p_loss)(model, config, masked=True)
+def make_mask_edit_loss(model: EditModel, config, *, grounded: bool = False) -> LossFn:
+    """Mask-guided editing (module docstring): the IP2P loss for a clip_text model, FireEdit's for a VLM
+    (`grounded`: with its grounding's region loss)."""
+    if model.conditioner == "vlm":
+        return make_fireedit_loss(model, config, masked=True, grounded=grounded)
+    return make_ip2p_loss(model, config, masked=True)
 
 
 def _region_model(model: EditModel, loss: str):
@@ -385,7 +386,89 @@ def make_learnable_region_loss(model: EditModel, config) -> LossFn:
     return loss_fn
 
 
+GENERATOR_MASKS = ("exact", "box")
+
+
+def grounding_inputs(config) -> tuple[str, ...]:
+    """The batch entries the grounded loss's region heads read besides the generator's: the target
+    region ("mask": the record's edit mask, or the pair's difference mask) and the proposals; the
+    region model also the source and the instruction as its T5 ids."""
+    own = ("source", "region_ids", "region_mask") if config.model.get("learnable_region") is not None else ()
+    return (*own, "mask", "boxes", "box_mask")
+
+
+def generator_masks(mask: jax.Array, keys: jax.Array, form: str, grow: int) -> jax.Array:
+    """The masks the grounded loss's generator trains under, from the target regions float[B, H, W, 1]:
+    "exact" the regions themselves; "box" their bounding boxes, each side grown by 0…`grow` pixels
+    drawn per example: what a region head's box (a proposal, or a regressed one) hands the edit."""
+    if form == "exact":
+        return mask
+    if form != "box":
+        raise ValueError(f"train.generator_mask={form!r}; choose one of {', '.join(GENERATOR_MASKS)}")
+    b, h, w, _ = mask.shape
+    boxes, present = region_supervision.bounding_boxes(mask)
+    pixels = jnp.asarray([w, h, w, h], jnp.float32)
+    extra = jax.vmap(lambda k: jax.random.randint(k, (4,), 0, grow + 1))(keys).astype(jnp.float32)
+    grown = jnp.clip(boxes + jnp.asarray([-1.0, -1.0, 1.0, 1.0]) * extra / pixels, 0.0, 1.0)
+    return (box_pixels(grown, h, w) * present[:, None, None])[..., None]
+
+
+def make_region_loss(config):
+    """(prediction, target regions float[B, H, W, 1], batch) → the region loss and its parts
+    (train/region_supervision.py; its term weights from train.region_loss_weights)."""
+    terms = dict(config.train.get("region_loss_weights") or {})
+
+    def region_loss(prediction, target, batch):
+        cells = math.isqrt(prediction.logits.shape[-1])
+        return region_supervision.region_supervision(
+            prediction.logits, target, cells, box_logits=prediction.box_logits, box=prediction.box,
+            boxes=batch["boxes"], box_mask=batch["box_mask"], **terms,
+        )  # fmt: skip
+
+    return region_loss
+
+
+def make_grounded_loss(model: EditModel, config) -> LossFn:
+    """Grounded editing on edit pairs (records with a mask, or any pair: its difference mask).
+
+    L = w_gen·L_mask_edit + λ_region·L_region: the mask-guided generator's loss (mask_edit's, for its
+    conditioner) under `generator_masks` (train.generator_mask, train.generator_mask_grow), and the
+    region loss (train/region_supervision.py) of the model's region heads on the target regions: the
+    region model (`learnable_region`, its own encoders) and FireEdit's grounding (`grounding`, from the
+    generator's own VLM pass). train.generator_weight 0 trains the region model alone (beside a
+    frozen or absent generator). Batch: the generator loss's entries + `grounding_inputs(config)`.
+    """
+    train = config.train
+    if model.region is None and model.grounding is None:
+        raise ValueError("train.loss='grounded' trains a region head: config.model.learnable_region (the region "
+                         "model) or config.model.grounding (FireEdit's) is needed")  # fmt: skip
+    generator_weight, region_weight = float(train.get("generator_weight", 1.0)), float(train.get("region_weight", 1.0))
+    if not generator_weight and model.region is None:
+        raise ValueError("FireEdit's grounding trains in the generator's VLM pass: train.generator_weight must be > 0")
+    form, grow = str(train.get("generator_mask", "box")), int(train.get("generator_mask_grow", 1))
+    generator = make_mask_edit_loss(model, config, grounded=model.grounding is not None) if generator_weight else None
+    region, region_loss = model.region, make_region_loss(config)
+
+    def loss_fn(params, batch, keys):
+        k_generator, k_mask = per_example(keys, 2)
+        loss, parts = 0.0, {}
+        if generator is not None:
+            masks = generator_masks(batch["mask"], k_mask, form, grow)
+            generator_loss, parts = generator(params, dict(batch, mask=masks, region_target=batch["mask"]), k_generator)
+            loss = generator_weight * generator_loss
+        if region is not None:
+            _, patches = region.image_features(params["region"], batch["source"])
+            prediction = region.predict(params["region"], patches, batch["region_ids"], batch["region_mask"],
+                                        batch["boxes"], batch["box_mask"])  # fmt: skip
+            l_region, region_parts = region_loss(prediction, batch["mask"], batch)
+            loss, parts = loss + region_weight * l_region, {**parts, **region_parts, "region": l_region}
+        return loss, parts
+
+    return loss_fn
+
+
 LOSSES: dict[str, Callable[[EditModel, object], LossFn]] = {
     "ip2p": make_ip2p_loss, "fireedit": make_fireedit_loss, "mask_edit": make_mask_edit_loss,
     "clip_contrastive": make_clip_contrastive_loss, "learnable_region": make_learnable_region_loss,
+    "grounded": make_grounded_loss,
 }  # fmt: skip

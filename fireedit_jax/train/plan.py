@@ -29,7 +29,6 @@ import re
 import flax.linen as nn
 import jax
 import ml_collections
-from jax.sharding import NamedSharding
 
 from fireedit_jax.train import flops
 from fireedit_jax.train import mesh as mesh_lib
