@@ -22,7 +22,9 @@ from fireedit_jax.convert.ip2p import convert_ip2p
 from fireedit_jax.data import proposals
 from fireedit_jax.eval import preprocess
 from fireedit_jax.eval.batch_edit import DatasetError, EditSettings, edit_jsonl, edit_turns
-from fireedit_jax.eval.benchmarks import RunSettingsError, load_magicbrush, run_emu, run_magicbrush
+from fireedit_jax.eval.benchmark_data import load_magicbrush
+from fireedit_jax.eval.benchmarks import run_emu, run_magicbrush
+from fireedit_jax.eval.result_log import RunSettingsError
 from fireedit_jax.eval.scorer import Scorer
 from fireedit_jax.pipeline import Editor
 

@@ -33,7 +33,7 @@ from fireedit_jax.data.pipeline import make_iterator
 from fireedit_jax.data.records import EditRecord, Task
 from fireedit_jax.data.tfds_builder import build_triplets
 from fireedit_jax.data.transforms import EditTransform, decode_image
-from fireedit_jax.eval.benchmarks import ResultLog, RunSettingsError
+from fireedit_jax.eval.result_log import ResultLog, RunSettingsError
 from fireedit_jax.pipeline import Editor
 from fireedit_jax.train import checkpoints as ckpt_lib
 from fireedit_jax.train import inputs

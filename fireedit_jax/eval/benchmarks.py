@@ -3,33 +3,9 @@
     summary = run_magicbrush(editor, "data/MagicBrush/test", "runs/mb", scorer=scorer, turns="both")
     summary = run_emu(editor, "data/emu_edit_test_set", "runs/emu", scorer=scorer, split="test")
 
-Data layouts read (a wrong one raises `DatasetError` naming the missing files or fields):
-
-MagicBrush, the test release (the password-protected zip; also its dev release):
-  DIR/edit_sessions.json   {"<id>": [{"input": "<id>-input.png", "mask": "<id>-mask1.png",
-                                      "output": "<id>-output1.png", "instruction": "..."},
-                                     {"input": "<id>-output1.png", "mask": "<id>-mask2.png",
-                                      "output": "<id>-output2.png", "instruction": "..."}, ...]}
-                           one list per edit session, in turn order; turn k's input is the
-                           ground-truth output of turn k−1 ("mask": its edit region, read
-                           with masks=True)
-  DIR/images/<id>/         <id>-input.png, <id>-outputK.png, <id>-maskK.png
-  DIR/local_descriptions.json, DIR/global_descriptions.json (optional)
-                           {"<id>": {"<id>-outputK.png": caption, ...}} — captions for CLIP-T;
-                           the paper used the local ones (MagicBrush issue #17), the
-                           script's default is the global ones (`captions=`).
-  DIR may also be the folder holding test/ (or the split's name).
-  Sources: OSU-NLP-Group/MagicBrush `edit_cli_single_multi_turn.py` (reads
-  `images/../edit_sessions.json`, dict of session id → list of {input, output,
-  instruction}) and `evaluation/image_eval.py` (captions keyed [id][file]); issues #15
-  (a sample entry with input/mask/output/instruction) and #24 (caption files).
-MagicBrush on the Hugging Face hub (osunlp/MagicBrush; train and dev only):
-  DIR/**/<split>-*.parquet with img_id, turn_index, source_img, mask_img, instruction,
-  target_img; images are structs {bytes, path}. No captions (no CLIP-T).
-Emu Edit (facebook/emu_edit_test_set; no target images):
-  DIR/**/<split>-*.parquet with instruction, image, task, split, idx, hash, input_caption,
-  output_caption. Metrics compare the output with the *input* image and the output
-  caption (CLIP-out, reported as clip_t), CLIP-dir uses both captions.
+The data sets' layouts: eval/benchmark_data.py (a wrong one raises `DatasetError` naming the
+missing files or fields). Emu Edit has no target images: metrics compare the output with the
+*input* image and the output caption (CLIP-out, reported as clip_t), CLIP-dir uses both captions.
 
 Protocols (REFERENCES.md §8, MagicBrush's evaluation README):
   turns="single"  every turn edited from its ground-truth input: the "all_turn" mean
@@ -57,208 +33,23 @@ OUT/grid.png (input · instruction · output · target, for a sample of edits).
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
-import math
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
+from PIL import Image
 
 from fireedit_jax import images, storage
-from fireedit_jax.eval.batch_edit import (DatasetError, DeviceBatcher, EditJob, EditSettings, detector_proposer,
-                                          progress_bar, report)
+from fireedit_jax.eval.batch_edit import DeviceBatcher, EditJob, EditSettings, detector_proposer, progress_bar, report
+from fireedit_jax.eval.benchmark_data import ImageLoader, MagicBrushTurn, load_emu, load_magicbrush
 from fireedit_jax.eval.metrics import aggregate
+from fireedit_jax.eval.report import markdown, mean, metric_names, strict_json, summarise, write_grid
+from fireedit_jax.eval.result_log import ResultLog
 from fireedit_jax.eval.scorer import ALL_METRICS, Scorer
 
-MAGICBRUSH_SESSION_FIELDS = ("input", "output", "instruction")
-MAGICBRUSH_PARQUET_FIELDS = ("img_id", "turn_index", "source_img", "mask_img", "instruction", "target_img")
-EMU_FIELDS = ("instruction", "image", "task", "split", "idx", "hash", "input_caption", "output_caption")
 TURNS = ("single", "multi", "both")
-
-
-class RunSettingsError(ValueError):
-    """An output directory holding results made with other edit settings or data."""
-
-
-# ------------------------------------------------------------------ reading data sets
-
-ImageLoader = Callable[[], Image.Image]
-
-
-def decode_image(value, name: str, rgb: bool = True) -> Image.Image:
-    """A parquet image cell ({bytes, path} struct or raw bytes) → RGB PIL (rgb=False: as stored,
-    e.g. a mask's alpha); ImageError naming the cell."""
-    data = value.get("bytes") if isinstance(value, dict) else value
-    if not data:
-        raise images.ImageError(f"{name} holds no image bytes")
-    try:
-        with Image.open(io.BytesIO(data)) as opened:
-            opened.load()
-            return images.to_rgb(opened.copy()) if rgb else opened.copy()
-    except UnidentifiedImageError:
-        raise images.ImageError(f"{name} is not a readable image (unknown format)") from None
-    except OSError as err:
-        raise images.ImageError(f"{name} is not a readable image ({err})") from None
-
-
-def _file_loader(path: str, rgb: bool = True) -> ImageLoader:
-    """Loads the file when called: RGB, or (rgb=False) as stored, e.g. a mask's alpha."""
-    return (lambda: images.load_image(path)) if rgb else (lambda: images.open_image(path, "mask"))
-
-
-class ParquetRows:
-    """Rows of Hugging Face parquet files: plain fields read at once, image fields on demand.
-
-    Every file's schema is checked first: a missing field raises `DatasetError` naming it.
-    """
-
-    def __init__(self, files: Sequence[str], fields: Sequence[str], image_fields: Sequence[str], what: str):
-        import pyarrow.parquet as pq
-
-        self._files = {path: pq.ParquetFile(storage.as_path(path).open("rb")) for path in files}
-        self.rows: list[dict] = []
-        for path, parquet in self._files.items():
-            names = parquet.schema_arrow.names
-            missing = [name for name in fields if name not in names]
-            if missing:
-                raise DatasetError(f"{path} lacks the field(s) {', '.join(missing)} of the {what} layout "
-                                   f"(it has: {', '.join(names)})")
-            plain = [name for name in fields if name not in image_fields]
-            for group in range(parquet.num_row_groups):
-                for offset, row in enumerate(parquet.read_row_group(group, columns=plain).to_pylist()):
-                    row["_where"] = (path, group, offset, len(self.rows))
-                    self.rows.append(row)
-        self._groups: dict[tuple, list] = {}
-
-    def loader(self, row: dict, field: str, rgb: bool = True) -> ImageLoader:
-        return lambda: self.image(row, field, rgb)
-
-    def image(self, row: dict, field: str, rgb: bool = True) -> Image.Image:
-        path, group, offset, index = row["_where"]
-        cache_key = (path, group, field)
-        if cache_key not in self._groups:
-            if len(self._groups) >= 4:  # a few row groups of image bytes at a time
-                self._groups.pop(next(iter(self._groups)))
-            self._groups[cache_key] = self._files[path].read_row_group(group, columns=[field]).column(field).to_pylist()
-        return decode_image(self._groups[cache_key][offset], f"{os.path.basename(path)} row {index} {field!r}", rgb)
-
-
-def _parquet_files(data_dir: str, split: str, what: str) -> list[str]:
-    parquet = [os.fspath(p) for p in storage.files(data_dir, ".parquet")]
-    files = [p for p in parquet if os.path.basename(p).startswith(f"{split}-")]
-    if not files:
-        root = os.fspath(storage.as_path(data_dir))
-        others = [p[len(root) + 1 :] for p in parquet]
-        found = f"; parquet files there: {', '.join(others[:8])}" if others else ""
-        raise DatasetError(f"{data_dir!r}: no {split}-*.parquet files of the {what} layout{found}")
-    return files
-
-
-@dataclasses.dataclass
-class MagicBrushTurn:
-    """One MagicBrush edit: `source` is the ground-truth input of this turn, `target` its ground truth."""
-
-    session: str
-    turn: int  # 1-based
-    instruction: str
-    source: ImageLoader
-    target: ImageLoader
-    caption: str | None = None
-    mask: ImageLoader | None = None  # the annotators' edit region, as stored (`images.mask_from_image` reads it)
-
-
-def load_magicbrush(data_dir: str, *, split: str = "test", captions: str = "local") -> list[list[MagicBrushTurn]]:
-    """Edit sessions (lists of turns, in order) from the release layout or the parquet one (module docstring)."""
-    if not storage.as_path(data_dir).is_dir():
-        raise DatasetError(f"MagicBrush directory {data_dir!r} does not exist")
-    for root in (data_dir, os.path.join(data_dir, split)):
-        if (storage.as_path(root) / "edit_sessions.json").exists():
-            return _magicbrush_release(os.fspath(storage.as_path(root)), captions)
-    if storage.files(data_dir, ".parquet"):
-        return _magicbrush_parquet(data_dir, split)
-    raise DatasetError(f"{data_dir!r} is neither MagicBrush's release layout (edit_sessions.json + images/) "
-                       f"nor its parquet layout ({split}-*.parquet)")
-
-
-def _magicbrush_release(root: str, captions: str) -> list[list[MagicBrushTurn]]:
-    sessions = json.loads((storage.as_path(root) / "edit_sessions.json").read_text())
-    if not isinstance(sessions, dict):
-        raise DatasetError(f"{root}/edit_sessions.json must map session ids to lists of turns, "
-                           f"got a {type(sessions).__name__}")
-    image_dir = os.path.join(root, "images")
-    if not storage.as_path(image_dir).is_dir():
-        raise DatasetError(f"{root!r} has edit_sessions.json but no images/ folder")
-    caption_file = storage.as_path(root) / f"{captions}_descriptions.json"
-    descriptions = json.loads(caption_file.read_text()) if caption_file.exists() else {}
-    problems, out = [], []
-    for session, turns in sessions.items():
-        entries = []
-        for k, entry in enumerate(turns if isinstance(turns, list) else [None], 1):
-            missing = [name for name in MAGICBRUSH_SESSION_FIELDS if not isinstance(entry, dict) or name not in entry]
-            if missing:
-                problems.append(f"session {session} turn {k} lacks {', '.join(missing)}")
-                continue
-            folder = os.path.join(image_dir, str(session))
-            entries.append(MagicBrushTurn(
-                session=str(session), turn=k, instruction=entry["instruction"],
-                source=_file_loader(os.path.join(folder, entry["input"])),
-                target=_file_loader(os.path.join(folder, entry["output"])),
-                caption=descriptions.get(str(session), {}).get(entry["output"]),
-                mask=_file_loader(os.path.join(folder, entry["mask"]), rgb=False) if entry.get("mask") else None,
-            ))  # fmt: skip
-        out.append(entries)
-    if problems:
-        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
-        fields = ", ".join(MAGICBRUSH_SESSION_FIELDS)
-        raise DatasetError(f"{root}/edit_sessions.json: each turn needs the fields {fields}: "
-                           + "; ".join(problems[:5]) + more)
-    return out
-
-
-def _magicbrush_parquet(data_dir: str, split: str) -> list[list[MagicBrushTurn]]:
-    table = ParquetRows(_parquet_files(data_dir, split, "MagicBrush"), MAGICBRUSH_PARQUET_FIELDS,
-                        ("source_img", "mask_img", "target_img"), "MagicBrush")
-    sessions: dict[str, list[dict]] = {}
-    for row in table.rows:
-        sessions.setdefault(str(row["img_id"]), []).append(row)
-    out = []
-    for session, rows in sessions.items():
-        rows.sort(key=lambda r: r["turn_index"])
-        out.append([MagicBrushTurn(session=session, turn=k, instruction=row["instruction"],
-                                   source=table.loader(row, "source_img"), target=table.loader(row, "target_img"),
-                                   mask=table.loader(row, "mask_img", rgb=False))
-                    for k, row in enumerate(rows, 1)])
-    return out
-
-
-@dataclasses.dataclass
-class EmuSample:
-    idx: str
-    instruction: str
-    task: str
-    image: ImageLoader
-    input_caption: str | None
-    output_caption: str | None
-
-
-def load_emu(data_dir: str, *, split: str = "test") -> list[EmuSample]:
-    """Rows of facebook/emu_edit_test_set's parquet files for `split` (module docstring)."""
-    if not storage.as_path(data_dir).is_dir():
-        raise DatasetError(f"Emu Edit directory {data_dir!r} does not exist")
-    table = ParquetRows(_parquet_files(data_dir, split, "Emu Edit"), EMU_FIELDS, ("image",), "Emu Edit")
-    samples = [EmuSample(idx=str(row["idx"]), instruction=row["instruction"], task=str(row["task"]),
-                         image=table.loader(row, "image"), input_caption=row["input_caption"],
-                         output_caption=row["output_caption"]) for row in table.rows]
-    seen: dict[str, int] = {}
-    for sample in samples:
-        seen[sample.idx] = seen.get(sample.idx, 0) + 1
-    repeated = [idx for idx, count in seen.items() if count > 1]
-    if repeated:
-        raise DatasetError(f"{data_dir!r}: idx values repeat within split {split!r}: {', '.join(repeated[:10])}")
-    return samples
 
 
 # ------------------------------------------------------------------ the shared runner
@@ -278,52 +69,6 @@ class _Spec:
     mask: ImageLoader | None = None  # the edit region (masked runs)
     source_caption: str | None = None
     after: str | None = None  # the spec whose output this one edits
-
-
-class ResultLog:
-    """OUT/results.jsonl (the last line per key wins) and OUT/run.json (settings and scorer)."""
-
-    def __init__(self, out_dir: str, settings: dict, scorer_description: dict):
-        self.out_dir, self.settings = out_dir, settings
-        out = storage.check_writable(out_dir, "--out")
-        self._run_path = out / "run.json"
-        self.rescore = False
-        if self._run_path.exists():
-            previous = json.loads(self._run_path.read_text())
-            then = previous["settings"]
-            differences = [f"{name}: {then.get(name)!r} then, {settings.get(name)!r} now"
-                           for name in {**then, **settings} if then.get(name) != settings.get(name)]
-            if differences:
-                raise RunSettingsError(f"{out_dir!r} holds results made with other settings ("
-                                       + "; ".join(differences) + "): use a new output directory")
-            self.rescore = previous.get("scorer") != scorer_description
-        if not self.rescore:
-            self.write_run(scorer_description)
-        self.records: dict[str, dict] = {}
-        results = out / "results.jsonl"
-        for line in results.read_text().splitlines() if results.exists() else []:
-            if line.strip():
-                record = json.loads(line)
-                self.records[record["key"]] = record
-        self._results = storage.AppendFile(results)
-
-    def write_run(self, scorer_description: dict) -> None:
-        """Records the settings and the scorer (after a re-scoring has finished, so an interrupted one resumes)."""
-        self._run_path.write_text(json.dumps({"settings": self.settings, "scorer": scorer_description}, indent=1))
-
-    def done(self, key: str) -> bool:
-        record = self.records.get(key)
-        if record is None or "error" in record:
-            return False
-        return (storage.as_path(self.out_dir) / record["output"]).exists()
-
-    def add(self, record: dict) -> None:
-        self.records[record["key"]] = record
-        self._results.write(json.dumps(record) + "\n")
-
-    def close(self) -> None:
-        """Uploads what a bucket's results.jsonl has not got yet."""
-        self._results.close()
 
 
 def _load_source(log: ResultLog, specs: dict[str, _Spec], spec: _Spec) -> Image.Image:
@@ -483,16 +228,16 @@ def run_magicbrush(editor, data_dir: str, out_dir: str, *, scorer: Scorer | None
     finished = [r for r in records if "error" not in r]
     results, by_turn = {}, {}
     if turns != "multi":
-        results["all_turn"] = _mean([r for r in finished if r["mode"] == "independent"])
+        results["all_turn"] = mean([r for r in finished if r["mode"] == "independent"])
         by_turn["turn/independent"] = aggregate([r for r in finished if r["mode"] == "independent"], by="turn",
-                                           metrics=_metric_names(finished))
+                                           metrics=metric_names(finished))
     if turns != "single":
         last = {s[-1].session: _magicbrush_key(s[-1].session, s[-1].turn, "iterative") for s in sessions if s}
-        results["final_turn"] = _mean([r for r in finished if last.get(r["session"]) == r["key"]])
+        results["final_turn"] = mean([r for r in finished if last.get(r["session"]) == r["key"]])
         by_turn["turn/iterative"] = aggregate([r for r in finished if r["mode"] == "iterative" or r["turn"] == 1],
-                                         by="turn", metrics=_metric_names(finished))
+                                         by="turn", metrics=metric_names(finished))
     has_captions = any(t.caption for s in sessions for t in s)
-    summary = _summary("magicbrush", run_settings, scorer, records, results, by_turn, this_run,
+    summary = summarise("magicbrush", run_settings, scorer, records, results, by_turn, this_run,
                        sessions=len(sessions), captions=f"{captions}_descriptions.json" if has_captions else None)
     _write_outputs(out_dir, summary, _grid_rows(log, specs, finished, grid_size, versus_source=False))
     return summary
@@ -523,80 +268,19 @@ def run_emu(editor, data_dir: str, out_dir: str, *, scorer: Scorer | None = None
     records = [log.records[s.key] for s in specs if s.key in log.records]
     finished = [r for r in records if "error" not in r]
     identical = sum(1 for s in samples if s.input_caption == s.output_caption)
-    summary = _summary("emu_edit", run_settings, scorer, records, {"all": _mean(finished)},
-                       {"task": aggregate(finished, by="task", metrics=_metric_names(finished))}, this_run,
+    summary = summarise("emu_edit", run_settings, scorer, records, {"all": mean(finished)},
+                       {"task": aggregate(finished, by="task", metrics=metric_names(finished))}, this_run,
                        identical_captions=identical)
     grid = _grid_rows(log, {s.key: s for s in specs}, finished, grid_size, versus_source=True)
     _write_outputs(out_dir, summary, grid)
     return summary
 
 
-# ------------------------------------------------------------------ summaries
+# ------------------------------------------------------------------ settings and outputs
 
 
 def _common_settings(settings: EditSettings, proposer: str | None) -> dict:
     return {**dataclasses.asdict(settings), "proposer": os.path.abspath(proposer) if proposer else None}
-
-
-def _metric_names(records: Sequence[dict]) -> list[str]:
-    present = {k for r in records for k, v in r.items() if v is not None}
-    return [m for m in ALL_METRICS if m in present]
-
-
-def _mean(records: Sequence[dict]) -> dict:
-    return aggregate(records, metrics=_metric_names(records))
-
-
-def _summary(benchmark, run_settings, scorer, records, results, breakdowns, this_run, **extra) -> dict:
-    errors = [{"key": r["key"], "error": r["error"]} for r in records if "error" in r]
-    return {
-        "benchmark": benchmark,
-        "settings": run_settings,
-        "scorer": scorer.describe(),
-        "counts": {"samples": len(records), "finished": len(records) - len(errors), "errors": len(errors)},
-        "results": results,
-        "by": breakdowns,
-        "errors": errors,
-        "this_run": this_run,
-        **extra,
-    }
-
-
-def _fmt(value) -> str:
-    if isinstance(value, float):
-        return "—" if math.isnan(value) else f"{value:.4f}"
-    return str(value)
-
-
-def _table(title: str, rows: dict[str, dict]) -> list[str]:
-    metrics = [m for m in ALL_METRICS if any(m in row for row in rows.values())]
-    lines = [f"### {title}", "", "| | count | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 2) + "|"]
-    for label, row in rows.items():
-        lines.append(f"| {label} | {row['count']} | " + " | ".join(_fmt(row.get(m, math.nan)) for m in metrics) + " |")
-    return lines + [""]
-
-
-def markdown(summary: dict) -> str:
-    """The summary as Markdown: results per protocol, then per turn / task, then the scorer and errors."""
-    s = summary
-    lines = [f"# {s['benchmark']}", ""]
-    lines += [f"{s['counts']['finished']} of {s['counts']['samples']} samples scored, {s['counts']['errors']} failed; "
-              f"{s['settings']['steps']} steps, s_I {s['settings']['image_guidance']}, "
-              f"s_T {s['settings']['text_guidance']}, seed {s['settings']['seed']}.", ""]
-    lines += _table("Results", s["results"])
-    for by, rows in s["by"].items():
-        lines += _table(f"By {by}", {str(k): v for k, v in rows.items()})
-    lines += ["### Metrics", ""]
-    if "captions" in s:
-        lines.append(f"- CLIP-T captions: {s['captions'] or 'none in the data (no CLIP-T)'}")
-    lines += [f"- {name}: {description}" for name, description in s["scorer"]["models"].items()]
-    lines += [f"- {metric} not computed: {why}" for metric, why in s["scorer"]["skipped"].items()]
-    if s["benchmark"] == "emu_edit":
-        lines += ["- clip_t is Emu Edit's CLIP-out (output caption); l1, clip_i and dino compare with the input image",
-                  f"- {s['identical_captions']} samples have identical input and output captions (their clip_dir is 0)"]
-    if s["errors"]:
-        lines += ["", "### Failed samples", ""] + [f"- {e['key']}: {e['error']}" for e in s["errors"]]
-    return "\n".join(lines) + "\n"
 
 
 def _grid_rows(log, specs, finished, grid_size, versus_source):
@@ -617,52 +301,10 @@ def _grid_rows(log, specs, finished, grid_size, versus_source):
     return rows
 
 
-def write_grid(path: str, rows, cell: int = 256) -> None:
-    """A PNG: one row per edit, columns input · instruction · output · target."""
-    font = ImageFont.load_default()
-    header = 24
-    grid = Image.new("RGB", (4 * cell, header + len(rows) * cell), "white")
-    draw = ImageDraw.Draw(grid)
-    for c, title in enumerate(("input", "instruction", "output", "target")):
-        draw.text((c * cell + 8, 6), title, fill="black", font=font)
-    for r, (source, instruction, output, target) in enumerate(rows):
-        top = header + r * cell
-        for c, image in ((0, source), (2, output), (3, target)):
-            if image is None:
-                draw.text((c * cell + 8, top + cell // 2), "(no target)", fill="gray", font=font)
-                continue
-            scale = cell / max(image.size)  # fit the cell, small images enlarged
-            thumb = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
-                                 Image.BICUBIC)
-            grid.paste(thumb, (c * cell + (cell - thumb.width) // 2, top + (cell - thumb.height) // 2))
-        draw.multiline_text((cell + 8, top + 8), _wrap(instruction, draw, font, cell - 16), fill="black", font=font)
-    storage.save_image(grid, path)
-
-
-def _wrap(text: str, draw, font, width: int) -> str:
-    lines, line = [], ""
-    for word in text.split():
-        candidate = f"{line} {word}".strip()
-        if line and draw.textlength(candidate, font=font) > width:
-            lines.append(line)
-            line = word
-        else:
-            line = candidate
-    return "\n".join(lines + [line])
-
-
-def _strict_json(value):
-    """NaN (a metric with no values in a group) → null, so summary.json is standard JSON."""
-    if isinstance(value, dict):
-        return {k: _strict_json(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_strict_json(v) for v in value]
-    return None if isinstance(value, float) and math.isnan(value) else value
-
-
 def _write_outputs(out_dir: str, summary: dict, grid_rows) -> None:
     out = storage.as_path(out_dir)
-    (out / "summary.json").write_text(json.dumps(_strict_json(summary), indent=1, default=str, allow_nan=False))
+    (out / "summary.json").write_text(json.dumps(strict_json(summary), indent=1, default=str, allow_nan=False))
     (out / "summary.md").write_text(markdown(summary))
     if grid_rows:
         write_grid(os.path.join(out_dir, "grid.png"), grid_rows)
+
