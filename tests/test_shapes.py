@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fireedit_jax.data import shapes
+from fireedit_jax.data import shapes, shapes_render, shapes_words
 from fireedit_jax.data.sources import JsonlSource
 from fireedit_jax.eval import shapes_metrics as metrics
 
@@ -83,8 +83,8 @@ def test_target_differs_only_inside_the_edited_box(config, samples, samples_32):
         # The listed objects are really drawn where their boxes say.
         for obj in s["objects"]:
             x0, y0, x1, y1 = (np.asarray(obj["box"]) * config.size).round().astype(int)
-            mask = shapes.shape_mask(obj["shape"], x1 - x0, y1 - y0)
-            assert np.all(s["source"][y0:y1, x0:x1][mask] == shapes.PALETTE[obj["colour"]])
+            mask = shapes_render.shape_mask(obj["shape"], x1 - x0, y1 - y0)
+            assert np.all(s["source"][y0:y1, x0:x1][mask] == shapes_render.PALETTE[obj["colour"]])
 
 
 def test_proposals_are_the_object_boxes_and_jitter_leaves_the_scene(samples):
@@ -275,9 +275,9 @@ def test_distances_on_known_cases():
 
 
 def test_background_is_far_from_every_palette_colour():
-    low = shapes.BACKGROUND_TINT[0] - shapes.BACKGROUND_WOBBLE - 1
-    high = shapes.BACKGROUND_TINT[1] + shapes.BACKGROUND_WOBBLE + 1
-    for colour in shapes.PALETTE.values():
+    low = shapes_render.BACKGROUND_TINT[0] - shapes_render.BACKGROUND_WOBBLE - 1
+    high = shapes_render.BACKGROUND_TINT[1] + shapes_render.BACKGROUND_WOBBLE + 1
+    for colour in shapes_render.PALETTE.values():
         nearest = np.clip(colour, low, high)
         assert np.linalg.norm(np.subtract(colour, nearest)) > metrics.COLOUR_TOLERANCE + 20
 
@@ -306,8 +306,9 @@ def painted(sample, colour=None, shape=None):
     out = sample["target"].copy()
     x0, y0, x1, y1 = (np.asarray(sample["box"]) * out.shape[0]).round().astype(int)
     region = out[y0:y1, x0:x1]
-    region[shapes.shape_mask(sample["shape"], x1 - x0, y1 - y0)] = region[0, 0]  # the box corner: background
-    region[shapes.shape_mask(shape or sample["shape"], x1 - x0, y1 - y0)] = shapes.PALETTE[colour or sample["colour"]]
+    region[shapes_render.shape_mask(sample["shape"], x1 - x0, y1 - y0)] = region[0, 0]  # the box corner: background
+    new = shapes_render.shape_mask(shape or sample["shape"], x1 - x0, y1 - y0)
+    region[new] = shapes_render.PALETTE[colour or sample["colour"]]
     return out
 
 
@@ -354,7 +355,7 @@ def test_kept_counts_the_other_objects_an_edit_destroyed(samples):
 
 
 def test_tokenizer_round_trips_every_instruction(samples, tmp_path):
-    tokenizer = shapes.build_tokenizer()
+    tokenizer = shapes_words.build_tokenizer()
     instructions = [s["instruction"] for s in every(samples)]
     ids = tokenizer(instructions)["input_ids"]
     unk, bos, eos = tokenizer.unk_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id
@@ -363,7 +364,7 @@ def test_tokenizer_round_trips_every_instruction(samples, tmp_path):
         assert unk not in row and row[0] == bos and row[-1] == eos and len(row) == len(text.split()) + 2
         assert tokenizer.decode(row, skip_special_tokens=True) == text
     used = {w for text in instructions for w in text.split()}
-    assert used == set(shapes.vocabulary())  # the vocabulary is exactly what the generator says
+    assert used == set(shapes_words.vocabulary())  # the vocabulary is exactly what the generator says
     tokenizer.save_pretrained(tmp_path)
     from transformers import AutoTokenizer
 
@@ -373,10 +374,11 @@ def test_tokenizer_round_trips_every_instruction(samples, tmp_path):
 
 
 def test_check_instruction_names_unknown_words():
-    assert shapes.check_instruction("Remove the leftmost red circle") == ["remove", "the", "leftmost", "red", "circle"]
+    words = ["remove", "the", "leftmost", "red", "circle"]
+    assert shapes_words.check_instruction("Remove the leftmost red circle") == words
     with pytest.raises(ValueError, match=r"pink, hexagon\. Known words: make, paint") as error:
-        shapes.check_instruction("make the pink hexagon blue")
-    assert all(word in str(error.value) for word in shapes.vocabulary())
+        shapes_words.check_instruction("make the pink hexagon blue")
+    assert all(word in str(error.value) for word in shapes_words.vocabulary())
 
 
 # ---------------------------------------------------------------------------- source and files

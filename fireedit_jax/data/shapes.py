@@ -27,7 +27,9 @@ Geometry: an object is an odd-sized square box (so shapes are symmetric), small 
 (`ShapesConfig.small` / `big` of the image side). Objects keep `gap` pixels apart and
 off the border; an added object sits `gap` pixels beside its anchor, centred on it, or
 `gap` pixels from the corner. Shapes are drawn with PIL without antialiasing, so a
-target differs from its source only inside the edited box.
+target differs from its source only inside the edited box (data/shapes_render.py: the
+palette, the shapes' masks, the background). The instructions' templates, the vocabulary
+and the word-level tokenizer: data/shapes_words.py.
 
 A sample (`generate`, `ShapeEditSource[i]`) is a dict:
   source, target   uint8[H, W, 3]
@@ -55,56 +57,26 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import json
-import math
 import os
-import re
 from typing import NamedTuple, Sequence
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 
-PALETTE = {  # far from each other and from the light background
-    "red": (220, 50, 50),
-    "yellow": (230, 210, 50),
-    "green": (50, 170, 70),
-    "cyan": (50, 200, 210),
-    "blue": (50, 80, 220),
-    "purple": (140, 50, 180),
-}
-COLOURS = tuple(PALETTE)
-SHAPES = ("circle", "square", "triangle", "diamond")
-SIZES = ("small", "big")
+# PALETTE and shape_mask are not used here: eval/shapes_metrics.py imports them from this module.
+from fireedit_jax.data.shapes_render import (COLOURS, PALETTE, SHAPES, SIZES, Obj, background,  # noqa: F401
+                                             object_mask, render, shape_mask)
+from fireedit_jax.data.shapes_words import (ADD_TEMPLATES, COLOUR_TEMPLATES, CORNERS, DIRECTIONS, PLACE_TEMPLATES,
+                                            POSITIONS, REMOVE_TEMPLATES, SHAPE_TEMPLATES, SIZE_WORDS, SPECIAL_TOKENS,
+                                            build_tokenizer, vocabulary)
+
 KINDS = ("colour", "shape", "remove", "add")
 REFERS = ("attribute", "position", "size", "corner")
 SPLITS = ("train", "test", "heldout")
 # Never produced by a train/test edit; every heldout edit produces one. Each shape and
 # four colours lose one pairing, so each part is still seen in training.
 HELDOUT_PAIRS = frozenset({("red", "triangle"), ("green", "circle"), ("blue", "square"), ("yellow", "diamond")})
-
-# Position words: (axis, +1 for the largest coordinate); the edge compared besides the centre.
-POSITIONS = {"leftmost": (0, -1), "rightmost": (0, 1), "top": (1, -1), "bottom": (1, 1)}
-DIRECTIONS = ("left", "right", "above", "below")
-CORNERS = ("top left", "top right", "bottom left", "bottom right")
-
-COLOUR_TEMPLATES = ("make {ref} {colour}", "paint {ref} {colour}", "change the colour of {ref} to {colour}")
-SHAPE_TEMPLATES = ("turn {ref} into a {shape}", "change {ref} into a {shape}", "make {ref} a {shape}")
-REMOVE_TEMPLATES = ("remove {ref}", "delete {ref}", "erase {ref}", "take away {ref}")
-ADD_TEMPLATES = ("add a {new} {place}", "put a {new} {place}", "draw a {new} {place}")
-PLACE_TEMPLATES = {
-    "left": "to the left of {ref}",
-    "right": "to the right of {ref}",
-    "above": "above {ref}",
-    "below": "below {ref}",
-    **{corner: f"in the {corner} corner" for corner in CORNERS},
-}
-SIZE_WORDS = {"comparative": ("bigger", "smaller"), "superlative": ("biggest", "smallest")}
-SPECIAL_TOKENS = ("<pad>", "<unk>", "<s>", "</s>")
-BACKGROUND_TINT = (185.0, 225.0)
-STRIPE_AMPLITUDE = (2.0, 6.0)
-PIXEL_NOISE = 3.0
-BACKGROUND_WOBBLE = STRIPE_AMPLITUDE[1] + PIXEL_NOISE
 _MAX_ATTEMPTS = 2000
 
 
@@ -154,70 +126,10 @@ class ShapesConfig:
         return max(2, round(self.position_margin * self.size))
 
 
-class Obj(NamedTuple):
-    shape: str
-    colour: str
-    size: str
-    box: tuple[int, int, int, int]  # pixels, x0 y0 x1 y1, end exclusive
-
-
 class Ref(NamedTuple):
     phrase: str  # "the leftmost red square"
     refer: str  # attribute, position or size
     index: int  # the object it picks
-
-
-# ---------------------------------------------------------------------------- rendering
-
-
-@functools.lru_cache(maxsize=None)
-def shape_mask(shape: str, width: int, height: int) -> np.ndarray:
-    """bool[height, width]: `shape` filling a width × height box, drawn without antialiasing."""
-    canvas = Image.new("L", (width, height), 0)
-    draw = ImageDraw.Draw(canvas)
-    r, b = width - 1, height - 1
-    if shape == "square":
-        draw.rectangle([0, 0, r, b], fill=255)
-    elif shape == "circle":
-        draw.ellipse([0, 0, r, b], fill=255)
-    elif shape == "triangle":
-        draw.polygon([(r / 2, 0), (r, b), (0, b)], fill=255)
-    elif shape == "diamond":
-        draw.polygon([(r / 2, 0), (r, b / 2), (r / 2, b), (0, b / 2)], fill=255)
-    else:
-        raise ValueError(f"unknown shape {shape!r}; known: {', '.join(SHAPES)}")
-    mask = np.asarray(canvas) > 0
-    mask.setflags(write=False)
-    return mask
-
-
-def background(rng: np.random.Generator, size: int) -> np.ndarray:
-    """uint8[size, size, 3]: a light tint (per channel in BACKGROUND_TINT) with faint stripes
-    and pixel noise (together at most BACKGROUND_WOBBLE in each channel)."""
-    tint = rng.uniform(*BACKGROUND_TINT, 3)
-    angle, phase = rng.uniform(0, math.pi), rng.uniform(0, 2 * math.pi)
-    period, amplitude = rng.uniform(6, 16), rng.uniform(*STRIPE_AMPLITUDE)
-    y, x = np.mgrid[0:size, 0:size]
-    stripes = amplitude * np.sin(2 * math.pi * (x * math.cos(angle) + y * math.sin(angle)) / period + phase)
-    noise = rng.uniform(-PIXEL_NOISE, PIXEL_NOISE, (size, size))
-    return np.clip(np.rint(tint + (stripes + noise)[..., None]), 0, 255).astype(np.uint8)
-
-
-def object_mask(obj: Obj, size: int) -> np.ndarray:
-    """bool[size, size]: the object's pixels."""
-    mask = np.zeros((size, size), bool)
-    x0, y0, x1, y1 = obj.box
-    mask[y0:y1, x0:x1] = shape_mask(obj.shape, x1 - x0, y1 - y0)
-    return mask
-
-
-def render(backdrop: np.ndarray, objects: Sequence[Obj]) -> np.ndarray:
-    """uint8[H, W, 3]: the objects painted on a copy of `backdrop`, each only inside its box."""
-    image = backdrop.copy()
-    for obj in objects:
-        x0, y0, x1, y1 = obj.box
-        image[y0:y1, x0:x1][shape_mask(obj.shape, x1 - x0, y1 - y0)] = PALETTE[obj.colour]
-    return image
 
 
 # ---------------------------------------------------------------------------- geometry
@@ -472,53 +384,6 @@ class ShapeEditSource:
 
     def __repr__(self) -> str:
         return f"ShapeEditSource({self.split!r}, {self.num_samples} samples, {self.config})"
-
-
-# ---------------------------------------------------------------------------- vocabulary
-
-
-def vocabulary() -> list[str]:
-    """Every word an instruction can contain, in a fixed order."""
-    texts = [*COLOUR_TEMPLATES, *SHAPE_TEMPLATES, *REMOVE_TEMPLATES, *ADD_TEMPLATES, *PLACE_TEMPLATES.values()]
-    words = [w for text in texts for w in re.sub(r"\{\w+\}", " ", text).split()]
-    words += ["the", "object", *COLOURS, *SHAPES, *SIZES, *POSITIONS, *(w for ws in SIZE_WORDS.values() for w in ws)]
-    return list(dict.fromkeys(words))
-
-
-_WORD = re.compile(r"\w+|[^\w\s]+")  # the `Whitespace` pre-tokenizer's split
-
-
-def check_instruction(text: str) -> list[str]:
-    """The instruction's (lowercased) words; ValueError naming unknown words and listing the known ones."""
-    words = _WORD.findall(text.lower())
-    known = set(vocabulary())
-    unknown = [w for w in dict.fromkeys(words) if w not in known]
-    if unknown:
-        raise ValueError(
-            f"instruction {text!r} has word(s) outside the ShapeEdit vocabulary: {', '.join(unknown)}. "
-            f"Known words: {', '.join(vocabulary())}"
-        )
-    return words
-
-
-def build_tokenizer():
-    """A word-level `PreTrainedTokenizerFast` over `vocabulary()`: lowercasing, whitespace
-    split, <s> … </s> added; ids 0-3 are <pad>, <unk>, <s>, </s>. Save it with `save_pretrained(dir)`,
-    load it with `transformers.AutoTokenizer.from_pretrained(dir)`."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    pad, unk, bos, eos = SPECIAL_TOKENS
-    vocab = {token: i for i, token in enumerate([*SPECIAL_TOKENS, *vocabulary()])}
-    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token=unk))
-    tokenizer.normalizer = normalizers.Lowercase()
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer.post_processor = processors.TemplateProcessing(
-        single=f"{bos} $A {eos}", special_tokens=[(bos, vocab[bos]), (eos, vocab[eos])]
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, pad_token=pad, unk_token=unk, bos_token=bos, eos_token=eos
-    )
 
 
 # ---------------------------------------------------------------------------- files
