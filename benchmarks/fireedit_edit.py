@@ -28,7 +28,7 @@ from fireedit_jax.models.clip import CLIPVisionConfig
 from fireedit_jax.models.dinov2 import DINOv2Config
 from fireedit_jax.models.fireedit import EditModel
 from fireedit_jax.models.llama import LlamaConfig
-from fireedit_jax.models.unet import UNetConfig
+from fireedit_jax.models.unet_config import UNetConfig
 from fireedit_jax.models.vae import VAEConfig
 from fireedit_jax.pipeline import Editor
 

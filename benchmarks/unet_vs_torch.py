@@ -29,7 +29,8 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from fireedit_jax.convert.unet import convert_unet
-from fireedit_jax.models.unet import UNet, UNetConfig
+from fireedit_jax.models.unet import UNet
+from fireedit_jax.models.unet_config import UNetConfig
 from timing import interleaved, report
 
 

@@ -21,7 +21,7 @@ from fireedit_jax.config_dataclass import dataclass_from_dict
 from fireedit_jax.convert import ip2p, reference
 from fireedit_jax.models.clip import CLIPTextConfig
 from fireedit_jax.models.fireedit import EditModel
-from fireedit_jax.models.unet import UNetConfig
+from fireedit_jax.models.unet_config import UNetConfig
 from fireedit_jax.models.vae import VAEConfig
 from fireedit_jax.train import losses, masks, optimizer
 from fireedit_jax.train import mesh as mesh_lib

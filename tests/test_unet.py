@@ -14,7 +14,8 @@ from golden import check_golden, describe
 
 from fireedit_jax.convert import core
 from fireedit_jax.convert.unet import abstract_params, convert_unet, verify_unet
-from fireedit_jax.models.unet import Attention, UNet, UNetConfig, init_visual_from_text
+from fireedit_jax.models.unet import Attention, UNet, init_visual_from_text
+from fireedit_jax.models.unet_config import UNetConfig
 
 # Two tiny IP2P-shaped (8 input channels) diffusers UNets that differ in levels, head
 # counts, layers per block, projection kind and transformer depth.

@@ -28,7 +28,7 @@ from fireedit_jax.diffusion.samplers import SAMPLERS
 from fireedit_jax.diffusion.schedules import SchedulerConfig
 from fireedit_jax.models.clip import CLIPTextConfig, CLIPTextModel
 from fireedit_jax.models.fireedit import EditModel
-from fireedit_jax.models.unet import UNetConfig
+from fireedit_jax.models.unet_config import UNetConfig
 from fireedit_jax.models.vae import VAEConfig
 
 SUBDIRS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")

@@ -24,7 +24,7 @@ from fireedit_jax.models.dinov2 import DINOv2Config
 from fireedit_jax.models.llama import LlamaConfig
 from fireedit_jax.models.qformer import QFormerConfig
 from fireedit_jax.models.t5 import T5EncoderConfig
-from fireedit_jax.models.unet import UNetConfig
+from fireedit_jax.models.unet_config import UNetConfig
 from fireedit_jax.models.vae import VAEConfig
 from fireedit_jax.models.vit import ViTConfig
 

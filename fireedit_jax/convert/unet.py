@@ -22,7 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from fireedit_jax.convert import core
-from fireedit_jax.models.unet import UNet, UNetConfig
+from fireedit_jax.models.unet import UNet
+from fireedit_jax.models.unet_config import UNetConfig
 
 VISUAL_BRANCH = (r"/to_k_ip/", r"/to_v_ip/")
 GATED_INJECTION = (r"/fuser/",)
