@@ -46,7 +46,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from fireedit_jax.data.pipeline import make_iterator
-from fireedit_jax.data.sources import instructpix2pix_source
+from fireedit_jax.data.parquet_source import instructpix2pix_source
 from fireedit_jax.data.tfds_builder import TFDSSource, build_triplets
 from fireedit_jax.data.transforms import EditTransform, TextField
 

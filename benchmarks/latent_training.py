@@ -45,7 +45,7 @@ def main() -> None:
 
     from fireedit_jax import checkpoint
     from fireedit_jax.data.latent_cache import cache_latents
-    from fireedit_jax.data.sources import instructpix2pix_source
+    from fireedit_jax.data.parquet_source import instructpix2pix_source
     from fireedit_jax.models.fireedit import EditModel
     from fireedit_jax.train import flops
 

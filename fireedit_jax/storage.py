@@ -36,7 +36,7 @@ import re
 import shutil
 import tempfile
 import time
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import fsspec.config
 from etils import epath
@@ -138,6 +138,25 @@ def glob(pattern: PathLike) -> list[epath.Path]:
     compiled = re.compile(fnmatch.translate(rest.replace("**/", "\0")).replace("\0", "(?:.*/)?"))
     base = as_path(base)
     return [p for p in files(base) if compiled.fullmatch(os.fspath(p)[len(os.fspath(base)) + 1 :])]
+
+
+def data_files(paths: PathLike | Sequence[PathLike], suffix: str) -> list[str]:
+    """A directory (its files ending in `suffix`, searched recursively), a glob pattern, a
+    file, or a list of these → files (a data set's parquet files or tar shards)."""
+    found = []
+    for path in [paths] if isinstance(paths, (str, os.PathLike)) else paths:
+        path = os.fspath(path)
+        if any(c in path for c in "*?["):  # glob.has_magic
+            found += map(os.fspath, glob(path))
+        elif as_path(path).is_dir():
+            found += map(os.fspath, files(path, suffix))
+        elif as_path(path).exists():
+            found.append(os.fspath(as_path(path)))
+        else:
+            raise FileNotFoundError(f"{suffix[1:]} path {path!r} does not exist")
+    if not found:
+        raise FileNotFoundError(f"no {suffix[1:]} files in {paths!r}")
+    return found
 
 
 def copy_tree(source: PathLike, target: PathLike) -> None:

@@ -19,7 +19,7 @@ from test_data_sources import png_bytes, write_ip2p_parquet
 
 from fireedit_jax.data import pipeline
 from fireedit_jax.data.records import BadRecord, EditRecord, Task
-from fireedit_jax.data.sources import instructpix2pix_source
+from fireedit_jax.data.parquet_source import instructpix2pix_source
 from fireedit_jax.data.transforms import (
     EditTransform,
     TextField,

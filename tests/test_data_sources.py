@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from fireedit_jax.data import sources
+from fireedit_jax.data import parquet_source, sources, tar_source
 from fireedit_jax.data.records import BadRecord, EditRecord, Task
 
 IMAGE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])  # the `datasets` Image feature
@@ -63,7 +63,7 @@ def _images(n: int, offset: int = 0) -> list[tuple[bytes, bytes]]:
 def test_instructpix2pix_parquet_files_and_row_groups(tmp_path):
     first = write_ip2p_parquet(str(tmp_path / "train-00000-of-00002.parquet"), _images(5))
     second = write_ip2p_parquet(str(tmp_path / "train-00001-of-00002.parquet"), _images(3, offset=100))
-    source = sources.instructpix2pix_source(str(tmp_path))
+    source = parquet_source.instructpix2pix_source(str(tmp_path))
     expected = [
         EditRecord(
             key=f"train-0000{f}-of-00002.parquet#{i}",
@@ -104,7 +104,7 @@ def test_magicbrush_and_ultraedit_parquet(tmp_path):
          ("instruction", pa.string()), ("target_img", IMAGE)]
     )  # fmt: skip
     pq.write_table(pa.Table.from_pylist(magicbrush_rows, schema), tmp_path / "mb.parquet")
-    source = sources.magicbrush_source(str(tmp_path / "mb.parquet"))
+    source = parquet_source.magicbrush_source(str(tmp_path / "mb.parquet"))
     assert [source[i] for i in range(3)] == [
         EditRecord(f"mb.parquet#{i}", src, f"put a hat on dog {i}", tgt, mask_image=png_bytes(50 + i))
         for i, (src, tgt) in enumerate(images)
@@ -123,7 +123,7 @@ def test_magicbrush_and_ultraedit_parquet(tmp_path):
             for i, (src, tgt) in enumerate(images)
         ]
         pq.write_table(pa.Table.from_pylist(rows), tmp_path / f"{name}.parquet")
-        source = sources.ultraedit_source(str(tmp_path / f"{name}.parquet"))
+        source = parquet_source.ultraedit_source(str(tmp_path / f"{name}.parquet"))
         assert [source[i] for i in range(3)] == [
             EditRecord(
                 f"{name}.parquet#{i}", src, f"turn sky {i} pink", tgt,
@@ -139,22 +139,22 @@ def test_parquet_wrong_schema_names_missing_columns(tmp_path):
     table = pa.table({"original_prompt": ["a"], "original_image": [image], "edited_prompt": ["b"]})
     pq.write_table(table, tmp_path / "bad.parquet")
     with pytest.raises(sources.SchemaError, match=r"missing column\(s\) edit_prompt, edited_image") as error:
-        sources.instructpix2pix_source(str(tmp_path / "bad.parquet"))
+        parquet_source.instructpix2pix_source(str(tmp_path / "bad.parquet"))
     assert "bad.parquet" in str(error.value)
     # right names, but text where the images should be
     table = pa.table({"source_img": ["x"], "target_img": ["y"], "instruction": ["z"]})
     pq.write_table(table, tmp_path / "text.parquet")
     with pytest.raises(sources.SchemaError, match="'source_img' should hold images"):
-        sources.magicbrush_source(str(tmp_path / "text.parquet"))
+        parquet_source.magicbrush_source(str(tmp_path / "text.parquet"))
     with pytest.raises(FileNotFoundError):
-        sources.magicbrush_source(str(tmp_path / "missing"))
+        parquet_source.magicbrush_source(str(tmp_path / "missing"))
 
 
 def test_parquet_null_image_is_a_bad_record(tmp_path):
     rows = write_ip2p_parquet(str(tmp_path / "a.parquet"), _images(2))
     rows[1]["edited_image"] = None
     pq.write_table(pa.Table.from_pylist(rows, pq.read_schema(tmp_path / "a.parquet")), tmp_path / "a.parquet")
-    source = sources.instructpix2pix_source(str(tmp_path / "a.parquet"))
+    source = parquet_source.instructpix2pix_source(str(tmp_path / "a.parquet"))
     assert source[0].target_image is not None
     with pytest.raises(BadRecord, match="a.parquet#1: a edit record needs a target image"):
         source[1]
@@ -370,16 +370,16 @@ def test_webdataset_tar_shards(tmp_path):
         assert list(pool.map(source.__getitem__, [0, 1, 2] * 4)) == expected * 4
     assert pickle.loads(pickle.dumps(source))[2] == expected[2]
     with pytest.warns(UserWarning, match="one: left out 2 of 3 samples"):
-        assert sources.TarCaptionSource([str(shards / "000001.tar")], name="one")[0] == expected[2]
+        assert tar_source.TarCaptionSource([str(shards / "000001.tar")], name="one")[0] == expected[2]
 
     # a shard with no complete sample is in another layout: refused, naming it and a sample
     write_tar(shards / "000002.tar", {"5.jpg": jpeg_bytes(5), "5.txt": "a cup", "5.json": {"url": "http://x"}})
     refused = r"000002.tar has no sample with an image and the texts caption, instruction, target_caption \(sample 5: "
     with pytest.raises(sources.SchemaError, match=refused + "no instruction, target_caption"):
-        sources.TarCaptionSource(str(shards / "*.tar"))
+        tar_source.TarCaptionSource(str(shards / "*.tar"))
     (shards / "000002.tar").write_bytes(b"not a tar")
     with pytest.raises(sources.SchemaError, match="000002.tar cannot be read as an uncompressed tar file"):
-        sources.TarCaptionSource(str(shards))
+        tar_source.TarCaptionSource(str(shards))
 
 
 def test_shapes_caption_view_and_a_mixed_caption_batch(tmp_path):

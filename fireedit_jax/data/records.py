@@ -35,6 +35,13 @@ class BadRecord(ValueError):
     """A record that cannot be used (undecodable image, missing field); the pipeline skips and counts it."""
 
 
+class SchemaError(ValueError):
+    """A data file whose layout is not the one expected; the message names what is missing."""
+
+
+IMAGE_FIELDS = ("source_image", "target_image", "mask_image")  # the `EditRecord` fields holding an image
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class EditRecord:
     """One training sample, as read from a source (nothing decoded yet).
