@@ -178,14 +178,19 @@ def test_masked_edit_matches_diffusers_inpainting(inpaint, monkeypatch, highest_
 
 
 def test_inpainting_checkpoint_needs_a_mask(inpaint):
+    """A 9-channel (inpainting) UNet refuses an edit without a mask and the mask-free method; a
+    4-channel one (SD text-to-image) serves both, so it edits without a mask too."""
     _, editor, channels, _ = inpaint
-    if channels != 9:
-        return
     pixels = np.zeros((1, SIZE, SIZE, 3), np.float32)
-    with pytest.raises(ValueError, match="needs a mask"):
-        editor.edit_arrays(pixels, ["make it blue"], steps=1)
-    with pytest.raises(ValueError, match="cannot edit with --method ip2p"):
-        editor.check_method("ip2p", has_mask=True)
+    if channels == 9:
+        with pytest.raises(ValueError, match="needs a mask"):
+            editor.edit_arrays(pixels, ["make it blue"], steps=1)
+        with pytest.raises(ValueError, match="cannot edit with --method ip2p"):
+            editor.check_method("ip2p", has_mask=True)
+    else:
+        assert editor.check_method("ip2p", has_mask=True) == "ip2p"
+        out = np.asarray(editor.edit_arrays(pixels, ["make it blue"], steps=1))
+        assert out.shape == pixels.shape and np.isfinite(out).all()
 
 
 # ------------------------------------------------------------------ the demo-size mask-guided model
@@ -287,7 +292,9 @@ def test_init_from_a_checkpoint_without_the_mask_leaves_initialises_them_and_say
     checkpoint.save(str(tmp_path / "plain"), stored, plain)
     trainer = Trainer.from_config(load_config("configs/shapes_mask.py"))
     abstract = ckpt_lib.abstract_with_shardings(trainer.abstract_state, trainer.state_shardings)["params"]
-    with pytest.warns(UserWarning, match=r"mask encoder \(\d+ leaves\) or gated self-attention in 7 UNet"):
+    # configs/shapes_mask.py's injection layer is "cross": PromptEditDiff's gated cross-attention
+    with pytest.warns(UserWarning, match=r"mask encoder \(\d+ leaves\) or gated cross-attention to the mask tokens "
+                                         r"\(unet.injection_layer 'cross'\) in 7 UNet transformer blocks"):
         params, _ = ckpt_lib.init_params(str(tmp_path / "plain"), abstract, trainer.model.init)
     flat = flax.traverse_util.flatten_dict(params)
     assert set(flat) == set(flax.traverse_util.flatten_dict(abstract))
@@ -297,3 +304,25 @@ def test_init_from_a_checkpoint_without_the_mask_leaves_initialises_them_and_say
     assert gates and all(g == 0 for g in gates) and any(k[0] == "mask_encoder" for k in flat)
     with pytest.raises(checkpoint.CheckpointError, match="missing"):
         ckpt_lib.init_params(str(tmp_path / "plain"), abstract)  # without an init for them: an error
+
+
+@pytest.mark.parametrize("layer", ["self", "cross"])
+def test_init_warning_names_the_unet_injection_layer_it_adds(layer):
+    """The --init warning names the gated layer that the new fuser leaves make: GLIGEN's gated
+    self-attention or PromptEditDiff's gated cross-attention, from the leaves themselves."""
+    import flax
+
+    from fireedit_jax.models.unet import UNet
+    from fireedit_jax.models.unet_config import CROSS_DOWN, CROSS_UP, PLAIN_DOWN, PLAIN_UP, UNetConfig
+    from fireedit_jax.train.checkpoints import _injection_layer
+
+    config = UNetConfig(block_out_channels=(16, 32), layers_per_block=1, down_block_types=(CROSS_DOWN, PLAIN_DOWN),
+                        up_block_types=(PLAIN_UP, CROSS_UP), num_heads=2, cross_attention_dim=16, norm_num_groups=8,
+                        gated_injection=True, injection_layer=layer)  # fmt: skip
+    abstract = jax.eval_shape(UNet(config).init, jax.random.key(0), jnp.zeros((1, 8, 8, 4)), jnp.zeros((1,)),
+                              jnp.zeros((1, 3, 16)))  # fmt: skip
+    names = ["/".join(k) for k in flax.traverse_util.flatten_dict(flax.linen.meta.unbox(abstract)) if "fuser" in k]
+    assert names
+    named = _injection_layer(names)
+    assert f"unet.injection_layer '{layer}'" in named
+    assert named.startswith("gated self-attention" if layer == "self" else "gated cross-attention")

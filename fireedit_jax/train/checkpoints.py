@@ -321,11 +321,19 @@ def _matching(abstract_params, template):
     return flax.traverse_util.unflatten_dict({k: (v if present.get(k) is not None else None) for k, v in flat.items()})
 
 
-# Leaves that a method adds to a model (mask-guided editing: the mask encoder, the UNet's gated
-# self-attention; learnt edit regions: the region model). Starting from a checkpoint without them
-# (converted SD / IP2P weights, a FireEdit run, a mask-guided generator), they are initialised anew
-# and listed in a warning; any other difference is an error.
+# Leaves that a method adds to a model (mask-guided editing: the mask encoder and the UNet's gated
+# layer reading its tokens, each transformer block's `fuser`; learnt edit regions: the region model).
+# Starting from a checkpoint without them (converted SD / IP2P weights, a FireEdit run, a mask-guided
+# generator), they are initialised anew and listed in a warning; any other difference is an error.
 NEW_LEAVES = (r"^mask_encoder/", r"/fuser/", r"^region/")
+
+
+def _injection_layer(names) -> str:
+    """The UNet's gated layer (models/unet.py `GatedInjection`) that new fuser leaves belong to: only
+    GLIGEN's gated self-attention has a gated feed-forward (alpha_dense)."""
+    if any("/fuser/alpha_dense" in name for name in names):
+        return "gated self-attention (unet.injection_layer 'self')"
+    return "gated cross-attention to the mask tokens (unet.injection_layer 'cross')"
 
 
 def init_params(path: str, abstract_params, init_fn=None, key: jax.Array | None = None) -> tuple[Any, str | None]:
@@ -362,7 +370,7 @@ def init_params(path: str, abstract_params, init_fn=None, key: jax.Array | None 
         encoder = sum(n.startswith("mask_encoder/") for n in names)
         blocks = {n.split("/fuser/")[0] for n in names if "/fuser/" in n}
         parts = [f"mask encoder ({encoder} leaves)"] if encoder else []
-        parts += [f"gated self-attention in {len(blocks)} UNet transformer blocks"] if blocks else []
+        parts += [f"{_injection_layer(names)} in {len(blocks)} UNet transformer blocks"] if blocks else []
         region = sum(n.startswith("region/") for n in names)
         parts += [f"region model ({region} leaves)"] if region else []
         warnings.warn(f"--init {path!r} has no {' or '.join(parts)}: initialised anew ({len(names)} leaves)")
