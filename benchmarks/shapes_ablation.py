@@ -45,12 +45,20 @@ from fireedit_jax.data.shapes import KINDS
 ROWS = {"none": "none", "region": "+Region", "region_tati": "+Region+TATI", "full": "full (FireEdit)",
         "clip_text": "clip_text (IP2P-style)", "mask": "mask (PromptEditDiff)",
         "mask_gligen": "mask, GLIGEN's layer", "mask_blend": "mask w/o mask encoder",
-        "mask_fireedit": "FireEdit + mask"}  # fmt: skip
+        "mask_fireedit": "FireEdit + mask", "mask_diffedit": "mask, DiffEdit's mask",
+        "grounded": "mask + region model (grounded)", "grounded_exact": "grounded, generator on exact masks"}  # fmt: skip
+# rows edited under a region found without a head: the row whose checkpoint they edit with (not retrained)
+TRAINED_AS = {"mask_diffedit": "mask"}
 COLUMNS = {  # column: how a row-seed's scores.json gives it
     "test": lambda r: r["test"], "position/size": lambda r: r["position/size"], "heldout": lambda r: r["heldout"],
     "box success (test)": lambda r: r["summaries"]["test"]["overall"]["success"],
     "others kept (test)": lambda r: r["summaries"]["test"]["overall"]["kept"],
     "l1_outside": lambda r: r["l1_outside"],
+    # rows that find their own region: its bounding box's IoU with the edit's box, the share of colour,
+    # shape and remove edits on the referred object, and the same generator under the exact masks
+    "region IoU (test)": lambda r: r.get("region", {}).get("box_iou", float("nan")),
+    "right object (test)": lambda r: r.get("region", {}).get("referred_object", float("nan")),
+    "exact mask (test)": lambda r: r.get("exact_mask", float("nan")),
 }  # fmt: skip
 
 
@@ -81,12 +89,17 @@ def run_one(variant: str, seed: int, args) -> dict:
         if not args.rescore:
             raise SystemExit(f"{workdir} was scored with {scored_with}, not {settings}: pass --rescore or another --out")
         train_seconds = result["train_seconds"]
+    elif variant in TRAINED_AS:
+        train_seconds = run_one(TRAINED_AS[variant], seed, args)["train_seconds"]
     else:
         start = time.perf_counter()
         train_and_evaluate(row_config(variant, seed, args), os.path.join(workdir, "train"))
         train_seconds = round(time.perf_counter() - start, 1)
         ckpt_lib.export(os.path.join(workdir, "train"), os.path.join(workdir, "checkpoint"))
-    result = {**score(workdir, f"{variant} seed {seed}", args), **budget, **settings, "train_seconds": train_seconds}
+    checkpoint = os.path.join(args.out, f"{TRAINED_AS.get(variant, variant)}_seed{seed}", "checkpoint")
+    result = {**score(checkpoint, f"{variant} seed {seed}", args, diffedit=variant == "mask_diffedit"),
+              **budget, **settings, "train_seconds": train_seconds}  # fmt: skip
+    os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "scores.json"), "w") as f:
         json.dump(result, f, indent=1)
     return result
@@ -104,21 +117,33 @@ def row_config(variant: str, seed: int, args):
     return config
 
 
-def score(workdir: str, name: str, args) -> dict:
-    """Edits the first --samples scenes of the test and held-out splits with workdir's checkpoint."""
+def score(checkpoint: str, name: str, args, diffedit: bool = False) -> dict:
+    """Edits the first --samples scenes of the test and held-out splits with the checkpoint: under the
+    region its head predicts where it has one (then also under the exact masks, on the test split),
+    under DiffEdit's masks (`diffedit`), or as the checkpoint edits by default."""
     from fireedit_jax.pipeline import Editor
 
-    editor = Editor.from_pretrained(os.path.join(workdir, "checkpoint"))
-    scores = {}
+    editor = Editor.from_pretrained(checkpoint)
+    edit = dict(steps=args.edit_steps, batch_size=args.batch_size, guidance=tuple(args.guidance))
+    scores, extra = {}, {}
     for split in ("test", "heldout"):
         samples = demo.test_samples(editor.config, args.samples, split)
-        outputs = demo.edit_samples(editor, samples, steps=args.edit_steps, batch_size=args.batch_size,
-                                    guidance=tuple(args.guidance), desc=f"{name} {split}")  # fmt: skip
-        scores[split] = demo.score(outputs, samples)
+        regions = None
+        if diffedit:
+            regions = np.stack(editor.diffedit_regions([s["source"] for s in samples], [s["instruction"] for s in samples]))
+        elif editor.region_head:
+            regions = demo.predicted_regions(editor, samples, args.batch_size)
+        outputs = demo.edit_samples(editor, samples, **edit, masks=regions, desc=f"{name} {split}")
+        scores[split] = demo.score(outputs, samples, regions)
+        if split == "test" and regions is not None:
+            extra["region"] = scores[split]["region"]
+            exact = np.stack([s["mask"] for s in samples])
+            outputs = demo.edit_samples(editor, samples, **edit, masks=exact, desc=f"{name} {split}, exact masks")
+            extra["exact_mask"] = demo.score(outputs, samples)["overall"]["specific"]
     return {
         "test": scores["test"]["overall"]["specific"], "position/size": position_size(scores["test"]),
         "heldout": scores["heldout"]["overall"]["specific"], "l1_outside": scores["test"]["overall"]["l1_outside"],
-        "summaries": scores,
+        "summaries": scores, **extra,
     }  # fmt: skip
 
 

@@ -67,6 +67,8 @@ def _read_boxes(path: str, count: int) -> list:
         lines = [json.loads(line) for line in f if line.strip()]
     if len(lines) != count:
         raise ValueError(f"{path!r} has box lines for {len(lines)} images, but {count} image(s) are edited")
+    if not all(isinstance(line, dict) and "boxes" in line for line in lines):
+        raise ValueError(f'{path!r}: each line must be {{"boxes": [[x1, y1, x2, y2], ...]}} (normalised xyxy)')
     return [line["boxes"] for line in lines]
 
 
@@ -106,7 +108,7 @@ def _shapes(args) -> int:
 def _demo(args) -> int:
     from fireedit_jax.demo import run_demo, run_region_demo
 
-    out = args.out or ("outputs/demo" if args.method == "fireedit" else f"outputs/demo_{args.method}")
+    out = args.out or ("outputs/demo" if args.method == "grounded" else f"outputs/demo_{args.method}")
     common = dict(fresh=args.fresh, steps=args.steps, batch_size=args.batch_size, samples=args.samples,
                   edit_steps=args.edit_steps, guidance=(args.image_guidance, args.text_guidance), seed=args.seed)
     if args.method == "region":
@@ -407,12 +409,14 @@ def build_parser() -> argparse.ArgumentParser:
     from fireedit_jax.demo import GUIDANCE, STEPS  # numpy and PIL only
 
     demo = commands.add_parser("demo", help="the end-to-end demo (writes outputs/demo/)")
-    demo.add_argument("--method", choices=("fireedit", "mask", "region"), default="fireedit",
-                      help="fireedit: configs/shapes.py's FireEdit; mask: configs/shapes_mask.py's mask-guided "
-                           "editor, edited under the exact masks; region: learnt edit regions (configs/shapes_region.py:"
-                           " a mask-guided generator, then CLIP and the region model on captions alone) (default fireedit)")  # fmt: skip
+    demo.add_argument("--method", choices=("grounded", "fireedit", "mask", "region"), default="grounded",
+                      help="grounded: configs/shapes_grounded.py's mask-guided editor with a region model, edited "
+                           "where it finds the region itself (the default); fireedit: configs/shapes.py's FireEdit "
+                           "(the whole image); mask: configs/shapes_mask.py's mask-guided editor, edited under the "
+                           "exact masks; region: learnt edit regions (configs/shapes_region.py: a mask-guided "
+                           "generator, then CLIP and the region model on captions alone)")  # fmt: skip
     demo.add_argument("--out", default=None,
-                      help="output directory (default outputs/demo, outputs/demo_mask, outputs/demo_region)")
+                      help="output directory (default outputs/demo, or outputs/demo_<method> for the others)")
     demo.add_argument("--generator", default=None, metavar="CKPT",
                       help="--method region: an exported mask-guided checkpoint to use as the generator (e.g. "
                            "outputs/demo_mask/checkpoint) instead of training one")  # fmt: skip

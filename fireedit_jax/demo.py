@@ -33,8 +33,10 @@ from PIL import Image, ImageDraw
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 CONFIG, MASK_CONFIG = os.path.join(CONFIGS, "shapes.py"), os.path.join(CONFIGS, "shapes_mask.py")
-# `fireedit-jax demo --method M` trains this variant; "mask*" variants are configs/shapes_mask.py's
-METHOD_VARIANTS = {"fireedit": "full", "mask": "mask"}
+GROUNDED_CONFIG = os.path.join(CONFIGS, "shapes_grounded.py")
+# `fireedit-jax demo --method M` trains this variant; "mask*" variants are configs/shapes_mask.py's,
+# "grounded*" configs/shapes_grounded.py's
+METHOD_VARIANTS = {"grounded": "grounded", "fireedit": "full", "mask": "mask"}
 MODELS = ("trained", "untrained", "copy_input")
 ROWS_SHOWN = 8
 ZOOM = 4  # edits.png shows the 32 px images at 128 px
@@ -71,10 +73,12 @@ def use_compilation_cache(out_dir: str) -> None:
 
 
 def config_spec(variant: str) -> str:
-    """A demo / ablation variant → FILE:ARG: configs/shapes.py's variants, and configs/shapes_mask.py's
-    as "mask" (its default), "mask_blend", "mask_fireedit"."""
-    if variant.startswith("mask"):
-        return f"{MASK_CONFIG}:{variant.removeprefix('mask').removeprefix('_') or 'mask'}"
+    """A demo / ablation variant → FILE:ARG: configs/shapes.py's variants, configs/shapes_mask.py's as
+    "mask" (its default), "mask_blend", "mask_fireedit", and configs/shapes_grounded.py's as "grounded"
+    (its default), "grounded_exact", "grounded_fireedit", …."""
+    for prefix, path, default in (("mask", MASK_CONFIG, "mask"), ("grounded", GROUNDED_CONFIG, "region")):
+        if variant.startswith(prefix):
+            return f"{path}:{variant.removeprefix(prefix).removeprefix('_') or default}"
     return f"{CONFIG}:{variant}"
 
 
@@ -102,14 +106,31 @@ def masked(config) -> bool:
     return config.train.loss == "mask_edit"
 
 
+def sample_boxes(samples) -> list[np.ndarray]:
+    """The samples' region proposals (their objects' boxes), as the editor reads them."""
+    return [s["boxes"] for s in samples]
+
+
+def predicted_regions(editor, samples, batch_size: int) -> np.ndarray:
+    """bool[N, S, S]: where the editor's region head would edit each sample (from its source, instruction
+    and proposals)."""
+    return np.concatenate([editor.region_mask_arrays(source_pixels(samples[i : i + batch_size]),
+                                                     [s["instruction"] for s in samples[i : i + batch_size]],
+                                                     sample_boxes(samples[i : i + batch_size]))
+                           for i in range(0, len(samples), batch_size)])  # fmt: skip
+
+
 def edit_samples(editor, samples, *, steps: int, batch_size: int, guidance: tuple[float, float] = GUIDANCE,
                  seed: int = 0, desc: str = "editing", masks: np.ndarray | None = None) -> np.ndarray:  # fmt: skip
     """uint8[N, S, S, 3]: the editor's outputs for the samples' sources, instructions and boxes;
-    guidance: (s_I, s_T). masks: bool[N, S, S] to edit under (default: the samples' exact edit masks
-    for a mask-guided checkpoint, none otherwise)."""
+    guidance: (s_I, s_T). masks: bool[N, S, S] to edit under (default: the region head's predicted
+    regions for a checkpoint with one, the samples' exact edit masks for a mask-guided checkpoint, none
+    otherwise); an empty region leaves its sample's source as it is."""
     from tqdm.auto import tqdm
 
-    if masks is None and masked(editor.config):
+    if masks is None and editor.region_head:
+        masks = predicted_regions(editor, samples, batch_size)
+    elif masks is None and masked(editor.config):
         masks = np.stack([s["mask"] for s in samples])
     outputs = []
     batches = range(0, len(samples), batch_size)
@@ -117,20 +138,42 @@ def edit_samples(editor, samples, *, steps: int, batch_size: int, guidance: tupl
         for start in batches:
             chunk = samples[start : start + batch_size]
             pixels = source_pixels(chunk)
-            boxes = [s["boxes"] for s in chunk] if editor.model.conditioner == "vlm" else None
+            boxes = sample_boxes(chunk) if editor.model.conditioner == "vlm" else None
             chunk_masks = None if masks is None else masks[start : start + batch_size].astype(np.float32)
             edited = editor.edit_arrays(pixels, [s["instruction"] for s in chunk], boxes=boxes, masks=chunk_masks, steps=steps,
                                         image_guidance=guidance[0], text_guidance=guidance[1], seed=seed,
                                         progress=lambda _: bar.update(1))  # fmt: skip
-            outputs.append(np.clip((np.asarray(edited) + 1.0) * 127.5 + 0.5, 0, 255).astype(np.uint8))
+            edited = np.clip((np.asarray(edited) + 1.0) * 127.5 + 0.5, 0, 255).astype(np.uint8)
+            if chunk_masks is not None:  # nothing to edit: the source
+                empty = ~chunk_masks.any(axis=(1, 2))
+                edited[empty] = np.stack([s["source"] for s in chunk])[empty]
+            outputs.append(edited)
     return np.concatenate(outputs)
 
 
-def score(outputs, samples) -> dict:
+def score(outputs, samples, regions: np.ndarray | None = None) -> dict:
+    """eval/shapes_metrics.py's summary of the outputs; with the regions they were edited under (bool[N, S, S]),
+    also "region": the IoU of each region's bounding box with the edit's box (overall and per kind) and
+    how often the object it overlaps most is the edited one (colour, shape and remove edits)."""
     from fireedit_jax.eval import shapes_metrics
 
     targets = np.stack([s["target"] for s in samples])
-    return shapes_metrics.summarize(shapes_metrics.evaluate(outputs, targets, samples))
+    summary = shapes_metrics.summarize(shapes_metrics.evaluate(outputs, targets, samples))
+    if regions is not None:
+        summary["region"] = region_scores(regions, samples)
+    return summary
+
+
+def region_scores(regions: np.ndarray, samples) -> dict:
+    """{"box_iou", "box_iou_by_kind", "referred_object", "area"} of predicted regions bool[N, S, S]."""
+    from fireedit_jax.eval import shapes_metrics
+
+    iou = shapes_metrics.bounding_box_iou(regions, samples)
+    hits = [h for h in shapes_metrics.referred_object(regions, samples) if h is not None]
+    kinds = sorted({s["kind"] for s in samples})
+    return {"box_iou": float(np.mean(iou)),
+            "box_iou_by_kind": {k: float(np.mean([v for v, s in zip(iou, samples) if s["kind"] == k])) for k in kinds},
+            "referred_object": float(np.mean(hits)) if hits else None, "area": float(np.mean(regions))}  # fmt: skip
 
 
 def untrained_params(config):
@@ -152,9 +195,9 @@ EDIT_STEP_PER_TRAIN_STEP, EDIT_COMPILE_PER_TRAIN_COMPILE = 0.4, 0.25
 class Clock:
     """The seconds each phase took, and the estimate printed once training's step time is known."""
 
-    def __init__(self, train_steps: int, edit_steps: int):
+    def __init__(self, train_steps: int, edit_steps: int, edit_passes: int = 2):
         self.start = time.perf_counter()
-        self.train_steps, self.edit_steps = train_steps, edit_steps
+        self.train_steps, self.edit_steps, self.edit_passes = train_steps, edit_steps, edit_passes
         self.phases: dict[str, float] = {}
         self._mark = self.start
         self._estimated = False
@@ -173,7 +216,7 @@ class Clock:
         elapsed = time.perf_counter() - self.start
         training = (self.train_steps - step) * values["step_time"]
         compile_seconds = elapsed - step * values["step_time"]  # start-up and compilation so far
-        editing = 2 * (self.edit_steps * EDIT_STEP_PER_TRAIN_STEP * values["step_time"]
+        editing = self.edit_passes * (self.edit_steps * EDIT_STEP_PER_TRAIN_STEP * values["step_time"]
                        + EDIT_COMPILE_PER_TRAIN_COMPILE * compile_seconds)  # fmt: skip
         total = elapsed + training + editing
         print(f"\n  estimate: about {total / 60:.0f} min in all ({elapsed:.0f} s so far, training "
@@ -186,33 +229,57 @@ class Clock:
         return f"took {total / 60:.1f} min ({total:.0f} s): {parts}"
 
 
-def edits_grid(samples, outputs, rows: int = ROWS_SHOWN, zoom: int = ZOOM) -> Image.Image:
-    """input · instruction · output · target, one sample per row."""
+def edits_grid(samples, outputs, regions: np.ndarray | None = None, rows: int = ROWS_SHOWN, zoom: int = ZOOM,
+               ) -> Image.Image:  # fmt: skip
+    """input · instruction · [the region edited (the input, dimmed outside it)] · output · target, a sample
+    per row; the instruction's column is as wide as its longest wrapped line."""
     rows = min(rows, len(samples))
     side = samples[0]["source"].shape[0] * zoom
-    text_width, pad = side * 3 // 2, 4  # 28 characters of PIL's default font
-    grid = Image.new("RGB", (3 * side + text_width + 4 * pad, rows * (side + pad) + pad), "white")
+    pad = 4
+    texts = [textwrap.fill(s["instruction"], 24) for s in samples[:rows]]
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    boxes = [probe.multiline_textbbox((0, 0), t) for t in texts]
+    text_width = max(b[2] for b in boxes) + 2 * pad
+    pictures = 3 if regions is None else 4
+    grid = Image.new("RGB", (pictures * side + text_width + (pictures + 1) * pad, rows * (side + pad) + pad), "white")
     draw = ImageDraw.Draw(grid)
     up = lambda a: Image.fromarray(a).resize((side, side), Image.NEAREST)  # noqa: E731
     for r in range(rows):
         y = pad + r * (side + pad)
-        grid.paste(up(samples[r]["source"]), (pad, y))
-        draw.multiline_text((2 * pad + side, y + side // 3), textwrap.fill(samples[r]["instruction"], 28), fill="black")
-        grid.paste(up(outputs[r]), (3 * pad + side + text_width, y))
-        grid.paste(up(samples[r]["target"]), (4 * pad + 2 * side + text_width, y))
+        columns = [samples[r]["source"]]
+        if regions is not None:
+            dimmed = (samples[r]["source"] * 0.3 + 255 * 0.7).astype(np.uint8)
+            columns.append(np.where(regions[r][..., None], samples[r]["source"], dimmed))
+        columns += [outputs[r], samples[r]["target"]]
+        x = pad
+        for i, picture in enumerate(columns):
+            grid.paste(up(picture), (x, y))
+            x += side + pad
+            if i == 0:
+                draw.multiline_text((x + pad, y + (side - boxes[r][3]) // 2), texts[r], fill="black")
+                x += text_width
     return grid
 
 
 def table(results: dict) -> str:
     """The console table per model (test split): edit success, success with every other object kept,
-    other objects kept, L1, L2, preservation L1."""
+    other objects kept, L1, L2, preservation L1; for a model that found its own regions, their bounding
+    boxes' IoU with the edit's box and the share of edits on the right object."""
     lines = [f"{'model':12s} {'edit success':>12s} {'specific':>8s} {'kept':>6s} {'L1':>7s} {'L2':>7s} "
-             f"{'L1 outside box':>15s}"]
+             f"{'L1 outside box':>15s} {'region IoU':>10s} {'right object':>12s}"]
     for name, summary in results.items():
-        o = summary["overall"]
+        o, region = summary["overall"], summary.get("region")
+        found = "" if region is None else f" {region['box_iou']:10.3f} {region['referred_object']:12.3f}"
         lines.append(f"{name:12s} {o['success']:12.3f} {o['specific']:8.3f} {o['kept']:6.3f} {o['l1']:7.4f} "
-                     f"{o['l2']:7.4f} {o['l1_outside']:15.4f}")
+                     f"{o['l2']:7.4f} {o['l1_outside']:15.4f}{found}")
     return "\n".join(lines)
+
+
+DESCRIPTIONS = {
+    "grounded": "a tiny mask-guided editor with a region model that finds where to edit (grounded editing)",
+    "fireedit": "a tiny FireEdit",
+    "mask": "a tiny mask-guided editor (PromptEditDiff)",
+}
 
 
 def run_demo(
@@ -225,22 +292,25 @@ def run_demo(
     edit_steps: int = 20,
     guidance: tuple[float, float] = GUIDANCE,
     seed: int = 0,
-    method: str = "fireedit",
+    method: str = "grounded",
 ) -> dict:
     """Trains (or reuses) the demo model of `method` (METHOD_VARIANTS), edits `samples` test scenes,
-    writes OUT; returns metrics.json's content."""
-    clock = Clock(steps, edit_steps * -(-samples // batch_size))
+    writes OUT; returns metrics.json's content. A grounded model edits where its region head says
+    (no mask given), and once more under the exact masks (what finding the region costs)."""
     from fireedit_jax.pipeline import Editor
     from fireedit_jax.train import checkpoints as ckpt_lib
     from fireedit_jax.train.run import train_and_evaluate
 
+    config = demo_config(steps, batch_size, METHOD_VARIANTS[method], seed=seed)
+    grounded = config.train.loss == "grounded"
+    passes = 3 if grounded else 2
+    clock = Clock(steps, edit_steps * -(-samples // batch_size), passes)
     prepare_out(out_dir, fresh)
     workdir, export_dir = os.path.join(out_dir, "train"), os.path.join(out_dir, "checkpoint")
-    config = demo_config(steps, batch_size, METHOD_VARIANTS[method], seed=seed)
-    what = "a tiny FireEdit" if method == "fireedit" else "a tiny mask-guided editor (PromptEditDiff)"
-    told = " under their exact masks" if masked(config) else ""
-    print(f"fireedit-jax demo: {what} trained from scratch on ShapeEdit ({steps} steps of {batch_size}, seed {seed}),")
-    print(f"then {samples} test edits{told} scored against exact targets. Output: {out_dir}/")
+    told = (" under their exact masks" if masked(config) else
+            " where the model finds the region itself (no mask given)" if grounded else "")  # fmt: skip
+    print(f"fireedit-jax demo: {DESCRIPTIONS[method]},\ntrained from scratch on ShapeEdit ({steps} steps of {batch_size}, "
+          f"seed {seed}), then {samples} test edits{told},\nscored against exact targets. Output: {out_dir}/")  # fmt: skip
     found = ckpt_lib.find_training_checkpoint(workdir) if os.path.isdir(workdir) else None
     if found is not None:
         print(f"  reusing the training run in {workdir} (step {found[1]}; pass --fresh to retrain)")
@@ -253,19 +323,29 @@ def run_demo(
 
     tests = test_samples(config, samples)
     edit = dict(steps=edit_steps, batch_size=batch_size, guidance=guidance)
-    outputs = {"trained": edit_samples(editor, tests, **edit, desc="editing (trained)")}
+    regions = {"trained": predicted_regions(editor, tests, batch_size)} if grounded else {}
+    outputs = {"trained": edit_samples(editor, tests, **edit, masks=regions.get("trained"), desc="editing (trained)")}
     clock.phase("editing (trained)")
+    if grounded:
+        regions["exact_mask"] = np.stack([s["mask"] for s in tests])
+        outputs["exact_mask"] = edit_samples(editor, tests, **edit, masks=regions["exact_mask"],
+                                             desc="editing (trained, exact masks)")  # fmt: skip
+        clock.phase("editing (exact masks)")
     editor.params = untrained_params(config)
-    outputs["untrained"] = edit_samples(editor, tests, **edit, desc="editing (untrained)")
+    if grounded:
+        regions["untrained"] = predicted_regions(editor, tests, batch_size)
+    outputs["untrained"] = edit_samples(editor, tests, **edit, masks=regions.get("untrained"), desc="editing (untrained)")
     clock.phase("editing (untrained)")
     outputs["copy_input"] = np.stack([s["source"] for s in tests])
-    results = {name: score(outputs[name], tests) for name in MODELS}
+    names = ("trained", "exact_mask", "untrained", "copy_input") if grounded else MODELS
+    results = {name: score(outputs[name], tests, regions.get(name) if name != "exact_mask" else None)
+               for name in names}  # fmt: skip
 
-    edits_grid(tests, outputs["trained"]).save(os.path.join(out_dir, "edits.png"))
+    edits_grid(tests, outputs["trained"], regions.get("trained")).save(os.path.join(out_dir, "edits.png"))
     timing_keys = ("step_time", "examples_per_second", "tflops_per_device")
     summary = {
         "split": "test", "samples": samples, "edit_steps": edit_steps, "guidance": list(guidance), "seed": seed,
-        "train_steps": result.step, "batch_size": batch_size,
+        "method": method, "train_steps": result.step, "batch_size": batch_size,
         "final_train_metrics": {k: v for k, v in result.metrics.items() if k not in timing_keys},
         "checkpoint": export_dir, "models": results,
     }  # fmt: skip
@@ -277,7 +357,8 @@ def run_demo(
     print(table(results))
     print(f"the demo {clock.summary()}")
     settings = f"--steps {edit_steps} --image-guidance {guidance[0]} --text-guidance {guidance[1]}"
-    print(f"wrote {out_dir}/edits.png and {out_dir}/metrics.json; edit with\n"
+    shown = "input · instruction · the region it found · output · target" if grounded else "input · instruction · output · target"
+    print(f"wrote {out_dir}/edits.png ({shown}) and {out_dir}/metrics.json; edit with\n"
           f"  fireedit-jax edit --checkpoint {export_dir} {settings} --image IMAGE --instruction 'make the red circle blue'\n"
           f"or in a web page:\n  fireedit-jax serve --checkpoint {export_dir} {settings}")  # fmt: skip
     return summary
@@ -330,10 +411,7 @@ def evaluate_regions(editor, config, count: int, *, steps: int, batch_size: int,
     results = {}
     for split in REGION_SPLITS:
         tests = test_samples(config, count, split)
-        pixels = source_pixels(tests)
-        predicted = np.concatenate([editor.region_mask_arrays(pixels[i : i + batch_size],
-                                                              [s["instruction"] for s in tests[i : i + batch_size]])
-                                    for i in range(0, count, batch_size)])  # fmt: skip
+        predicted = predicted_regions(editor, tests, batch_size)
         iou = shapes_metrics.region_iou(predicted, tests)
         by_refer = {r: float(np.mean([v for v, s in zip(iou, tests) if s["refer"] == r]))
                     for r in sorted({s["refer"] for s in tests})}  # fmt: skip
@@ -399,17 +477,15 @@ def run_region_demo(
                                guidance=guidance)  # fmt: skip
     clock.phase("editing")
     tests = test_samples(editor.config, ROWS_SHOWN)
-    pixels = source_pixels(tests)
-    regions = editor.region_mask_arrays(pixels, [s["instruction"] for s in tests])
-    shown = np.where(regions[..., None], np.stack([s["source"] for s in tests]), 0).astype(np.uint8)
+    regions = predicted_regions(editor, tests, batch_size)
     edited = edit_samples(editor, tests, masks=regions, steps=edit_steps, batch_size=batch_size, guidance=guidance,
                           desc="editing (shown)")  # fmt: skip
-    edits_grid([dict(s, target=e) for s, e in zip(tests, edited)], shown).save(os.path.join(out_dir, "regions.png"))
+    edits_grid(tests, edited, regions).save(os.path.join(out_dir, "regions.png"))
     summary = {"samples": samples, "edit_steps": edit_steps, "guidance": list(guidance), "seed": seed,
                "generator": generator, "checkpoint": checkpoint, "splits": results}  # fmt: skip
     write_json(out_dir, "metrics.json", summary)
     write_json(out_dir, "timings.json", {"seconds": clock.phases})
     print(region_table(results))
-    print(f"wrote {out_dir}/regions.png (input · instruction · the predicted region · the edit under it) and "
+    print(f"wrote {out_dir}/regions.png (input · instruction · the predicted region · the edit under it · target) and "
           f"{out_dir}/metrics.json; the demo {clock.summary()}")
     return summary

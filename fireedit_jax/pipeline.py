@@ -58,7 +58,7 @@ class Editor:
             self._region_mask = jax.jit(model.region.region_mask)
         if model.grounding is not None:
             self._ground = jax.jit(functools.partial(ground_region, model))
-        self._diffedit = jax.jit(functools.partial(edit_model_diffedit, model, self.scheduler_config))
+        self._diffedit = jax.jit(functools.partial(edit_model_diffedit, model), static_argnums=1)
 
     @property
     def size_multiple(self) -> int:
@@ -328,7 +328,8 @@ class Editor:
             image = images.load_image(image)
             pixels = jnp.asarray(images.to_model_array(image, self.working_size(*image.size))[None])
             inputs = self.text_inputs([text], None if boxes is None else [boxes[i]])
-            latent = np.asarray(self._diffedit(self.params, pixels, inputs, jax.random.key(seed)))[0] > 0.5
+            latent = np.asarray(self._diffedit(self.params, self.scheduler_config, pixels, inputs, jax.random.key(seed)))
+            latent = latent[0] > 0.5
             out.append(images.resize_mask(latent, image.size))
         return out
 

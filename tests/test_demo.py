@@ -1,4 +1,5 @@
-"""The README's main command: trains the ShapeEdit FireEdit briefly, edits, scores, reuses its run."""
+"""The README's main command: trains the ShapeEdit grounded editor briefly, edits where it finds the
+region itself (and under the exact masks), scores, reuses its run."""
 
 import json
 
@@ -15,9 +16,16 @@ def test_demo_writes_its_files_and_reuses_the_checkpoint(tmp_path, capsys):
     assert cli.main(["demo", "--out", str(out), *TINY_DEMO]) == 0
     for name in ("edits.png", "metrics.json", "checkpoint/config.json", "checkpoint/tokenizer"):
         assert (out / name).exists(), name
-    assert Image.open(out / "edits.png").height >= 8 * 32  # one row per sample
+    grid = Image.open(out / "edits.png")
+    assert grid.height >= 8 * 32 and grid.width >= 4 * 128  # a row per sample; input, region, output, target
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["train_steps"] == 24 and set(metrics["models"]) == {"trained", "untrained", "copy_input"}
+    assert metrics["method"] == "grounded" and metrics["train_steps"] == 24
+    assert set(metrics["models"]) == {"trained", "exact_mask", "untrained", "copy_input"}
+    for name in ("trained", "untrained"):  # the regions it found, scored
+        region = metrics["models"][name]["region"]
+        assert 0.0 <= region["box_iou"] <= 1.0 and 0.0 <= region["area"] <= 1.0
+        assert set(region["box_iou_by_kind"]) == {s for s in metrics["models"][name]["kind"]}
+    assert "region" not in metrics["models"]["exact_mask"]
     for summary in metrics["models"].values():
         assert set(summary["overall"]) >= {"success", "specific", "kept", "l1", "l2", "l1_outside"}
         assert set(summary["refer"]) <= {"attribute", "position", "size", "corner"}
@@ -25,11 +33,13 @@ def test_demo_writes_its_files_and_reuses_the_checkpoint(tmp_path, capsys):
     assert copy["l1_outside"] == 0.0 and copy["l1"] > 0.0  # the input is the target outside the edited box
     assert copy["kept"] == 1.0 and copy["specific"] == copy["success"] == 0.0
     table = capsys.readouterr().out
-    assert "copy_input" in table and "edit success" in table and "specific" in table
+    assert "copy_input" in table and "edit success" in table and "specific" in table and "region IoU" in table
+    assert "where the model finds the region itself (no mask given)" in table
     assert f"fireedit-jax serve --checkpoint {out / 'checkpoint'} --steps 2 " in table  # the web page, same settings
 
     timings = json.loads((out / "timings.json").read_text())["seconds"]
-    assert list(timings) == ["start-up", "training", "export", "editing (trained)", "editing (untrained)", "scoring"]
+    assert list(timings) == ["start-up", "training", "export", "editing (trained)", "editing (exact masks)",
+                             "editing (untrained)", "scoring"]  # fmt: skip
     assert "estimate: about" in table and "the demo took" in table
 
     # a fresh run with the same seed: the same metrics.json, to the byte (its times are in timings.json)

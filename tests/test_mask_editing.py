@@ -236,6 +236,22 @@ def test_outside_the_mask_the_edit_is_the_source_exactly(mask_editor):
     assert np.abs(plain[~cells].astype(int) - sample["source"][~cells]).max() > 0  # without a mask: no such guarantee
 
 
+def test_at_the_inputs_own_size_the_pixels_outside_the_mask_are_the_inputs(mask_editor):
+    """Images that are no working size (landscape and portrait): the edit is composited at the input's
+    size, so beyond the feathered seam every pixel is the input's, exactly."""
+    rng = np.random.default_rng(0)
+    for width, height in ((300, 200), (200, 300)):
+        image = Image.fromarray(rng.integers(0, 256, (height, width, 3), np.uint8))
+        mask = np.zeros((height, width), bool)
+        mask[height // 4 : height // 2, width // 3 : width // 2] = True
+        out = np.asarray(mask_editor.edit(image, "make the red circle blue", mask=mask, mask_feather=4.0, steps=2,
+                                          progress=False))  # fmt: skip
+        assert out.shape == (height, width, 3)
+        seam = images.soften_mask(mask, feather=4.0) > 0
+        np.testing.assert_array_equal(out[~seam], np.asarray(image)[~seam])
+        assert np.abs(out[mask].astype(int) - np.asarray(image)[mask]).mean() > 10  # edited inside
+
+
 def test_mask_inputs_get_one_clear_error(mask_editor):
     image = Image.fromarray(np.full((32, 32, 3), 200, np.uint8))
     cases = [

@@ -284,8 +284,9 @@ def test_edit_end_to_end_in_the_browser(server, browser, tmp_path):
 
 
 def test_bad_input_gets_a_message_not_a_traceback(server, browser, tmp_path):
-    """A file that is no image, an empty instruction, a word the demo does not know, a box outside the image, a
-    painted mask (no mask-guided editing here): each gets its message in the page, and nothing is edited."""
+    """A file that is no image, an empty instruction, a word the demo does not know, a box outside the image: each
+    gets its message in the page, and nothing is edited. Then a painted mask (not bad input): the edit runs,
+    mask-guided, and the result keeps the input's pixels outside the painted stroke."""
     from selenium.webdriver.common.action_chains import ActionChains
 
     open_page(browser, server)
@@ -293,7 +294,8 @@ def test_bad_input_gets_a_message_not_a_traceback(server, browser, tmp_path):
     upload(browser, tmp_path / "notes.png")
     expect_message(browser, "'notes.png' is not an image")
 
-    Image.fromarray(shapes.generate(shapes.ShapesConfig(size=32), "test", 1)["source"]).save(tmp_path / "scene.png")
+    scene = shapes.generate(shapes.ShapesConfig(size=32), "test", 1)["source"]
+    Image.fromarray(scene).save(tmp_path / "scene.png")
     upload(browser, tmp_path / "scene.png")
     wait_for(lambda: "Uploaded scene.png" in status(browser), what="the upload")
     find(browser, "#edit")[0].click()
@@ -324,3 +326,9 @@ def test_bad_input_gets_a_message_not_a_traceback(server, browser, tmp_path):
     wait_for(lambda: "Turn 1:" in status(browser) or toast_texts(browser), 240, what="the mask-guided edit")
     assert "Turn 1:" in status(browser), toast_texts(browser)
     assert find(browser, "#result img") and "Traceback" not in browser.page_source
+    # the stroke covers a few percent of the 32 × 32 scene: the random model paints noise under it, and the result
+    # is the input exactly elsewhere (an edit that ignored the mask would change nearly every pixel)
+    result = np.asarray(fetch_image(find(browser, "#result img")[0].get_attribute("src")))
+    assert result.shape == scene.shape
+    changed = np.any(result != scene, axis=-1)
+    assert 0 < changed.mean() < 0.25, f"{changed.mean():.1%} of the pixels changed"

@@ -85,7 +85,7 @@ def test_other_settings_need_rescore(tmp_path, no_work, monkeypatch):
     with pytest.raises(SystemExit, match="--rescore"):
         ablation.run_one("full", 0, _args(tmp_path))
     rescored = {"test": 0.5, "position/size": 0.5, "heldout": 0.5, "l1_outside": 0.0, "summaries": {}}
-    monkeypatch.setattr(ablation, "score", lambda *_: rescored)
+    monkeypatch.setattr(ablation, "score", lambda *_, **__: rescored)
     result = ablation.run_one("full", 0, _args(tmp_path, rescore=True))
     assert result["test"] == 0.5 and result["guidance"] == [1.0, 3.0] and result["train_seconds"] == 1.0
     assert json.loads((tmp_path / "full_seed0" / "scores.json").read_text()) == result
@@ -110,3 +110,19 @@ def test_table_gives_mean_and_half_range_over_seeds(tmp_path):
     table = ablation.markdown({"none": runs}, _args(tmp_path, seeds=[0, 1]))
     row = next(line for line in table.splitlines() if line.startswith("| none"))
     assert [c.strip() for c in row.strip("|").split("|")][2] == "–"
+
+
+def test_the_diffedit_row_edits_with_the_mask_rows_checkpoint(tmp_path, no_work, monkeypatch):
+    _finished(tmp_path, "mask", 0, 0.7)
+    calls = []
+    monkeypatch.setattr(ablation, "score", lambda checkpoint, name, args, diffedit=False: calls.append(
+        (checkpoint, diffedit)) or {"test": 0.3, "position/size": 0.3, "heldout": 0.2, "l1_outside": 0.0,
+                                    "summaries": {"test": _summary(0.3, 0.4, 1.0)}, "region": {"box_iou": 0.4, "referred_object": 0.5}})  # fmt: skip
+    result = ablation.run_one("mask_diffedit", 0, _args(tmp_path))
+    assert calls == [(str(tmp_path / "mask_seed0" / "checkpoint"), True)]  # not trained again
+    assert result["train_seconds"] == 1.0 and (tmp_path / "mask_diffedit_seed0" / "scores.json").exists()
+    table = ablation.markdown({"mask_diffedit": [result], "mask": [ablation.run_one("mask", 0, _args(tmp_path))]},
+                              _args(tmp_path, seeds=[0]))  # fmt: skip
+    diffedit, mask = ([c.strip() for c in line.strip("|").split("|")] for line in table.splitlines()
+                      if line.startswith(("| mask, DiffEdit", "| mask (")))  # fmt: skip
+    assert diffedit[-3:-1] == ["0.400 ± 0.000", "0.500 ± 0.000"] and mask[-3:] == ["–"] * 3  # no region found

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fireedit_jax.diffusion.samplers import make_sampler
+from fireedit_jax.diffusion.samplers import DEFAULT_SPACING, inference_timesteps
 from fireedit_jax.diffusion.schedules import SchedulerConfig, alphas_cumprod
 
 STRENGTH, STEPS, REPEATS, RATIO = 0.5, 50, 10, 3.0  # diffusers' defaults
@@ -35,7 +35,8 @@ def encode_timestep(schedule: SchedulerConfig, steps: int = STEPS, strength: flo
     schedule (the first of the last strength·steps timesteps)."""
     if not 0.0 < strength <= 1.0:
         raise ValueError(f"DiffEdit's strength must lie in (0, 1], got {strength}")
-    timesteps = np.asarray(make_sampler("ddim", schedule, steps).timesteps)
+    spacing = schedule.timestep_spacing or DEFAULT_SPACING["ddim"]
+    timesteps = inference_timesteps(schedule, steps, spacing, integer=True)  # numpy: no trace under jit
     start = max(steps - min(int(steps * strength), steps), 0)
     return int(timesteps[min(start, steps - 1)])
 
@@ -56,26 +57,28 @@ def guidance_map_mask(pred_source: jax.Array, pred_target: jax.Array, repeats: i
 
 
 def diffedit_mask(predict: Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array]], schedule: SchedulerConfig,
-                  latents: jax.Array, key: jax.Array, *, steps: int = STEPS, strength: float = STRENGTH,
-                  repeats: int = REPEATS, ratio: float = RATIO) -> jax.Array:  # fmt: skip
+                  latents: jax.Array, key: jax.Array | None = None, *, noise: jax.Array | None = None,
+                  steps: int = STEPS, strength: float = STRENGTH, repeats: int = REPEATS,
+                  ratio: float = RATIO) -> jax.Array:  # fmt: skip
     """DiffEdit's mask float32[B, h, w] in {0, 1} (module docstring).
 
     predict(noisy float[B·N, h, w, C], t float[B·N]) → (pred_source, pred_target), the denoiser's
     outputs under the source and the target condition; latents: the sources' scaled latents
-    float[B, h, w, C]; key: the N noise draws per image.
+    float[B, h, w, C]; key: the N noise draws per image, or noise: float[B·N, h, w, C] (an image's
+    draws adjacent).
     """
     t = encode_timestep(schedule, steps, strength)
     repeated = jnp.repeat(latents, repeats, axis=0)
-    noise = jax.random.normal(key, repeated.shape, jnp.float32)
+    noise = jax.random.normal(key, repeated.shape, jnp.float32) if noise is None else jnp.asarray(noise, jnp.float32)
     pred_source, pred_target = predict(noised(schedule, repeated, noise, t), jnp.full((repeated.shape[0],), t, jnp.float32))
     return guidance_map_mask(pred_source, pred_target, repeats, ratio)
 
 
 def edit_model_diffedit(model, params, schedule: SchedulerConfig, pixels: jax.Array, text_inputs: tuple,
-                        key: jax.Array, **options) -> jax.Array:  # fmt: skip
+                        key: jax.Array | None = None, **options) -> jax.Array:  # fmt: skip
     """DiffEdit's mask for an `EditModel` (float32[B, h, w]): its denoiser with and without the
     instruction, the image condition (IP2P: the source) in both; pixels float[B, H, W, 3] in [-1, 1];
-    text_inputs as `EditModel.condition` reads them."""
+    text_inputs as `EditModel.condition` reads them; options: `diffedit_mask`'s (noise, steps, …)."""
     from fireedit_jax.diffusion.edit_loop import stack_branches
 
     latents = model.encode_image(params, pixels) * model.vae.config.scaling_factor

@@ -30,7 +30,7 @@ SAMPLERS = {
     "euler_ancestral": "euler_ancestral",
     "EulerAncestralDiscreteScheduler": "euler_ancestral",
 }
-_DEFAULT_SPACING = {"ddim": "leading", "euler_ancestral": "linspace"}
+DEFAULT_SPACING = {"ddim": "leading", "euler_ancestral": "linspace"}
 
 
 @flax.struct.dataclass
@@ -169,7 +169,7 @@ def make_sampler(name: str, config: SchedulerConfig, num_steps: int, *, eta: flo
         raise ValueError(f"num_steps must be in [1, {config.num_train_timesteps}], got {num_steps}")
     if eta < 0 or (eta and kind != "ddim"):
         raise ValueError(f"eta={eta} is not valid for {kind}: eta ≥ 0 and only DDIM has it")
-    spacing = config.timestep_spacing or _DEFAULT_SPACING[kind]
+    spacing = config.timestep_spacing or DEFAULT_SPACING[kind]
     timesteps = inference_timesteps(config, num_steps, spacing, integer=kind == "ddim")
     if kind == "ddim":
         steps = len(timesteps)

@@ -24,7 +24,9 @@ samples of `ShapeEditSource` or lines of samples.jsonl serve as they are).
                 when there are none). Success only looks inside the edited box, so a model
                 that fades every object "removes" the referred one too: kept shows it
   specific      success with every other object kept (the edit, and only the edit)
-and `region_iou`: a predicted edit region's IoU with the edit's box (learnt edit regions).
+and for a predicted edit region (bool[B, H, W]): `region_iou`, its IoU with the edit's box;
+`bounding_box_iou`, its bounding box's IoU with the edit's box; `referred_object`, whether the
+scene's object whose box it overlaps most is the edited one (colour, shape and remove edits).
 """
 
 from __future__ import annotations
@@ -198,6 +200,32 @@ def region_iou(masks, edits: Sequence[Mapping]) -> np.ndarray:
     boxes = box_masks(np.stack([np.asarray(e["box"], np.float32) for e in edits]), *masks.shape[1:3])
     union = np.sum(masks | boxes, axis=(1, 2))
     return np.sum(masks & boxes, axis=(1, 2)) / np.maximum(union, 1)
+
+
+def bounding_box_iou(masks, edits: Sequence[Mapping]) -> np.ndarray:
+    """Predicted regions bool[B, H, W] → float[B]: the IoU of each region's bounding box with its edit's
+    box (0 for an empty region)."""
+    masks = np.asarray(masks, bool)
+    boxes = np.zeros_like(masks)
+    for box, mask in zip(boxes, masks):
+        ys, xs = np.nonzero(mask)
+        if len(xs):
+            box[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1] = True
+    return region_iou(boxes, edits)
+
+
+def referred_object(masks, edits: Sequence[Mapping]) -> list[float | None]:
+    """Per predicted region bool[H, W]: 1.0 if the source object whose box it overlaps most is the edited
+    one (and it overlaps one), 0.0 if not; None for an addition (no source object is edited)."""
+    hits = []
+    for mask, edit in zip(np.asarray(masks, bool), edits):
+        if edit["object"] < 0:
+            hits.append(None)
+            continue
+        boxes = box_masks(np.asarray([o["box"] for o in edit["objects"]], np.float32), *mask.shape)
+        overlap = np.sum(boxes & mask[None], axis=(1, 2))
+        hits.append(float(overlap.max() > 0 and int(np.argmax(overlap)) == edit["object"]))
+    return hits
 
 
 def summarize(records: Sequence[Mapping]) -> dict:

@@ -1,0 +1,100 @@
+"""The grounded edit: a checkpoint with a region head (configs/shapes_grounded.py's region model, random
+weights) finds where to edit from the image and the instruction, and edits there only; the CLI's
+--save-mask and --whole-image; a head lent to another checkpoint (--mask-from)."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from fireedit_jax import cli
+from fireedit_jax.data import shapes
+from fireedit_jax.pipeline import Editor
+
+INSTRUCTION = "make the red circle blue"
+
+
+def _save(config_spec: str, directory, seed: int = 0):
+    import flax
+
+    from fireedit_jax import checkpoint
+    from fireedit_jax.models.fireedit import EditModel
+    from fireedit_jax.train.inputs import make_tokenizer
+    from fireedit_jax.train.run import load_config
+
+    config = load_config(config_spec)
+    model = EditModel.from_config(config.model)
+    params = jax.tree.map(np.asarray, flax.linen.meta.unbox(jax.jit(model.init)(jax.random.key(seed))))
+    make_tokenizer(config.data.tokenizer).save_pretrained(str(directory / "tokenizer"))
+    checkpoint.save(str(directory / "ckpt"), params, config, tokenizer_dir=str(directory / "tokenizer"))
+    return directory / "ckpt"
+
+
+@pytest.fixture(scope="module")
+def grounded_checkpoint(tmp_path_factory):
+    return _save("configs/shapes_grounded.py", tmp_path_factory.mktemp("grounded"))
+
+
+@pytest.fixture(scope="module")
+def grounded(grounded_checkpoint):
+    return Editor.from_pretrained(str(grounded_checkpoint))
+
+
+@pytest.fixture(scope="module")
+def scene(tmp_path_factory):
+    """A ShapeEdit test scene drawn at 300 × 200 (no working size), its object boxes as proposals."""
+    sample = shapes.generate(shapes.ShapesConfig(size=32), "test", 3)
+    path = tmp_path_factory.mktemp("scene") / "scene.png"
+    Image.fromarray(sample["source"]).resize((300, 200), Image.NEAREST).save(path)
+    return path, sample["boxes"]
+
+
+def test_the_region_is_predicted_and_only_it_is_edited(grounded, scene):
+    path, boxes = scene
+    assert grounded.region_head == "region" and grounded.default_method == "region"
+    (region,) = grounded.find_regions([str(path)], [INSTRUCTION], boxes=[boxes])
+    assert region.shape == (200, 300) and 0 < region.mean() < 1  # at the image's own size, a part of it
+    source = np.asarray(Image.open(path).convert("RGB"))
+    out = np.asarray(grounded.edit(str(path), INSTRUCTION, boxes=boxes, steps=2, progress=False))
+    assert out.shape == source.shape
+    np.testing.assert_array_equal(out[~region], source[~region])  # the input, exactly, outside the region
+    assert np.abs(out[region].astype(int) - source[region]).mean() > 5  # the random model paints inside
+    whole = np.asarray(grounded.edit(str(path), INSTRUCTION, boxes=boxes, whole_image=True, steps=2, progress=False))
+    assert np.abs(whole[~region].astype(int) - source[~region]).max() > 0  # the flag edits everywhere
+    with pytest.raises(ValueError, match="give no mask"):
+        grounded.edit(str(path), INSTRUCTION, mask_box=[0.1, 0.1, 0.5, 0.5], whole_image=True, progress=False)
+
+
+def test_edit_cli_saves_the_region_it_edited(grounded, grounded_checkpoint, scene, tmp_path, capsys):
+    path, boxes = scene
+    boxes_file = tmp_path / "boxes.json"
+    boxes_file.write_text(json.dumps(np.asarray(boxes).tolist()))  # a bare list: one clear error
+    common = ["edit", "--checkpoint", str(grounded_checkpoint), "--image", str(path), "--instruction", INSTRUCTION,
+              "--steps", "2", "--boxes", str(boxes_file), "--out", str(tmp_path / "out.png")]  # fmt: skip
+    assert cli.main(common) == 2 and 'each line must be {"boxes"' in capsys.readouterr().err
+    boxes_file.write_text(json.dumps({"boxes": np.asarray(boxes).tolist()}))
+    common = ["edit", "--checkpoint", str(grounded_checkpoint), "--image", str(path), "--instruction", INSTRUCTION,
+              "--steps", "2", "--boxes", str(boxes_file), "--out", str(tmp_path / "out.png")]  # fmt: skip
+    assert cli.main([*common, "--save-mask", str(tmp_path / "region.png")]) == 0
+    saved = np.asarray(Image.open(tmp_path / "region.png")) > 127
+    (expected,) = grounded.find_regions([str(path)], [INSTRUCTION], boxes=[boxes])
+    np.testing.assert_array_equal(saved, expected)
+    assert "wrote the edit's region" in capsys.readouterr().out
+    assert cli.main([*common, "--whole-image", "--save-mask", str(tmp_path / "none.png")]) == 2
+    assert "this edit has none" in capsys.readouterr().err
+
+
+def test_a_region_head_lent_to_a_checkpoint_without_one(grounded, scene, tmp_path):
+    """--mask-from: a mask-guided checkpoint (no head) edits where another checkpoint's head says."""
+    path, boxes = scene
+    plain = Editor.from_pretrained(str(_save("configs/shapes_mask.py", tmp_path, seed=1)))
+    assert plain.region_head is None
+    with pytest.raises(ValueError, match="no region head"):
+        plain.edit(str(path), INSTRUCTION, method="region", progress=False)
+    (region,) = plain.find_regions([str(path)], [INSTRUCTION], boxes=[boxes], mask_from=grounded)
+    np.testing.assert_array_equal(region, grounded.find_regions([str(path)], [INSTRUCTION], boxes=[boxes])[0])
+    out = np.asarray(plain.edit(str(path), INSTRUCTION, boxes=boxes, mask_from=grounded, steps=2, progress=False))
+    source = np.asarray(Image.open(path).convert("RGB"))
+    np.testing.assert_array_equal(out[~region], source[~region])
