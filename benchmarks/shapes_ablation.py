@@ -46,9 +46,9 @@ ROWS = {"none": "none", "region": "+Region", "region_tati": "+Region+TATI", "ful
         "clip_text": "clip_text (IP2P-style)", "mask": "mask (PromptEditDiff)",
         "mask_gligen": "mask, GLIGEN's layer", "mask_blend": "mask w/o mask encoder",
         "mask_fireedit": "FireEdit + mask", "mask_diffedit": "mask, DiffEdit's mask",
-        "grounded": "mask + region model (grounded)", "grounded_exact": "grounded, generator on exact masks"}  # fmt: skip
+        "grounded": "mask + region model (grounded)", "grounded_diffedit": "grounded's generator, DiffEdit's mask", "grounded_exact": "grounded, generator on exact masks"}  # fmt: skip
 # rows edited under a region found without a head: the row whose checkpoint they edit with (not retrained)
-TRAINED_AS = {"mask_diffedit": "mask"}
+TRAINED_AS = {"mask_diffedit": "mask", "grounded_diffedit": "grounded"}
 COLUMNS = {  # column: how a row-seed's scores.json gives it
     "test": lambda r: r["test"], "position/size": lambda r: r["position/size"], "heldout": lambda r: r["heldout"],
     "box success (test)": lambda r: r["summaries"]["test"]["overall"]["success"],
@@ -97,7 +97,7 @@ def run_one(variant: str, seed: int, args) -> dict:
         train_seconds = round(time.perf_counter() - start, 1)
         ckpt_lib.export(os.path.join(workdir, "train"), os.path.join(workdir, "checkpoint"))
     checkpoint = os.path.join(args.out, f"{TRAINED_AS.get(variant, variant)}_seed{seed}", "checkpoint")
-    result = {**score(checkpoint, f"{variant} seed {seed}", args, diffedit=variant == "mask_diffedit"),
+    result = {**score(checkpoint, f"{variant} seed {seed}", args, diffedit=variant in TRAINED_AS),
               **budget, **settings, "train_seconds": train_seconds}  # fmt: skip
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "scores.json"), "w") as f:

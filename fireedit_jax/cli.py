@@ -406,7 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_arguments(plan_parser)
     plan_parser.set_defaults(run=plan.run)
 
-    from fireedit_jax.demo import GUIDANCE, STEPS  # numpy and PIL only
+    from fireedit_jax.demo import GUIDANCE, METHOD_STEPS, STEPS  # numpy and PIL only
 
     demo = commands.add_parser("demo", help="the end-to-end demo (writes outputs/demo/)")
     demo.add_argument("--method", choices=("grounded", "fireedit", "mask", "region"), default="grounded",
@@ -421,7 +421,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="--method region: an exported mask-guided checkpoint to use as the generator (e.g. "
                            "outputs/demo_mask/checkpoint) instead of training one")  # fmt: skip
     demo.add_argument("--fresh", action="store_true", help="retrain from scratch instead of reusing OUT/train")
-    demo.add_argument("--steps", type=int, default=STEPS, help=f"training steps (default {STEPS})")
+    demo.add_argument("--steps", type=int, default=None,
+                      help=f"training steps (default {METHOD_STEPS['grounded']} for grounded, {STEPS} for the others)")
     demo.add_argument("--batch-size", type=int, default=16)
     demo.add_argument("--seed", type=int, default=0, help="the run's seed: init, data order, noise (default 0)")
     demo.add_argument("--samples", type=int, default=64, help="test scenes edited and scored")

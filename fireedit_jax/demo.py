@@ -43,7 +43,10 @@ ZOOM = 4  # edits.png shows the 32 px images at 128 px
 # (s_I, s_T) of the demo's edits: the paper's 1.5 / 7.5 amplify every difference between the
 # branches of a model trained from scratch into halos (L1 outside the box 0.028 against 0.010)
 GUIDANCE = (1.0, 3.0)
-STEPS = 1500  # training steps of 16 (about 8-14 minutes on a 2-core CPU)
+STEPS = 1500  # training steps of 16 of the FireEdit and mask demos (about 8-14 minutes on a 2-core CPU)
+# the grounded demo's: its step costs what the mask demo's does (~0.5 s here), and a fresh clone's
+# demo must stay within 15 minutes on a machine a third slower than this one
+METHOD_STEPS = {"grounded": 1000}
 
 
 def prepare_out(out_dir: str, fresh: bool) -> None:
@@ -286,7 +289,7 @@ def run_demo(
     out_dir: str = "outputs/demo",
     *,
     fresh: bool = False,
-    steps: int = STEPS,
+    steps: int | None = None,
     batch_size: int = 16,
     samples: int = 64,
     edit_steps: int = 20,
@@ -295,12 +298,14 @@ def run_demo(
     method: str = "grounded",
 ) -> dict:
     """Trains (or reuses) the demo model of `method` (METHOD_VARIANTS), edits `samples` test scenes,
-    writes OUT; returns metrics.json's content. A grounded model edits where its region head says
-    (no mask given), and once more under the exact masks (what finding the region costs)."""
+    writes OUT; returns metrics.json's content. steps: training steps (None: the method's default,
+    METHOD_STEPS or STEPS). A grounded model edits where its region head says (no mask given), and
+    once more under the exact masks (what finding the region costs)."""
     from fireedit_jax.pipeline import Editor
     from fireedit_jax.train import checkpoints as ckpt_lib
     from fireedit_jax.train.run import train_and_evaluate
 
+    steps = steps or METHOD_STEPS.get(method, STEPS)
     config = demo_config(steps, batch_size, METHOD_VARIANTS[method], seed=seed)
     grounded = config.train.loss == "grounded"
     passes = 3 if grounded else 2
@@ -442,7 +447,7 @@ def run_region_demo(
     out_dir: str = "outputs/demo_region",
     *,
     fresh: bool = False,
-    steps: int = STEPS,
+    steps: int | None = None,
     batch_size: int = 16,
     samples: int = 64,
     edit_steps: int = 20,
@@ -459,6 +464,7 @@ def run_region_demo(
     from fireedit_jax.train import checkpoints as ckpt_lib
     from fireedit_jax.train.run import train_and_evaluate
 
+    steps = steps or STEPS
     clock = Clock(steps, 0)
     prepare_out(out_dir, fresh)
     print(f"fireedit-jax demo: learnt edit regions (Beyond Editing Pairs) on ShapeEdit, seed {seed}: a mask-guided\n"
