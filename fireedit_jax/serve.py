@@ -203,21 +203,26 @@ class EditService:
 
     def edit(self, image: Image.Image, instruction: str, *, steps: int, image_guidance: float, text_guidance: float,
              seed: int, scheduler: str | None = None, boxes=None, mask=None, progress=None) -> Image.Image:  # fmt: skip
-        """An edit of `image` (any size; the result has its size) at its working size. mask: bool[H, W] at the
-        image's size: a mask-guided edit (the image is kept outside it)."""
+        """An edit of `image` (any size; the result has its size) at its working size (the nearest of the
+        page's few, so that a new image size does not recompile). mask: bool[H, W] at the image's size;
+        without one, a checkpoint with a region head finds the region. Where there is a region, the result
+        is the image outside it, pixel for pixel (`images.composite` at the image's own size)."""
         key = self.compile_key(image.size, steps, scheduler)
         size = key[0]
-        extra = {}
-        if mask is not None:
-            extra["mask"] = np.asarray(Image.fromarray(mask).resize(size, Image.NEAREST))
+        region = mask
+        if region is None and self.editor.region_head:
+            (region,) = self.editor.find_regions([image], [instruction], boxes=[boxes])
+            if not region.any():  # it found nothing to edit (warned)
+                return image.convert("RGB")
         with self._lock:
             out = self.editor.edit(
                 image.resize(size, Image.BICUBIC), instruction, steps=int(steps), image_guidance=image_guidance,
-                text_guidance=text_guidance, seed=int(seed or 0), scheduler=key[2], boxes=boxes,
-                progress=progress or False, **extra,
+                text_guidance=text_guidance, seed=int(seed or 0), scheduler=key[2], boxes=boxes, progress=progress or False,
+                mask=None if region is None else images.resize_mask(region, size),
             )  # fmt: skip
             self.compiled.add(key)
-        return out.resize(image.size, Image.BICUBIC)
+        out = out.resize(image.size, Image.BICUBIC)
+        return out if region is None else images.composite(image.convert("RGB"), out, region.astype(np.float32))
 
     def warm_up(self, steps: int, scheduler: str | None = None) -> None:
         """Compiles the edit loop of every working size (an empty instruction on a grey image)."""

@@ -21,12 +21,17 @@ class FakeEditor:
     """Editor.edit's signature and what a checkpoint's config tells the page; records the images
     (and masks) it gets and how many edits overlap."""
 
-    def __init__(self, conditioner="vlm", regions=True, resolution=512):
+    def __init__(self, conditioner="vlm", regions=True, resolution=512, region=None):
         self.config = ml_collections.ConfigDict({"resolution": resolution, "model": {"sampler": "ddim"}})
         vlm = types.SimpleNamespace(regions=object() if regions else None)
         self.model = types.SimpleNamespace(conditioner=conditioner, vlm=vlm, mask_encoder=None)
         self.calls, self.active, self.most_active, self.mask = [], 0, 0, None
         self._count = threading.Lock()
+        self.region = region  # what its region head finds (None: it has none)
+        self.region_head = None if region is None else "region"
+
+    def find_regions(self, images_in, instructions, *, boxes=None):
+        return [images.resize_mask(self.region, image.size) for image in images_in]
 
     def working_size(self, width, height):
         return images.working_size(width, height, self.config.resolution)
@@ -157,9 +162,21 @@ def test_the_service_edits_one_request_at_a_time_at_its_working_size():
     mask = np.zeros((300, 500), bool)
     masked = serve.EditService(FakeEditor())
     mask[100:200, 250:] = True
-    masked.edit(landscape, "make it blue", steps=1, image_guidance=1, text_guidance=1, seed=0, mask=mask)
+    out = masked.edit(landscape, "make it blue", steps=1, image_guidance=1, text_guidance=1, seed=0, mask=mask)
     assert masked.editor.mask.shape == (448, 576) and masked.editor.mask.dtype == bool
     assert masked.editor.mask[:, 300:].any() and not masked.editor.mask[:, :280].any()
+    source, out = np.asarray(landscape), np.asarray(out)  # composited at the upload's own size
+    np.testing.assert_array_equal(out[~mask], source[~mask])
+    assert np.abs(out[mask].astype(int) - source[mask]).mean() > 50  # the (inverting) edit inside
+
+    # a checkpoint with a region head, no mask painted: it edits where the head says, the rest kept
+    found = serve.EditService(FakeEditor(region=mask))
+    out = np.asarray(found.edit(landscape, "make it blue", steps=1, image_guidance=1, text_guidance=1, seed=0))
+    assert found.editor.mask.shape == (448, 576)
+    np.testing.assert_array_equal(out[~mask], source[~mask])
+    nothing = serve.EditService(FakeEditor(region=np.zeros((300, 500), bool)))
+    out = nothing.edit(landscape, "make it blue", steps=1, image_guidance=1, text_guidance=1, seed=0)
+    assert nothing.editor.calls == [] and np.array_equal(np.asarray(out), source)  # nothing found: the input
 
 
 def test_a_request_gets_a_message_for_what_is_missing_or_ignored():
