@@ -149,6 +149,15 @@ def working_mask(mask: np.ndarray, size: tuple[int, int], dilation: int = 0, fea
     return soften_mask(resize_mask(mask, size), dilation, feather)
 
 
+def thinner_than(mask: np.ndarray, cell: int) -> bool:
+    """Whether no cell × cell square fits inside the mask bool[H, W] anywhere (a stroke thinner than one
+    latent cell: the edit's cells are wider than what was marked)."""
+    from scipy import ndimage
+
+    mask = np.asarray(mask, bool)
+    return cell > 1 and mask.any() and not ndimage.binary_erosion(mask, np.ones((cell, cell), bool)).any()
+
+
 def composite(source: Image.Image, edited: Image.Image, weight: np.ndarray) -> Image.Image:
     """The edit pasted into the source at the source's own size: source·(1 − w) + edited·w, w float[H, W]
     in [0, 1] (1 inside the region, fading over a feathered seam); where w is 0 the output is the source,

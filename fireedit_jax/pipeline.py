@@ -186,6 +186,11 @@ class Editor:
                 scales = [size[0] / loaded[i].size[0] for i in members]
                 edit_masks = np.stack([images.working_mask(regions[i], size, round(mask_dilation * k), mask_feather * k)
                                        for i, k in zip(members, scales)])  # fmt: skip
+                for i, m in zip(members, edit_masks):
+                    if images.thinner_than(m > 0, self.model.latent_factor):
+                        warnings.warn(f"the region of {instructions[i]!r} is thinner than one latent cell "
+                                      f"({self.model.latent_factor} px at the working size {size[0]} × {size[1]}): "
+                                      "it is edited as the whole cells it touches")  # fmt: skip
             edited = self.edit_arrays(
                 pixels, [instructions[i] for i in members], boxes=[box_list[i] for i in members], steps=steps,
                 image_guidance=image_guidance, text_guidance=text_guidance, seed=seed, scheduler=scheduler,

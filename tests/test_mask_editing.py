@@ -252,6 +252,21 @@ def test_at_the_inputs_own_size_the_pixels_outside_the_mask_are_the_inputs(mask_
         assert np.abs(out[mask].astype(int) - np.asarray(image)[mask]).mean() > 10  # edited inside
 
 
+def test_a_mask_thinner_than_a_latent_cell_is_edited_with_a_warning(mask_editor):
+    image = Image.fromarray(np.random.default_rng(1).integers(0, 256, (200, 300, 3), np.uint8))
+    line = np.zeros((200, 300), bool)
+    line[100, 50:250] = True  # one pixel thick: thinner than a cell at the working size
+    with pytest.warns(UserWarning, match="thinner than one latent cell"):
+        out = np.asarray(mask_editor.edit(image, "make the red circle blue", mask=line, steps=2, progress=False))
+    np.testing.assert_array_equal(out[~line], np.asarray(image)[~line])
+    assert (out[line] != np.asarray(image)[line]).any()  # it did not vanish
+    block = np.zeros((200, 300), bool)
+    block[50:150, 100:200] = True
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a mask of whole cells: no warning
+        mask_editor.edit(image, "make the red circle blue", mask=block, steps=2, progress=False)
+
+
 def test_mask_inputs_get_one_clear_error(mask_editor):
     image = Image.fromarray(np.full((32, 32, 3), 200, np.uint8))
     cases = [
