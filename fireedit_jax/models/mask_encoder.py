@@ -6,7 +6,8 @@ D the token width (the UNet's cross_attention_dim, what its fusers' `linear` rea
 A light CNN over the mask at latent resolution and each cell's coordinates (so every token
 knows where it sits; the UNet's features have no position embedding): a 3×3 conv, then one
 stride-2 3×3 conv per further width, SiLU between, then a per-cell Linear to D. The tokens
-enter every transformer block of the UNet through `models.unet.GatedSelfAttention`.
+enter every transformer block of the UNet through `models.unet.GatedInjection` (a gated
+cross-attention to them, or GLIGEN's gated self-attention: `unet.injection_layer`).
 """
 
 from __future__ import annotations
