@@ -156,6 +156,8 @@ def _edit(args) -> int:
         raise ValueError("--images takes one --instruction for the whole folder (use --jsonl for one per image)")
     if args.image and not instructions:
         raise ValueError("--image needs --instruction (repeat it to edit in several turns)")
+    if args.image and len(instructions) == 1 and os.path.isdir(args.out):
+        raise ValueError(f"--out {args.out!r} is a folder: give the output image's file name, e.g. {args.out}/edited.png")
     if args.boxes and not (args.image and len(instructions) == 1):
         raise ValueError('--boxes is for one single-turn edit; a --jsonl line takes its own "boxes"')
     given = args.mask or args.mask_box or args.mask_from

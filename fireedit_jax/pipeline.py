@@ -218,6 +218,7 @@ class Editor:
                       or none: the whole image (whole_image=True, or method ip2p / fireedit)
         masks, mask_boxes, boxes: one entry per image (entries may be None), or None.
         """
+        check_instructions(instructions)
         count = len(images_in)
         loaded = [images.load_image(x) for x in images_in]
         mask_list, box_masks = (_per_image(x, False, count, what) for x, what in ((masks, "masks"), (mask_boxes, "mask boxes")))

@@ -84,6 +84,15 @@ def test_edit_cli_saves_the_region_it_edited(grounded, grounded_checkpoint, scen
     assert "wrote the edit's region" in capsys.readouterr().out
     assert cli.main([*common, "--whole-image", "--save-mask", str(tmp_path / "none.png")]) == 2
     assert "this edit has none" in capsys.readouterr().err
+    # bad input: one clear line, exit code 2, no traceback
+    empty = [c if c != INSTRUCTION else "  " for c in common]
+    folder = [*common[:-1], str(tmp_path)]
+    for argv, says in ((empty, "the instruction is empty"), (folder, "is a folder")):
+        assert cli.main(argv) == 2
+        err = capsys.readouterr().err
+        assert says in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    with pytest.raises(ValueError, match="the instruction is empty"):
+        grounded.edit(str(path), "", progress=False)
 
 
 def test_a_region_head_lent_to_a_checkpoint_without_one(grounded, scene, tmp_path):
