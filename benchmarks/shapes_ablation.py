@@ -38,6 +38,7 @@ import sys
 import time
 
 import numpy as np
+from PIL import Image
 
 from fireedit_jax import demo
 from fireedit_jax.data.shapes import KINDS
@@ -130,7 +131,8 @@ def score(checkpoint: str, name: str, args, diffedit: bool = False) -> dict:
         samples = demo.test_samples(editor.config, args.samples, split)
         regions = None
         if diffedit:
-            regions = np.stack(editor.diffedit_regions([s["source"] for s in samples], [s["instruction"] for s in samples]))
+            regions = np.stack(editor.diffedit_regions([Image.fromarray(s["source"]) for s in samples],
+                                                       [s["instruction"] for s in samples]))  # fmt: skip
         elif editor.region_head:
             regions = demo.predicted_regions(editor, samples, args.batch_size)
         outputs = demo.edit_samples(editor, samples, **edit, masks=regions, desc=f"{name} {split}")
