@@ -162,13 +162,14 @@ def _edit(args) -> int:
         raise ValueError('--boxes is for one single-turn edit; a --jsonl line takes its own "boxes"')
     given = args.mask or args.mask_box or args.mask_from
     if given and not (args.image and len(instructions) == 1):
-        raise ValueError("--mask / --mask-box / --mask-from are for one single-turn edit of --image")
+        raise ValueError('--mask / --mask-box / --mask-from are for one single-turn edit of --image; a --jsonl line '
+                         'takes its own "mask" (a file) or "mask_box"')  # fmt: skip
     editor = Editor.from_pretrained(args.checkpoint, dtype=args.dtype)
     if args.images or args.jsonl:
         from fireedit_jax.eval.batch_edit import edit_folder, edit_jsonl
 
         common = dict(settings=_edit_settings(args), batch_size=args.batch_size, overwrite=args.overwrite,
-                      proposer=args.proposer)
+                      proposer=args.proposer, whole_image=args.whole_image)
         if args.jsonl:
             result = edit_jsonl(editor, args.jsonl, args.out, **common)
         else:
@@ -258,7 +259,7 @@ def _edit_parser(commands) -> None:
     source.add_argument("--images", metavar="DIR", help="edit every image in DIR with --instruction → OUT/<stem>.png")
     source.add_argument("--jsonl", metavar="FILE",
                         help='one {"image": path, "instruction": text} per line (optional "output" stem, '
-                             '"boxes") → OUT/<stem>.png')  # fmt: skip
+                             '"boxes", and "mask" (a file) or "mask_box" to edit in) → OUT/<stem>.png')  # fmt: skip
     edit.add_argument("--instruction", action="append",
                       help='e.g. "make the left cup blue"; repeat it to edit --image in turns, each turn '
                            "editing the previous output (→ OUT/<stem>_turn<k>.png)")  # fmt: skip

@@ -364,6 +364,34 @@ def test_batch_edit_jsonl(editor, tmp_path, monkeypatch):
     assert "box 0 for line 4 [0.5, 0.5, 0.4, 0.9] has zero area" in str(err.value)
 
 
+def test_batch_edit_jsonl_takes_a_mask_or_a_box_per_line(editor, tmp_path):
+    """A line's region: the output is its image outside it, pixel for pixel; lines with and without one
+    mix in a file (edited in separate batches)."""
+    from fireedit_jax import images
+
+    _image(5, (70, 60)).save(tmp_path / "c.png")
+    region = np.zeros((60, 70), bool)
+    region[10:30, 20:50] = True
+    Image.fromarray(region.astype(np.uint8) * 255).save(tmp_path / "c_mask.png")
+    box = [0.5, 0.5, 0.9, 0.9]
+    lines = [{"image": "c.png", "instruction": "add snow", "mask": "c_mask.png", "output": "masked"},
+             {"image": "c.png", "instruction": "add snow", "mask_box": box, "output": "boxed"},
+             {"image": "c.png", "instruction": "add snow", "output": "whole"}]  # fmt: skip
+    (tmp_path / "masks.jsonl").write_text("\n".join(json.dumps(line) for line in lines))
+    result = edit_jsonl(editor, str(tmp_path / "masks.jsonl"), str(tmp_path / "out"), settings=SETTINGS, progress=False)
+    assert len(result.written) == 3 and not result.failed
+    source = np.asarray(Image.open(tmp_path / "c.png"))
+    out = {name: np.asarray(Image.open(tmp_path / "out" / f"{name}.png")) for name in ("masked", "boxed", "whole")}
+    for name, inside in (("masked", region), ("boxed", images.box_mask(box, (70, 60)))):
+        np.testing.assert_array_equal(out[name][~inside], source[~inside])
+        assert (out[name][inside] != source[inside]).any(), name
+    assert (out["whole"][~region] != source[~region]).any()  # no region: the model's output everywhere
+    lines[0]["mask_box"] = box
+    (tmp_path / "masks.jsonl").write_text("\n".join(json.dumps(line) for line in lines))
+    with pytest.raises(DatasetError, match="not both"):
+        edit_jsonl(editor, str(tmp_path / "masks.jsonl"), str(tmp_path / "out2"), progress=False)
+
+
 def test_multi_turn_edits_the_previous_output(editor, tmp_path):
     _image(5).save(tmp_path / "photo.png")
     calls_before = len(editor.calls)

@@ -2,7 +2,9 @@
 encoding on the fly gives, bad records are skipped and counted, and the IP2P loss on a
 cached batch equals the loss on the same examples' pixels."""
 
+import contextlib
 import dataclasses
+import io
 import json
 
 import flax
@@ -29,7 +31,8 @@ RECORDS = 11  # + 1 corrupt: one full batch of 8 and a partial one
 
 @pytest.fixture(scope="module")
 def cached(tmp_path_factory):
-    """(config, model, params, the JSONL source, the cache's directory, the command's output)."""
+    """`cache-latents` of a small JSONL source, run: (config, model, params, the JSONL source, the cache's
+    directory, the command's argv, what it printed)."""
     config = load_config("tiny")
     model = EditModel.from_config(config.model)
     params = flax.linen.meta.unbox(jax.jit(model.init)(jax.random.key(1)))
@@ -53,13 +56,14 @@ def cached(tmp_path_factory):
     out = tmp_path_factory.mktemp("cache")
     argv = ["cache-latents", "--checkpoint", str(ckpt), "--source", "jsonl", "--data", str(root), "--out", str(out),
             "--batch-size", "8", "--max-skip-fraction", "0.5"]  # fmt: skip
-    return config, model, params, JsonlSource(str(root)), out, argv
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert cli.main(argv) == 0
+    return config, model, params, JsonlSource(str(root)), out, argv, printed.getvalue()
 
 
 def test_cache_matches_encoding_on_the_fly(cached, capsys):
-    config, model, params, source, out, argv = cached
-    assert cli.main(argv) == 0
-    printed = capsys.readouterr().out
+    config, model, params, source, out, argv, printed = cached
     assert f"wrote the latents of {RECORDS} of {RECORDS + 1} records" in printed
     assert "skipped 1 that could not be decoded" in printed
     (path,) = out.glob("latent_triplets/*")
@@ -100,7 +104,7 @@ def test_cache_matches_encoding_on_the_fly(cached, capsys):
 
 
 def test_ip2p_loss_on_cached_latents_equals_loss_on_pixels(cached):
-    config, model, params, source, out, _ = cached
+    config, model, params, source, out, _, _ = cached
     cache = LatentSource(next(out.glob("latent_triplets/*")))
     text = clip_text_field(clip_tokenizer(), name="input", source="instruction")
     iterator = make_iterator(
@@ -129,7 +133,7 @@ def test_ip2p_loss_on_cached_latents_equals_loss_on_pixels(cached):
 def cache_in_bucket(cached, bucket):
     """`cache-latents --out gs://bucket/latents --resolution 16` (built locally, uploaded): the
     cache's path. 16 px: configs/tiny_fireedit.py's resolution, and a small train step."""
-    argv = list(cached[-1])
+    argv = list(cached[5])
     argv[argv.index("--out") + 1] = f"{bucket}/latents"
     assert cli.main([*argv, "--resolution", "16"]) == 0
     return f"{bucket}/latents/latent_triplets/1.1.0"

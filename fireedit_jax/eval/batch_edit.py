@@ -108,12 +108,15 @@ class DeviceBatcher:
     """
 
     def __init__(self, editor, settings: EditSettings = EditSettings(), batch_size: int | None = None,
-                 propose: Proposer | None = None, mask_dilation: int = 0, mask_feather: float = 0.0):
+                 propose: Proposer | None = None, mask_dilation: int = 0, mask_feather: float = 0.0,
+                 whole_image: bool = False):  # fmt: skip
         devices = jax.local_devices()
         n = len(devices)
         self.batch_size = n * max(1, -(-(batch_size or n) // n))  # round up to a multiple of the devices
         self.editor, self.settings, self.propose = editor, settings, propose
         self.mask_dilation, self.mask_feather = mask_dilation, mask_feather
+        # a job without a mask: edited where the checkpoint's region head finds the region, if it has one
+        self.find_regions = bool(editor.region_head) and not whole_image
         self.mesh = jax.make_mesh((n,), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=devices)
         self._batch = NamedSharding(self.mesh, P("data"))
         self._steps_batch = NamedSharding(self.mesh, P(None, "data"))
@@ -127,20 +130,30 @@ class DeviceBatcher:
     def run(self, jobs: Iterable[EditJob]) -> Iterator[list[tuple[EditJob, Image.Image]]]:
         """Yields each finished batch as [(job, output)], in completion order."""
         buckets: dict[tuple[int, int], list[EditJob]] = {}
-        for job in jobs:
-            size = self.editor.working_size(*job.image.size)
-            bucket = buckets.setdefault(size, [])
+        for job in jobs:  # a batch: one working size, and all with a region or none
+            key = (self.editor.working_size(*job.image.size), job.mask is not None or self.find_regions)
+            bucket = buckets.setdefault(key, [])
             bucket.append(job)
             if len(bucket) == self.batch_size:
-                yield self._edit(size, buckets.pop(size))
-        for size, bucket in buckets.items():
-            yield self._edit(size, bucket)
+                yield self._edit(key[0], buckets.pop(key))
+        for key, bucket in buckets.items():
+            yield self._edit(key[0], bucket)
 
     def _edit(self, size: tuple[int, int], jobs: list[EditJob]) -> list[tuple[EditJob, Image.Image]]:
         unboxed = [job for job in jobs if job.boxes is None]
         if self.propose is not None and unboxed:  # one detector pass per batch
             for job, boxes in zip(unboxed, self.propose([job.image for job in unboxed])):
                 job.boxes = boxes
+        unmasked = [job for job in jobs if job.mask is None]
+        if self.find_regions and unmasked:
+            found = self.editor.find_regions([job.image for job in unmasked], [job.instruction for job in unmasked],
+                                             boxes=[job.boxes for job in unmasked])  # fmt: skip
+            for job, region in zip(unmasked, found):
+                job.mask = region
+        empty = [job for job in jobs if job.mask is not None and not job.mask.any()]  # found nothing (warned)
+        jobs = [job for job in jobs if job not in empty]
+        if not jobs:
+            return [(job, job.image.copy()) for job in empty]
         padded = jobs + [jobs[-1]] * (self.batch_size - len(jobs))
         extra = {"boxes": [job.boxes for job in padded]} if any(job.boxes is not None for job in jobs) else {}
         if any(job.mask is not None for job in jobs):
@@ -159,7 +172,16 @@ class DeviceBatcher:
             text_guidance=s.text_guidance, scheduler=s.scheduler, initial_noise=initial, step_noise=step, **extra,
         )  # fmt: skip
         edited = np.asarray(edited)
-        return [(job, images.from_model_array(edited[i], job.image.size)) for i, job in enumerate(jobs)]
+        outputs = [(job, self._output(job, edited[i])) for i, job in enumerate(jobs)]
+        return outputs + [(job, job.image.copy()) for job in empty]
+
+    def _output(self, job: EditJob, edited: np.ndarray) -> Image.Image:
+        """The edit at the job's image size; with a mask, the image outside it pixel for pixel."""
+        out = images.from_model_array(edited, job.image.size)
+        if job.mask is None:
+            return out
+        weight = images.soften_mask(job.mask, self.mask_dilation, self.mask_feather)
+        return images.composite(images.to_rgb(job.image), out, weight)
 
     def _latent_shape(self, size, pixels) -> tuple[int, ...]:
         if size not in self._latent_shapes:
@@ -196,17 +218,20 @@ class BatchResult:
 
 
 class BatchItem(NamedTuple):
-    """One edit of a batch mode: input image path, instruction, output stem, optional boxes float[R, 4]."""
+    """One edit of a batch mode: input image path, instruction, output stem, optional boxes float[R, 4],
+    optional region to edit (a mask file, or a normalised box)."""
 
     image: str
     instruction: str
     stem: str
     boxes: np.ndarray | None = None
+    mask: str | None = None
+    mask_box: list[float] | None = None
 
 
 def edit_folder(editor, folder: str, instruction: str, out_dir: str, *, settings: EditSettings = EditSettings(),
                 batch_size: int | None = None, overwrite: bool = False, proposer: str | None = None,
-                progress: bool = True) -> BatchResult:
+                progress: bool = True, whole_image: bool = False) -> BatchResult:
     """Edits every image file directly in `folder` with one instruction → out_dir/<stem>.png.
 
     Outputs already there are kept (the run resumes) unless `overwrite`. proposer: a
@@ -218,15 +243,16 @@ def edit_folder(editor, folder: str, instruction: str, out_dir: str, *, settings
     if not paths:
         raise DatasetError(f"{folder!r} has no image files ({', '.join(IMAGE_SUFFIXES)})")
     items = [BatchItem(path, instruction, _stem(path)) for path in paths]
-    return _edit_items(editor, items, out_dir, settings, batch_size, overwrite, proposer, progress)
+    return _edit_items(editor, items, out_dir, settings, batch_size, overwrite, proposer, progress, whole_image)
 
 
 def read_jsonl(path: str) -> list[BatchItem]:
     """The edits of a JSONL file, one {"image": path, "instruction": text} per line.
 
     Relative image paths are relative to the JSONL's folder. Optional fields: "output"
-    (the output's stem; default the image's) and "boxes" ([[x1, y1, x2, y2], ...]
-    normalised, FireEdit's regions). Two lines with one output stem (one image, two
+    (the output's stem; default the image's), "boxes" ([[x1, y1, x2, y2], ...]
+    normalised, FireEdit's regions) and the region to edit: "mask" (a mask image's path, white =
+    edit, relative as the image's) or "mask_box" ([x0, y0, x1, y1] normalised). Two lines with one output stem (one image, two
     instructions) are an error naming them; so is a line without a required field.
     """
     from fireedit_jax.data.proposals import BoxError, validate_boxes
@@ -254,8 +280,12 @@ def read_jsonl(path: str) -> list[BatchItem]:
             except BoxError as err:
                 problems.append(str(err))
                 continue
+            if "mask" in entry and "mask_box" in entry:
+                problems.append(f"line {number}: give a \"mask\" or a \"mask_box\", not both")
+                continue
+            mask = os.path.join(base, os.path.expanduser(entry["mask"])) if "mask" in entry else None
             stem = _stem(entry.get("output") or image)
-            items.append(BatchItem(image, str(entry["instruction"]), stem, boxes))
+            items.append(BatchItem(image, str(entry["instruction"]), stem, boxes, mask, entry.get("mask_box")))
     stems: dict[str, list[str]] = {}
     for item in items:
         stems.setdefault(item.stem, []).append(item.image)
@@ -271,12 +301,15 @@ def read_jsonl(path: str) -> list[BatchItem]:
 
 def edit_jsonl(editor, jsonl: str, out_dir: str, *, settings: EditSettings = EditSettings(),
                batch_size: int | None = None, overwrite: bool = False, proposer: str | None = None,
-               progress: bool = True) -> BatchResult:
+               progress: bool = True, whole_image: bool = False) -> BatchResult:
     """Edits the lines of a JSONL file (see `read_jsonl`) → out_dir/<stem>.png; otherwise as `edit_folder`.
 
-    A line's own "boxes" take precedence over the proposer's.
+    A line's own "boxes" take precedence over the proposer's. A line with a "mask" or "mask_box" is
+    edited there (the image kept outside it, pixel for pixel); one without, where the checkpoint's
+    region head finds the region if it has one (unless `whole_image`), else the whole image.
     """
-    return _edit_items(editor, read_jsonl(jsonl), out_dir, settings, batch_size, overwrite, proposer, progress)
+    return _edit_items(editor, read_jsonl(jsonl), out_dir, settings, batch_size, overwrite, proposer, progress,
+                       whole_image)  # fmt: skip
 
 
 def edit_turns(editor, image: str | Image.Image, instructions: Sequence[str], out_dir: str, *,
@@ -310,7 +343,7 @@ def _stem(path) -> str:
 
 
 def _edit_items(editor, items: Sequence[BatchItem], out_dir, settings, batch_size, overwrite, proposer,
-                progress) -> BatchResult:
+                progress, whole_image: bool = False) -> BatchResult:
     os.makedirs(out_dir, exist_ok=True)
     result = BatchResult()
     todo = []
@@ -324,13 +357,16 @@ def _edit_items(editor, items: Sequence[BatchItem], out_dir, settings, batch_siz
     def jobs():
         for item, out in todo:
             try:
-                yield EditJob(item.stem, images.load_image(item.image), item.instruction, payload=out, boxes=item.boxes)
+                image = images.load_image(item.image)
+                mask = (images.load_mask(item.mask, image.size) if item.mask is not None else
+                        images.box_mask(item.mask_box, image.size) if item.mask_box is not None else None)  # fmt: skip
+                yield EditJob(item.stem, image, item.instruction, payload=out, boxes=item.boxes, mask=mask)
             except images.ImageError as err:
                 report(f"skipped: {err}")
                 result.failed.append((item.image, str(err)))
                 bar.update(1)
 
-    batcher = DeviceBatcher(editor, settings, batch_size, propose=detector_proposer(proposer))
+    batcher = DeviceBatcher(editor, settings, batch_size, propose=detector_proposer(proposer), whole_image=whole_image)
     with progress_bar(len(todo), progress, "edit") as bar:
         for batch in batcher.run(jobs()):
             for job, output in batch:
