@@ -212,6 +212,7 @@ def _edit(args) -> int:
         args.image, instructions[0], steps=args.steps, image_guidance=args.image_guidance,
         text_guidance=args.text_guidance, seed=args.seed, scheduler=args.scheduler, boxes=boxes,
         mask=region, whole_image=region is None, mask_dilation=args.mask_dilate, mask_feather=args.mask_feather,
+        mask_crop=args.mask_crop,
         method="mask" if region is not None else None,
     )  # fmt: skip
     storage.save_image(out, args.out)
@@ -284,6 +285,10 @@ def _edit_parser(commands) -> None:
                            "region is the edit's, e.g. for a FireEdit or InstructPix2Pix --checkpoint")  # fmt: skip
     edit.add_argument("--whole-image", action="store_true",
                       help="edit the whole image, even with a checkpoint that predicts regions")
+    edit.add_argument("--mask-crop", type=int, default=None, metavar="PX",
+                      help="edit a crop around the region, grown by PX pixels on each side, at the model's working "
+                           "size, and paste it back (a small region of a large image edited in detail; default: "
+                           "the whole image at the working size, so the model sees the whole scene)")  # fmt: skip
     edit.add_argument("--save-mask", default=None, metavar="PNG",
                       help="write the edit's region (given or predicted; white = edited)")
     _add_mask_softening(edit)

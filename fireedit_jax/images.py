@@ -149,6 +149,16 @@ def working_mask(mask: np.ndarray, size: tuple[int, int], dilation: int = 0, fea
     return soften_mask(resize_mask(mask, size), dilation, feather)
 
 
+def crop_region(mask: np.ndarray, padding: int) -> tuple[int, int, int, int]:
+    """The pixel box (x0, y0, x1, y1) around a non-empty mask bool[H, W], grown by `padding` pixels on
+    each side and clipped to the image (diffusers' `padding_mask_crop`, without its aspect matching: the
+    crop is edited at its own aspect's working size)."""
+    ys, xs = np.nonzero(np.asarray(mask, bool))
+    height, width = np.shape(mask)
+    return (max(int(xs.min()) - padding, 0), max(int(ys.min()) - padding, 0),
+            min(int(xs.max()) + 1 + padding, width), min(int(ys.max()) + 1 + padding, height))  # fmt: skip
+
+
 def thinner_than(mask: np.ndarray, cell: int) -> bool:
     """Whether no cell × cell square fits inside the mask bool[H, W] anywhere (a stroke thinner than one
     latent cell: the edit's cells are wider than what was marked)."""

@@ -145,6 +145,7 @@ class Editor:
         whole_image: bool = False,
         mask_dilation: int = 0,
         mask_feather: float = 0.0,
+        mask_crop: int | None = None,
         method: str | None = None,
         progress: bool | Callable[[int], None] = True,
     ):
@@ -157,7 +158,10 @@ class Editor:
         xyxy: float[R, 4] for one image, a list of those for a list (None: none).
         mask, mask_box, mask_from, whole_image, method: where to edit (`find_regions`).
         mask_dilation: grow the region by this many pixels; mask_feather: fade the blend out over this
-        many pixels around it (soft edges).
+        many pixels around it (soft edges). mask_crop: edit a crop around the region instead, grown by
+        this many pixels (and the dilation and feather) on each side, at the working size, and paste it
+        back: a small region of a large image is edited at the model's full resolution, with less of the
+        scene around it for the model to see (None: the whole image at the working size).
         """
         single = isinstance(instruction, str)
         image_list = [image] if single else list(image)
@@ -172,11 +176,16 @@ class Editor:
         regions = self.find_regions(loaded, instructions, boxes=box_list, masks=mask_list, mask_boxes=mask_boxes,
                                     mask_from=mask_from, whole_image=whole_image, method=method, seed=seed)  # fmt: skip
         outputs: list[Image.Image | None] = [None] * len(loaded)
+        settings = dict(steps=steps, image_guidance=image_guidance, text_guidance=text_guidance, seed=seed,
+                        scheduler=scheduler, mask_dilation=mask_dilation, mask_feather=mask_feather, progress=progress)
         # one batch per working size and kind of edit (images of one size share a compiled loop)
         groups: dict[tuple, list[int]] = {}
         for i, img in enumerate(loaded):
             if regions[i] is not None and not regions[i].any():  # a predicted region found nothing (warned)
                 outputs[i] = loaded[i].copy()
+                continue
+            if regions[i] is not None and mask_crop is not None:
+                outputs[i] = self._edit_crop(img, instructions[i], regions[i], box_list[i], mask_crop, settings)
                 continue
             groups.setdefault((self.working_size(*img.size), regions[i] is None), []).append(i)
         for (size, whole), members in groups.items():
@@ -202,6 +211,24 @@ class Editor:
                     out = images.composite(loaded[i], out, images.soften_mask(regions[i], mask_dilation, mask_feather))
                 outputs[i] = out
         return outputs[0] if single else outputs
+
+    def _edit_crop(self, image: Image.Image, instruction: str, region: np.ndarray, boxes, padding: int,
+                   settings: dict) -> Image.Image:  # fmt: skip
+        """`edit` of the crop around `region` (see mask_crop), pasted back into `image`: outside the crop
+        the image is untouched."""
+        grow = padding + settings["mask_dilation"] + math.ceil(settings["mask_feather"])
+        x0, y0, x1, y1 = images.crop_region(region, grow)
+        if boxes is not None:  # the proposals, normalised to the crop (those outside it dropped)
+            scale = np.asarray([image.width, image.height] * 2, np.float32)
+            crop = np.asarray([x0, y0, x0, y0], np.float32)
+            size = np.asarray([x1 - x0, y1 - y0] * 2, np.float32)
+            boxes = np.clip((np.asarray(boxes, np.float32) * scale - crop) / size, 0.0, 1.0)
+            boxes = boxes[(boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])]
+        edited = self.edit(image.crop((x0, y0, x1, y1)), instruction, mask=region[y0:y1, x0:x1], boxes=boxes,
+                           method="mask", **settings)  # fmt: skip
+        out = image.convert("RGB")
+        out.paste(edited, (x0, y0))
+        return out
 
     def find_regions(self, images_in, instructions: Sequence[str], *, boxes=None, masks=None, mask_boxes=None,
                      mask_from: Editor | str | None = None, whole_image: bool = False, method: str | None = None,

@@ -252,6 +252,30 @@ def test_at_the_inputs_own_size_the_pixels_outside_the_mask_are_the_inputs(mask_
         assert np.abs(out[mask].astype(int) - np.asarray(image)[mask]).mean() > 10  # edited inside
 
 
+def test_crop_editing_changes_nothing_outside_the_crop(mask_editor, mask_checkpoint, tmp_path):
+    """A small region of a large image (1,000 × 700): the crop around it is edited at the working size and
+    pasted back; outside the crop, and outside the region, the image is the input's."""
+    from fireedit_jax import cli
+
+    image = Image.fromarray(np.random.default_rng(2).integers(0, 256, (700, 1000, 3), np.uint8))
+    region = np.zeros((700, 1000), bool)
+    region[300:340, 600:660] = True
+    out = np.asarray(mask_editor.edit(image, "make the red circle blue", mask=region, mask_crop=20, steps=2,
+                                      progress=False))  # fmt: skip
+    source = np.asarray(image)
+    assert images.crop_region(region, 20) == (580, 280, 680, 360)
+    np.testing.assert_array_equal(out[~region], source[~region])
+    detail = np.abs(out[region].astype(int) - source[region]).mean()
+    whole = np.asarray(mask_editor.edit(image, "make the red circle blue", mask=region, steps=2, progress=False))
+    assert detail > 10 and not np.array_equal(whole[region], out[region])  # another edit: the crop's
+    image.save(tmp_path / "big.png")
+    Image.fromarray(region.astype(np.uint8) * 255).save(tmp_path / "mask.png")
+    assert cli.main(["edit", "--checkpoint", str(mask_checkpoint), "--image", str(tmp_path / "big.png"),
+                     "--instruction", "make the red circle blue", "--mask", str(tmp_path / "mask.png"),
+                     "--mask-crop", "20", "--steps", "2", "--out", str(tmp_path / "out.png")]) == 0  # fmt: skip
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "out.png")), out)
+
+
 def test_a_mask_thinner_than_a_latent_cell_is_edited_with_a_warning(mask_editor):
     image = Image.fromarray(np.random.default_rng(1).integers(0, 256, (200, 300, 3), np.uint8))
     line = np.zeros((200, 300), bool)
