@@ -180,6 +180,15 @@ def composite(source: Image.Image, edited: Image.Image, weight: np.ndarray) -> I
     return Image.fromarray(np.where(w > 0, blended, np.asarray(source.convert("RGB"))), "RGB")
 
 
+def restore_edit(source: Image.Image, edited: np.ndarray, region: np.ndarray | None = None, dilation: int = 0,
+                 feather: float = 0.0) -> Image.Image:  # fmt: skip
+    """A model's output float[h, w, 3] in [-1, 1] at the source's size: the whole of it (no region), or
+    composited into the source (as `to_rgb` reads it) under `region` bool[H, W] grown and feathered
+    (`soften_mask`)."""
+    out = from_model_array(edited, source.size)
+    return out if region is None else composite(to_rgb(source), out, soften_mask(region, dilation, feather))
+
+
 def soften_mask(mask: np.ndarray, dilation: int = 0, feather: float = 0.0) -> np.ndarray:
     """bool[H, W] → float32[H, W] in [0, 1]: grown by `dilation` pixels (a square neighbourhood),
     then feathered outwards: a pixel d pixels outside weighs smoothstep(1 − d / feather), so the

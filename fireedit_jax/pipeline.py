@@ -206,10 +206,7 @@ class Editor:
                 masks=edit_masks, progress=progress,
             )  # fmt: skip
             for i, array in zip(members, np.asarray(edited)):
-                out = images.from_model_array(array, loaded[i].size)
-                if not whole:
-                    out = images.composite(loaded[i], out, images.soften_mask(regions[i], mask_dilation, mask_feather))
-                outputs[i] = out
+                outputs[i] = images.restore_edit(loaded[i], array, regions[i], mask_dilation, mask_feather)
         return outputs[0] if single else outputs
 
     def _edit_crop(self, image: Image.Image, instruction: str, region: np.ndarray, boxes, padding: int,

@@ -172,16 +172,9 @@ class DeviceBatcher:
             text_guidance=s.text_guidance, scheduler=s.scheduler, initial_noise=initial, step_noise=step, **extra,
         )  # fmt: skip
         edited = np.asarray(edited)
-        outputs = [(job, self._output(job, edited[i])) for i, job in enumerate(jobs)]
+        outputs = [(job, images.restore_edit(job.image, edited[i], job.mask, self.mask_dilation, self.mask_feather))
+                   for i, job in enumerate(jobs)]  # fmt: skip
         return outputs + [(job, job.image.copy()) for job in empty]
-
-    def _output(self, job: EditJob, edited: np.ndarray) -> Image.Image:
-        """The edit at the job's image size; with a mask, the image outside it pixel for pixel."""
-        out = images.from_model_array(edited, job.image.size)
-        if job.mask is None:
-            return out
-        weight = images.soften_mask(job.mask, self.mask_dilation, self.mask_feather)
-        return images.composite(images.to_rgb(job.image), out, weight)
 
     def _latent_shape(self, size, pixels) -> tuple[int, ...]:
         if size not in self._latent_shapes:

@@ -205,13 +205,9 @@ def region_iou(masks, edits: Sequence[Mapping]) -> np.ndarray:
 def bounding_box_iou(masks, edits: Sequence[Mapping]) -> np.ndarray:
     """Predicted regions bool[B, H, W] → float[B]: the IoU of each region's bounding box with its edit's
     box (0 for an empty region)."""
-    masks = np.asarray(masks, bool)
-    boxes = np.zeros_like(masks)
-    for box, mask in zip(boxes, masks):
-        ys, xs = np.nonzero(mask)
-        if len(xs):
-            box[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1] = True
-    return region_iou(boxes, edits)
+    from fireedit_jax.models.region_predictor import bounding_box_mask
+
+    return region_iou(np.asarray(bounding_box_mask(np.asarray(masks, np.float32))) > 0, edits)
 
 
 def referred_object(masks, edits: Sequence[Mapping]) -> list[float | None]:
