@@ -16,6 +16,7 @@ import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+import tensorstore as ts
 
 from fireedit_jax import storage
 
@@ -55,8 +56,10 @@ def load_params(directory: str, expected, *, only: tuple[str, ...] | None = None
     path = storage.as_path(directory) / "params"
     if not path.is_dir():
         raise CheckpointError(f"{directory!r} has no params/ directory: the checkpoint is incomplete")
+    check_readable(directory, only)
     if only is None:
-        params = ocp.StandardCheckpointer().restore(path)
+        with ocp.StandardCheckpointer() as checkpointer:
+            params = checkpointer.restore(path)
     else:
         expected = {name: expected[name] for name in only}
         item = {name: tree for name, tree in abstract(expected).items() if jax.tree.leaves(tree)}  # none if empty
@@ -74,6 +77,43 @@ def load_params(directory: str, expected, *, only: tuple[str, ...] | None = None
             f"the parameters in {directory!r} do not match its config.json:\n  " + "\n  ".join(differences)
         )
     return params
+
+
+def damaged(directory: str, what: str) -> str:
+    return (f"checkpoint {directory!r} is damaged: {what}; copy it again from where it was made, or export it "
+            "again (`fireedit-jax export`, `fireedit-jax convert`)")
+
+
+def check_readable(directory: str, only: tuple[str, ...] | None = None) -> None:
+    """CheckpointError naming the first leaf whose stored bytes cannot be read (a truncated or missing data file).
+
+    Reads the last byte of every stored value (of the `only` entries), not the values. Orbax's restore would find
+    the same damage, but it closes its event loop on the first failed read while the others are in flight, and
+    each of those then reports "RuntimeError: Event loop is closed" when it completes; nothing is read by Orbax
+    here until every value is known to be there. A checkpoint without an OCDBT manifest is left to Orbax.
+    """
+    path = storage.as_path(directory) / "params"
+    if not (path / "manifest.ocdbt").exists():
+        return
+    base = str(path) + "/" if storage.is_remote(path) else f"file://{path}/"
+    try:
+        store = ts.KvStore.open({"driver": "ocdbt", "base": base}).result()
+        keys = store.list().result()
+    except ValueError as err:
+        raise CheckpointError(damaged(directory, f"its index cannot be read ({' '.join(str(err).split())})")) from err
+    keys = [k.decode() for k in keys if only is None or k.decode().replace("/", ".").split(".")[0] in only]
+    reads = [(key, store.read(key, byte_range=slice(-1, None))) for key in keys]  # all in flight at once
+    failed = []
+    for key, read in reads:
+        try:
+            read.result()
+        except ValueError as err:
+            failed.append((key, " ".join(str(err).split())))
+    if failed:
+        key, err = failed[0]
+        leaf = key.rsplit("/", 1)[0].replace(".", "/")  # orbax's "unet.conv_in.kernel/0.0.0.0": leaf, then chunk
+        more = f" (and {len(failed) - 1} more stored chunks)" if len(failed) > 1 else ""
+        raise CheckpointError(damaged(directory, f"the stored bytes of {leaf}{more} cannot be read: {err}"))
 
 
 def tree_differences(got, want) -> list[str]:

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import re
 import shutil
 
 import numpy as np
@@ -160,3 +161,26 @@ def test_overlong_instruction_is_truncated_with_a_warning(editor):
     with pytest.warns(UserWarning, match="truncated to 77 tokens"):
         ids = editor.tokenize(["x " * 200])
     assert ids.shape == (1, 77)
+
+
+def test_truncated_weight_file_is_one_clear_error(ip2p, tmp_path):
+    """A data file under params/ cut short: the CLI says the checkpoint is damaged, naming the leaf, and exits 2 with
+    nothing after the line (Orbax's restore left reads in flight that each printed "Event loop is closed")."""
+    import subprocess
+    import sys
+
+    broken = tmp_path / "broken"
+    shutil.copytree(ip2p[2], broken)
+    data = max((p for p in (broken / "params").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    with open(data, "r+b") as f:
+        f.truncate(data.stat().st_size // 2)
+    Image.new("RGB", (8, 8)).save(tmp_path / "in.png")
+    command = [sys.executable, "-m", "fireedit_jax.cli", "edit", "--checkpoint", str(broken), "--image",
+               str(tmp_path / "in.png"), "--instruction", "make it blue", "--out", str(tmp_path / "out.png")]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2, done.stderr
+    assert len(lines) == 1 and "Traceback" not in done.stderr and "Event loop is closed" not in done.stderr, done.stderr
+    assert lines[0].startswith("fireedit-jax edit: error: checkpoint") and "is damaged" in lines[0]
+    assert re.search(r"stored bytes of (unet|vae|text_encoder)/\S+/(kernel|bias|scale|embedding)", lines[0]), lines[0]
+    assert "export it again" in lines[0] and not (tmp_path / "out.png").exists()
