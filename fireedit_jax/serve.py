@@ -3,9 +3,14 @@
     fireedit-jax serve --checkpoint outputs/demo/checkpoint [--host 127.0.0.1 --port 7860]
 
 Upload an image, type an instruction, optionally click two corners per region box (FireEdit's
-boxes) or paint a mask, choose steps, s_I, s_T, seed and sampler, and edit. The result shows
-beside the input; "Edit again" makes it the next input (a multi-turn session) and the history
-gallery keeps every turn.
+boxes, the proposals a region head scores) or paint a mask, choose steps, s_I, s_T, seed and
+sampler, and edit. The result shows beside the input; "Edit again" makes it the next input (a
+multi-turn session) and the history gallery keeps every turn.
+
+With a region head and no mask painted, the checkpoint finds where to edit ("Find region" shows it
+without editing), and the region it edited under is drawn into the mask editor's layer, where the
+user erases or paints it, or replaces it with the clicked boxes ("Mask from boxes"); "Edit" then
+redoes the turn under the corrected mask, and "Clear mask" lets the checkpoint find it again.
 
 One Editor serves every request. Gradio's queue runs one edit at a time, and a lock around the
 Editor makes sure that two compilations never run at once. A compiled edit loop is reused while
@@ -42,6 +47,10 @@ ASPECTS = (1.0, 4 / 3, 3 / 4)  # width / height of the working sizes
 STEP_CHOICES = (10, 20, 50, 100)  # with --steps: each is one compilation per working size
 SHOWN_SIDES = (320, 768)  # the input is shown with its short side ≥ 320 px and its long side ≤ 768 px
 BOX_COLOUR, CORNER_COLOUR = (255, 0, 200), (0, 160, 255)
+MASK_COLOUR = (255, 0, 200, 153)  # the brush's: a found region is drawn as if painted (alpha ≥ 128 counts)
+CORRECT = ("It is drawn in the mask: erase or paint it (or click a box and 'Mask from boxes'), then Edit to edit "
+           "under it; 'Clear mask' lets the checkpoint find it again")
+NOTHING_FOUND = "It found nothing to edit: paint the region in the mask (or 'Mask from boxes') and Edit"
 
 
 # ---------------------------------------------------------------------------------------- working sizes
@@ -132,13 +141,24 @@ def painted_mask(editor_value, size: tuple[int, int]) -> np.ndarray | None:
     return np.asarray(mask.resize(size, Image.NEAREST) if mask.size != tuple(size) else mask)
 
 
-def mask_editor_value(image: Image.Image | None) -> dict | None:
-    """A blank mask over `image` at its `shown_size` (the mask editor's value for a new input): a 32 px
-    scene is painted enlarged, with a brush in proportion; `painted_mask` brings the mask to its size."""
+def mask_editor_value(image: Image.Image | None, region: np.ndarray | None = None) -> dict | None:
+    """The mask editor's value over `image` at its `shown_size` (a 32 px scene is painted enlarged, with a
+    brush in proportion; `painted_mask` brings the mask to its size): blank, or with `region` (bool[H, W] at
+    the image's size) in its layer, translucent, as the brush paints, so that the user can erase or add to it."""
     if image is None:
         return None
     shown = shown_input(image)
-    return {"background": shown, "layers": [], "composite": shown}
+    if region is None:
+        return {"background": shown, "layers": [], "composite": shown}
+    layer = np.zeros((shown.height, shown.width, 4), np.uint8)
+    layer[images.resize_mask(region, shown.size)] = MASK_COLOUR
+    overlay = Image.fromarray(layer, "RGBA")
+    return {"background": shown, "layers": [overlay], "composite": Image.alpha_composite(shown.convert("RGBA"), overlay)}
+
+
+def boxes_region(boxes, size: tuple[int, int]) -> np.ndarray:
+    """bool[H, W] at `size` = (W, H): the union of the normalised boxes (a box as the mask to edit)."""
+    return np.any([images.box_mask(box, size) for box in boxes], axis=0) if len(boxes) else np.zeros(size[::-1], bool)
 
 
 # ---------------------------------------------------------------------------------------- requests
@@ -183,7 +203,8 @@ class EditService:
         self.editor = editor
         self.sizes = list(sizes or bucket_sizes(editor.working_size))
         self.default_sampler = SAMPLERS[editor.config.model.sampler]
-        self.uses_boxes = editor.model.conditioner == "vlm" and editor.model.vlm.regions is not None
+        vlm_boxes = editor.model.conditioner == "vlm" and editor.model.vlm.regions is not None
+        self.uses_boxes = vlm_boxes or editor.region_head is not None  # region tokens, or a head's proposals
         self.compiled: set[tuple] = set()  # (working size, steps, sampler) edited at least once
         self._lock = threading.Lock()
 
@@ -198,22 +219,33 @@ class EditService:
             raise ValueError("type an instruction, e.g. 'make the red circle blue'")
         boxes, notes = parse_boxes(boxes_text, source.size), []
         if len(boxes) and not self.uses_boxes:
-            notes.append("this checkpoint has no region input: the boxes are ignored")
+            notes.append("this checkpoint has no region input: the boxes are ignored ('Mask from boxes' makes them "
+                         "the mask)")
         return (boxes if len(boxes) and self.uses_boxes else None), painted_mask(mask_value, source.size), notes
 
+    def find_region(self, image: Image.Image, instruction: str, boxes=None, mask=None) -> np.ndarray | None:
+        """Where an edit of `image` happens: bool[H, W] at its size, or None (the whole image): `mask` if
+        given, else what the checkpoint's region head finds (at the image's working size, so that a new
+        image size does not recompile it either; boxes are its proposals), else None."""
+        if mask is not None or not self.editor.region_head:
+            return mask
+        size = nearest_bucket(*image.size, self.sizes)
+        with self._lock:
+            (found,) = self.editor.find_regions([image.resize(size, Image.BICUBIC)], [instruction], boxes=[boxes])
+        return images.resize_mask(found, image.size)
+
     def edit(self, image: Image.Image, instruction: str, *, steps: int, image_guidance: float, text_guidance: float,
-             seed: int, scheduler: str | None = None, boxes=None, mask=None, progress=None) -> Image.Image:  # fmt: skip
-        """An edit of `image` (any size; the result has its size) at its working size (the nearest of the
-        page's few, so that a new image size does not recompile). mask: bool[H, W] at the image's size;
-        without one, a checkpoint with a region head finds the region. Where there is a region, the result
-        is the image outside it, pixel for pixel (`images.composite` at the image's own size)."""
+             seed: int, scheduler: str | None = None, boxes=None, mask=None, progress=None) -> tuple:  # fmt: skip
+        """(result, region): an edit of `image` (any size; the result has its size) at its working size (the
+        nearest of the page's few, so that a new image size does not recompile), and the region it edited
+        under (`find_region`: the mask, bool[H, W] at the image's size, or the region head's). Where there is
+        a region, the result is the image outside it, pixel for pixel (`images.composite` at the image's
+        own size); an empty one leaves the image as it is."""
         key = self.compile_key(image.size, steps, scheduler)
         size = key[0]
-        region = mask
-        if region is None and self.editor.region_head:
-            (region,) = self.editor.find_regions([image], [instruction], boxes=[boxes])
-            if not region.any():  # it found nothing to edit (warned)
-                return image.convert("RGB")
+        region = self.find_region(image, instruction, boxes, mask)
+        if region is not None and not region.any():  # nothing to edit (the region head warned)
+            return image.convert("RGB"), region
         with self._lock:
             out = self.editor.edit(
                 image.resize(size, Image.BICUBIC), instruction, steps=int(steps), image_guidance=image_guidance,
@@ -222,7 +254,7 @@ class EditService:
             )  # fmt: skip
             self.compiled.add(key)
         out = out.resize(image.size, Image.BICUBIC)
-        return out if region is None else images.composite(image.convert("RGB"), out, region.astype(np.float32))
+        return (out if region is None else images.composite(image.convert("RGB"), out, region.astype(np.float32))), region
 
     def warm_up(self, steps: int, scheduler: str | None = None) -> None:
         """Compiles the edit loop of every working size (an empty instruction on a grey image)."""
@@ -249,9 +281,16 @@ def describe(service: EditService, checkpoint: str) -> str:
     """The page's header: the checkpoint, how it reads regions and masks, and the working sizes."""
     model = service.editor.model
     kind = "FireEdit (VLM condition)" if model.conditioner == "vlm" else "InstructPix2Pix (CLIP text condition)"
-    boxes = "boxes become its VLM's region tokens" if service.uses_boxes else "no region input: boxes are ignored"
+    head = service.editor.region_head
+    if model.conditioner == "vlm" and model.vlm.regions is not None:
+        boxes = "boxes become its VLM's region tokens"
+    else:
+        boxes = "boxes are the proposals its region model scores" if head else "no region input: boxes are ignored"
     reads = "its mask encoder reads it too" if model.mask_encoder is not None else "by masked sampling"
     mask = f"a painted mask keeps the image outside it ({reads})"
+    if head:
+        finder = "its region model" if head == "region" else "its VLM's grounding"
+        mask += f"; unpainted, {finder} finds the region, drawn in the mask editor to correct"
     sizes = ", ".join(f"{w}×{h}" for w, h in service.sizes)
     return (f"`{checkpoint}`: {kind}; {boxes}; {mask}. "
             f"Images are edited at {sizes} px (the nearest aspect ratio) and returned at their own size.")  # fmt: skip
@@ -293,7 +332,7 @@ def build_app(service: EditService, *, checkpoint: str, steps: int = 100, image_
             (width, height), steps, sampler_name = key
             progress(0, desc=f"compiling for {width}×{height}, {steps} steps, {sampler_name}" if first else "denoising")
             reporter, start = StepProgress(progress, steps), time.perf_counter()
-            result = service.edit(source, instruction, steps=steps, image_guidance=s_image, text_guidance=s_text,
+            result, region = service.edit(source, instruction, steps=steps, image_guidance=s_image, text_guidance=s_text,
                                   seed=seed, scheduler=scheduler, boxes=boxes, mask=mask, progress=reporter)
         except ValueError as err:  # the user's to fix (e.g. an unknown word): a message, not a traceback
             raise gr.Error(str(err)) from None
@@ -301,17 +340,45 @@ def build_app(service: EditService, *, checkpoint: str, steps: int = 100, image_
         seconds = f"{time.perf_counter() - start:.1f} s" + (" with compilation" if first else "")
         done = f"{reporter.done}/{steps} denoising steps"
         status = f"Turn {len(history) - 1}: edited at {width}×{height} in {done}, {seconds}"
-        return result, result, history, history, status
+        if mask is None and region is not None:  # found by the region head: drawn in the mask editor, to be corrected
+            status += f". {CORRECT if region.any() else NOTHING_FOUND}"
+            return result, result, history, history, status, region
+        return result, result, history, history, status, None
+
+    def on_find(source, instruction, boxes_text, mask_value):
+        try:
+            boxes, _, _ = service.check(source, instruction, boxes_text, mask_value)
+            region = service.find_region(source, instruction, boxes)
+        except ValueError as err:
+            raise gr.Error(str(err)) from None
+        return region, f"The region found for {instruction.strip()!r}. {CORRECT if region.any() else NOTHING_FOUND}"
+
+    def on_boxes_to_mask(source, boxes_text):
+        try:
+            boxes = parse_boxes(boxes_text, source.size) if source is not None else []
+        except ValueError as err:
+            raise gr.Error(str(err)) from None
+        if not len(boxes):
+            raise gr.Error("click two corners of a box on the input first: 'Mask from boxes' makes the boxes the mask")
+        return boxes_region(boxes, source.size), "The boxes are the mask: Edit edits in them."
+
+    def on_drawn(source, region):  # after an event that succeeded (one that failed would mark the editor)
+        return gr.update() if region is None or source is None else mask_editor_value(source, region)
+
+    def on_clear_mask(source):
+        return mask_editor_value(source), "The mask is cleared."
 
     def on_edit_again(result, boxes_text):
         if result is None:
             raise gr.Error("edit an image first: 'Edit again' edits the last result")
         return result, shown_input(result, boxes_text), None, mask_editor_value(result), "The result is the new input."
 
+    has_head = service.editor.region_head is not None
     step_choices = sorted({int(steps), *STEP_CHOICES})
     sampler = SAMPLERS[scheduler] if scheduler else service.default_sampler
     with gr.Blocks(title="fireedit_jax") as app:
         source, result, corner, history = gr.State(None), gr.State(None), gr.State(None), gr.State([])
+        drawn = gr.State(None)  # a region for the mask editor (found, or boxes), drawn once its event succeeded
         gr.Markdown("## fireedit_jax: instruction-based image editing")
         gr.Markdown(describe(service, checkpoint))
         with gr.Row():
@@ -334,11 +401,16 @@ def build_app(service: EditService, *, checkpoint: str, steps: int = 100, image_
                     boxes = gr.Textbox(label="Boxes: normalised x1 y1 x2 y2, one per line", lines=3,
                                        elem_id="boxes")  # fmt: skip
                     clear = gr.Button("Clear boxes", size="sm", elem_id="clear-boxes")
-                mask = gr.ImageEditor(label="Mask: paint the region to edit", type="numpy", sources=(),
-                                      transforms=(), format="png",
-                                      layers=gr.LayerOptions(allow_additional_layers=False, layers=["mask"]),
-                                      brush=gr.Brush(colors=["rgba(255, 0, 200, 0.6)"], color_mode="fixed"),
-                                      elem_id="mask")  # fmt: skip
+                with gr.Column():
+                    mask = gr.ImageEditor(label="Mask: paint the region to edit", type="numpy", sources=(),
+                                          transforms=(), format="png",
+                                          layers=gr.LayerOptions(allow_additional_layers=False, layers=["mask"]),
+                                          brush=gr.Brush(colors=["rgba(255, 0, 200, 0.6)"], color_mode="fixed"),
+                                          elem_id="mask")  # fmt: skip
+                    with gr.Row():
+                        find_button = gr.Button("Find region", size="sm", visible=has_head, elem_id="find-region")
+                        from_boxes = gr.Button("Mask from boxes", size="sm", elem_id="mask-from-boxes")
+                        clear_mask = gr.Button("Clear mask", size="sm", elem_id="clear-mask")
         with gr.Accordion("Settings", open=True):
             with gr.Row():
                 steps_in = gr.Dropdown(step_choices, value=int(steps), label="Denoising steps", elem_id="steps")
@@ -356,7 +428,12 @@ def build_app(service: EditService, *, checkpoint: str, steps: int = 100, image_
         clear.click(on_clear_boxes, source, [corner, boxes, shown])
         gr.on([run.click, instruction.submit], on_edit,
               [source, instruction, boxes, mask, steps_in, s_image, s_text, seed_in, sampler_in, history],
-              [output, result, gallery, history, status], concurrency_limit=1)  # fmt: skip
+              [output, result, gallery, history, status, drawn], concurrency_limit=1
+              ).success(on_drawn, [source, drawn], mask)  # fmt: skip
+        find_button.click(on_find, [source, instruction, boxes, mask], [drawn, status], concurrency_limit=1
+                          ).success(on_drawn, [source, drawn], mask)  # fmt: skip
+        from_boxes.click(on_boxes_to_mask, [source, boxes], [drawn, status]).success(on_drawn, [source, drawn], mask)
+        clear_mask.click(on_clear_mask, source, [mask, status])
         again.click(on_edit_again, [result, boxes], [source, shown, corner, mask, status])
     return app
 

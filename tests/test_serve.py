@@ -29,8 +29,10 @@ class FakeEditor:
         self._count = threading.Lock()
         self.region = region  # what its region head finds (None: it has none)
         self.region_head = None if region is None else "region"
+        self.found_at = []  # the sizes its region head was given
 
     def find_regions(self, images_in, instructions, *, boxes=None):
+        self.found_at += [image.size for image in images_in]
         return [images.resize_mask(self.region, image.size) for image in images_in]
 
     def working_size(self, width, height):
@@ -116,6 +118,36 @@ def test_painted_mask_is_the_union_of_the_layers_at_the_image_size():
     assert serve.painted_mask(None, (8, 8)) is None
 
 
+def test_a_found_region_is_drawn_in_the_mask_editor_as_painted_and_reads_back():
+    """A region head's region goes into the mask editor's layer at the shown size, translucent like the brush: the
+    user corrects it there, and `painted_mask` reads back the same region (a box too: 'Mask from boxes')."""
+    for size in ((32, 32), (500, 300), (300, 500)):
+        image = Image.new("RGB", size, (40, 90, 200))
+        region = np.zeros(size[::-1], bool)
+        region[size[1] // 4 : size[1] // 2, size[0] // 3 : size[0] - 4] = True
+        value = serve.mask_editor_value(image, region)
+        (layer,) = value["layers"]
+        assert layer.size == value["background"].size == serve.shown_size(*size) and layer.mode == "RGBA"
+        alpha = np.asarray(layer)[..., 3]
+        assert set(np.unique(alpha)) == {0, serve.MASK_COLOUR[3]}  # translucent where found, clear elsewhere
+        back = serve.painted_mask(value, size)
+        if size == (32, 32):  # enlarged ten times: exactly the region
+            np.testing.assert_array_equal(back, region)
+        else:  # reduced: the region up to a pixel at its edges
+            assert (back != region).mean() < 0.01 and back[region].mean() > 0.97
+        composite = np.asarray(value["composite"].convert("RGB")).astype(int)
+        shown = np.asarray(value["background"].convert("RGB")).astype(int)
+        assert (composite[alpha > 0] != shown[alpha > 0]).any() and (composite[alpha == 0] == shown[alpha == 0]).all()
+    assert serve.mask_editor_value(image)["layers"] == [] and serve.mask_editor_value(None) is None
+
+    boxes = np.array([[0.0, 0.0, 0.25, 0.5], [0.5, 0.5, 1.0, 1.0]])
+    union = serve.boxes_region(boxes, (40, 20))
+    expected = np.zeros((20, 40), bool)
+    expected[:10, :10] = expected[10:, 20:] = True
+    np.testing.assert_array_equal(union, expected)
+    assert not serve.boxes_region(np.zeros((0, 4)), (40, 20)).any()
+
+
 def test_history_keeps_the_input_and_every_turn():
     source, first, second = (Image.new("RGB", (4, 4), c) for c in ("red", "green", "blue"))
     history = serve.add_turn([], source, first, "make it green")
@@ -154,7 +186,7 @@ def test_the_service_edits_one_request_at_a_time_at_its_working_size():
         thread.join()
     assert editor.most_active == 1  # the lock: never two edits (two compilations) at once
     assert [call["size"] for call in editor.calls] == [(576, 448)] * 3  # 5:3 is edited at the 4:3 working size
-    assert all(result.size == (500, 300) for result in results)  # and returned at its own size
+    assert all(result.size == (500, 300) and region is None for result, region in results)  # at its own size
     assert service.compiled == {((576, 448), 3, "ddim")}
     assert service.compile_key((640, 480), 3, None) in service.compiled  # another 4:3 upload compiles nothing new
     assert service.compile_key((640, 480), 3, "euler_ancestral") not in service.compiled
@@ -162,7 +194,8 @@ def test_the_service_edits_one_request_at_a_time_at_its_working_size():
     mask = np.zeros((300, 500), bool)
     masked = serve.EditService(FakeEditor())
     mask[100:200, 250:] = True
-    out = masked.edit(landscape, "make it blue", steps=1, image_guidance=1, text_guidance=1, seed=0, mask=mask)
+    out, region = masked.edit(landscape, "make it blue", steps=1, image_guidance=1, text_guidance=1, seed=0, mask=mask)
+    assert region is mask  # the painted mask is what it edited under
     assert masked.editor.mask.shape == (448, 576) and masked.editor.mask.dtype == bool
     assert masked.editor.mask[:, 300:].any() and not masked.editor.mask[:, :280].any()
     source, out = np.asarray(landscape), np.asarray(out)  # composited at the upload's own size
@@ -171,12 +204,16 @@ def test_the_service_edits_one_request_at_a_time_at_its_working_size():
 
     # a checkpoint with a region head, no mask painted: it edits where the head says, the rest kept
     found = serve.EditService(FakeEditor(region=mask))
-    out = np.asarray(found.edit(landscape, "make it blue", steps=1, image_guidance=1, text_guidance=1, seed=0))
-    assert found.editor.mask.shape == (448, 576)
-    np.testing.assert_array_equal(out[~mask], source[~mask])
+    out, region = found.edit(landscape, "make it blue", steps=1, image_guidance=1, text_guidance=1, seed=0)
+    assert found.editor.mask.shape == (448, 576) and found.editor.found_at == [(576, 448)]  # found at the working size
+    np.testing.assert_array_equal(region, mask)  # returned at the upload's size, to be drawn and corrected
+    np.testing.assert_array_equal(np.asarray(out)[~mask], source[~mask])
+    np.testing.assert_array_equal(found.find_region(landscape, "make it blue"), mask)  # 'Find region': no edit
+    assert len(found.editor.calls) == 1 and found.find_region(landscape, "make it blue", mask=~mask) is not None
+    assert serve.EditService(FakeEditor()).find_region(landscape, "make it blue") is None  # no head: the whole image
     nothing = serve.EditService(FakeEditor(region=np.zeros((300, 500), bool)))
-    out = nothing.edit(landscape, "make it blue", steps=1, image_guidance=1, text_guidance=1, seed=0)
-    assert nothing.editor.calls == [] and np.array_equal(np.asarray(out), source)  # nothing found: the input
+    out, region = nothing.edit(landscape, "make it blue", steps=1, image_guidance=1, text_guidance=1, seed=0)
+    assert nothing.editor.calls == [] and np.array_equal(np.asarray(out), source) and not region.any()
 
 
 def test_a_request_gets_a_message_for_what_is_missing_or_ignored():
@@ -192,7 +229,14 @@ def test_a_request_gets_a_message_for_what_is_missing_or_ignored():
     assert boxes.shape == (1, 4) and mask is None and notes == []
     for editor in (FakeEditor(conditioner="clip_text"), FakeEditor(regions=False)):
         boxes, _, notes = serve.EditService(editor).check(scene, "make it blue", "0 0 0.5 0.5", None)
-        assert boxes is None and notes == ["this checkpoint has no region input: the boxes are ignored"]
+        assert boxes is None and len(notes) == 1 and notes[0].startswith("this checkpoint has no region input")
+        assert "'Mask from boxes' makes them the mask" in notes[0]
+    boxes, _, notes = serve.EditService(FakeEditor(conditioner="clip_text", region=np.ones((8, 8), bool))).check(
+        scene, "make it blue", "0 0 0.5 0.5", None)  # fmt: skip
+    assert boxes.shape == (1, 4) and notes == []  # a region head scores them as its proposals
+    header = serve.describe(serve.EditService(FakeEditor(conditioner="clip_text", region=np.ones((8, 8), bool))), "c")
+    assert "boxes are the proposals its region model scores" in header and "its region model finds the region" in header
+    assert "finds the region" not in serve.describe(serve.EditService(FakeEditor()), "c")
 
 
 def test_a_file_that_is_no_image_is_named_as_the_user_called_it(tmp_path):

@@ -286,7 +286,7 @@ def test_edit_end_to_end_in_the_browser(server, browser, tmp_path):
 def test_bad_input_gets_a_message_not_a_traceback(server, browser, tmp_path):
     """A file that is no image, an empty instruction, a word the demo does not know, a box outside the image: each
     gets its message in the page, and nothing is edited. Then a painted mask (not bad input): the edit runs,
-    mask-guided, and the result keeps the input's pixels outside the painted stroke."""
+    mask-guided, and the result keeps the input's pixels outside the painted stroke; and a box made the mask."""
     from selenium.webdriver.common.action_chains import ActionChains
 
     open_page(browser, server)
@@ -332,3 +332,15 @@ def test_bad_input_gets_a_message_not_a_traceback(server, browser, tmp_path):
     assert result.shape == scene.shape
     changed = np.any(result != scene, axis=-1)
     assert 0 < changed.mean() < 0.25, f"{changed.mean():.1%} of the pixels changed"
+
+    # 'Mask from boxes' puts the box into the mask editor, where Edit reads it: only the box's pixels change
+    find(browser, "#clear-mask")[0].click()
+    wait_for(lambda: "The mask is cleared" in status(browser), what="'Clear mask'")
+    type_into(browser, "boxes", "0.5 0.5 1 1")
+    find(browser, "#mask-from-boxes")[0].click()
+    wait_for(lambda: "The boxes are the mask" in status(browser), what="'Mask from boxes'")
+    find(browser, "#edit")[0].click()
+    wait_for(lambda: "Turn 2:" in status(browser) or toast_texts(browser), 240, what="the edit under the box")
+    assert "Turn 2:" in status(browser), toast_texts(browser)
+    changed = np.any(np.asarray(fetch_image(find(browser, "#result img")[0].get_attribute("src"))) != scene, axis=-1)
+    assert changed[16:, 16:].mean() > 0.5 and not changed[:16].any() and not changed[:, :16].any()
