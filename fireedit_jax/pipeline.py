@@ -43,7 +43,9 @@ class Editor:
 
     A mask (white where to edit) or a mask box makes the edit mask-guided: outside the mask the
     latents are the source's at every step (masked sampling, any checkpoint), and a checkpoint
-    with a mask encoder also reads the mask through its UNet's gated self-attention.
+    with a mask encoder also reads the mask through its UNet's gated injection layer (`unet.injection_layer`:
+    PromptEditDiff's gated cross-attention to the mask tokens, the ShapeEdit configs' choice, or GLIGEN's
+    gated self-attention).
     """
 
     def __init__(self, model: EditModel, params, config, tokenizer):

@@ -112,8 +112,8 @@ class EditModel:
             raise ValueError(f"image_condition {parts['image_condition']!r} not in {tuple(IMAGE_CONDITIONS)}")
         if model.get("mask_encoder") is not None:
             if not parts["unet"].config.gated_injection:
-                raise ValueError("the mask encoder's tokens enter through the UNet's gated self-attention: "
-                                 "a mask_encoder needs unet.gated_injection=True")  # fmt: skip
+                raise ValueError("the mask encoder's tokens enter through the UNet's gated injection layer "
+                                 "(unet.injection_layer): a mask_encoder needs unet.gated_injection=True")  # fmt: skip
             parts["mask_encoder"] = MaskEncoder(dataclass_from_dict(MaskEncoderConfig, model.mask_encoder), dtype=dtype)
         if model.get("learnable_region") is not None:
             parts["region"] = LearnableRegion.from_config(model.learnable_region, **kw)

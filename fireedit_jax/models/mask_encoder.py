@@ -1,4 +1,4 @@
-"""PromptEditDiff's mask encoder: an edit mask → spatial tokens for the UNet's gated self-attention.
+"""PromptEditDiff's mask encoder: an edit mask → spatial tokens for the UNet's gated injection layer.
 
 Shapes: B batch, h×w latent size, G = (h / 2^k)·(w / 2^k) tokens after k strided convs,
 D the token width (the UNet's cross_attention_dim, what its fusers' `linear` reads).
