@@ -160,16 +160,27 @@ def _edit(args) -> int:
         raise ValueError(f"--out {args.out!r} is a folder: give the output image's file name, e.g. {args.out}/edited.png")
     if args.boxes and not (args.image and len(instructions) == 1):
         raise ValueError('--boxes is for one single-turn edit; a --jsonl line takes its own "boxes"')
-    given = args.mask or args.mask_box or args.mask_from
-    if given and not (args.image and len(instructions) == 1):
-        raise ValueError('--mask / --mask-box / --mask-from are for one single-turn edit of --image; a --jsonl line '
-                         'takes its own "mask" (a file) or "mask_box"')  # fmt: skip
+    batch = bool(args.images or args.jsonl)
+    # One mask or box is one image's region: over a folder or a JSONL of other images (other sizes, other
+    # scenes) it would mark the wrong place in all but one, so a batch takes a region per line instead.
+    if batch and (args.mask or args.mask_box):
+        raise ValueError('--mask / --mask-box are one --image\'s region: a --jsonl line takes its own "mask" (a file) '
+                         'or "mask_box", and --mask-from CKPT predicts the region of every image')  # fmt: skip
+    if args.image and len(instructions) > 1 and (args.mask or args.mask_box or args.mask_from):
+        raise ValueError("--mask / --mask-box / --mask-from are for a single-turn edit: give one --instruction")
+    if not (args.image and len(instructions) == 1) and (args.mask_crop is not None or args.save_mask):
+        raise ValueError("--mask-crop and --save-mask are for one single-turn edit of --image (batch and multi-turn "
+                         "edits are made at each image's working size and write no masks)")  # fmt: skip
+    if args.mask_from and args.whole_image:
+        raise ValueError("--mask-from predicts the region to edit and --whole-image edits without one: give one")
     editor = Editor.from_pretrained(args.checkpoint, dtype=args.dtype)
-    if args.images or args.jsonl:
+    mask_from = Editor.from_pretrained(args.mask_from, dtype=args.dtype) if args.mask_from else None
+    if batch:
         from fireedit_jax.eval.batch_edit import edit_folder, edit_jsonl
 
         common = dict(settings=_edit_settings(args), batch_size=args.batch_size, overwrite=args.overwrite,
-                      proposer=args.proposer, whole_image=args.whole_image)
+                      proposer=args.proposer, whole_image=args.whole_image, mask_from=mask_from,
+                      mask_dilation=args.mask_dilate, mask_feather=args.mask_feather)  # fmt: skip
         if args.jsonl:
             result = edit_jsonl(editor, args.jsonl, args.out, **common)
         else:
@@ -194,7 +205,6 @@ def _edit(args) -> int:
 
         boxes = propose(args.proposer, [args.image])[0]
     mask_box = _parse_box(args.mask_box) if args.mask_box else None
-    mask_from = Editor.from_pretrained(args.mask_from, dtype=args.dtype) if args.mask_from else None
     (region,) = editor.find_regions([args.image], instructions, boxes=[boxes], masks=[args.mask], mask_boxes=[mask_box],
                                     mask_from=mask_from, whole_image=args.whole_image, method=args.method,
                                     seed=args.seed)  # fmt: skip
@@ -282,7 +292,8 @@ def _edit_parser(commands) -> None:
                       help="the region to edit as a normalised box, instead of --mask")
     edit.add_argument("--mask-from", default=None, metavar="CKPT",
                       help="a checkpoint with a region head (a region model, or FireEdit's grounding): its predicted "
-                           "region is the edit's, e.g. for a FireEdit or InstructPix2Pix --checkpoint")  # fmt: skip
+                           "region is the edit's, e.g. for a FireEdit or InstructPix2Pix --checkpoint (with --images / "
+                           "--jsonl: of every image without a region of its own)")  # fmt: skip
     edit.add_argument("--whole-image", action="store_true",
                       help="edit the whole image, even with a checkpoint that predicts regions")
     edit.add_argument("--mask-crop", type=int, default=None, metavar="PX",

@@ -95,10 +95,16 @@ def test_edit_cli_saves_the_region_it_edited(grounded, grounded_checkpoint, scen
         grounded.edit(str(path), "", progress=False)
 
 
-def test_a_region_head_lent_to_a_checkpoint_without_one(grounded, scene, tmp_path):
+@pytest.fixture(scope="module")
+def plain_checkpoint(tmp_path_factory):
+    """A mask-guided checkpoint without a region head (configs/shapes_mask.py, random weights)."""
+    return _save("configs/shapes_mask.py", tmp_path_factory.mktemp("plain"), seed=1)
+
+
+def test_a_region_head_lent_to_a_checkpoint_without_one(grounded, plain_checkpoint, scene):
     """--mask-from: a mask-guided checkpoint (no head) edits where another checkpoint's head says."""
     path, boxes = scene
-    plain = Editor.from_pretrained(str(_save("configs/shapes_mask.py", tmp_path, seed=1)))
+    plain = Editor.from_pretrained(str(plain_checkpoint))
     assert plain.region_head is None
     with pytest.raises(ValueError, match="no region head"):
         plain.edit(str(path), INSTRUCTION, method="region", progress=False)
@@ -107,3 +113,33 @@ def test_a_region_head_lent_to_a_checkpoint_without_one(grounded, scene, tmp_pat
     out = np.asarray(plain.edit(str(path), INSTRUCTION, boxes=boxes, mask_from=grounded, steps=2, progress=False))
     source = np.asarray(Image.open(path).convert("RGB"))
     np.testing.assert_array_equal(out[~region], source[~region])
+
+
+def test_batch_edits_take_their_region_from_another_checkpoint(grounded, grounded_checkpoint, plain_checkpoint,
+                                                               scene, tmp_path, capsys):  # fmt: skip
+    """edit --jsonl --mask-from: a line without a region of its own is edited where the lent head finds it,
+    one with a "mask_box" there; a single --mask-box for a batch (and the other one-image options) is
+    refused in one line."""
+    from fireedit_jax import images
+
+    path, boxes = scene
+    box = [0.1, 0.1, 0.4, 0.5]
+    lines = [{"image": str(path), "instruction": INSTRUCTION, "boxes": np.asarray(boxes).tolist(), "output": "found"},
+             {"image": str(path), "instruction": INSTRUCTION, "mask_box": box, "output": "boxed"}]  # fmt: skip
+    (tmp_path / "edits.jsonl").write_text("\n".join(json.dumps(line) for line in lines))
+    argv = ["edit", "--checkpoint", str(plain_checkpoint), "--jsonl", str(tmp_path / "edits.jsonl"), "--steps", "2",
+            "--out", str(tmp_path / "out")]  # fmt: skip
+    assert cli.main([*argv, "--mask-from", str(grounded_checkpoint)]) == 0
+    source = np.asarray(Image.open(path).convert("RGB"))
+    (found,) = grounded.find_regions([str(path)], [INSTRUCTION], boxes=[boxes])
+    for name, region in (("found", found), ("boxed", images.box_mask(box, (300, 200)))):
+        out = np.asarray(Image.open(tmp_path / "out" / f"{name}.png"))
+        np.testing.assert_array_equal(out[~region], source[~region])  # the input, exactly, outside the region
+        assert (out[region] != source[region]).any(), name
+    capsys.readouterr()
+    for extra, says in ((["--mask-box", "0.1,0.1,0.5,0.5"], "a --jsonl line takes its own"),
+                        (["--mask-from", str(grounded_checkpoint), "--whole-image"], "give one"),
+                        (["--mask-crop", "8"], "for one single-turn edit of --image")):  # fmt: skip
+        assert cli.main([*argv, *extra]) == 2
+        err = capsys.readouterr().err
+        assert says in err and len(err.strip().splitlines()) == 1, err

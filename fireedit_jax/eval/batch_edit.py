@@ -109,14 +109,18 @@ class DeviceBatcher:
 
     def __init__(self, editor, settings: EditSettings = EditSettings(), batch_size: int | None = None,
                  propose: Proposer | None = None, mask_dilation: int = 0, mask_feather: float = 0.0,
-                 whole_image: bool = False):  # fmt: skip
+                 whole_image: bool = False, mask_from=None):  # fmt: skip
         devices = jax.local_devices()
         n = len(devices)
         self.batch_size = n * max(1, -(-(batch_size or n) // n))  # round up to a multiple of the devices
         self.editor, self.settings, self.propose = editor, settings, propose
         self.mask_dilation, self.mask_feather = mask_dilation, mask_feather
-        # a job without a mask: edited where the checkpoint's region head finds the region, if it has one
-        self.find_regions = bool(editor.region_head) and not whole_image
+        if whole_image and mask_from is not None:
+            raise ValueError("whole_image edits without a region: give no mask_from")
+        # a job without a mask: edited where mask_from's region head (another Editor) finds the region,
+        # else this checkpoint's if it has one
+        self.mask_from = mask_from
+        self.find_regions = (bool(editor.region_head) or mask_from is not None) and not whole_image
         self.mesh = jax.make_mesh((n,), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=devices)
         self._batch = NamedSharding(self.mesh, P("data"))
         self._steps_batch = NamedSharding(self.mesh, P(None, "data"))
@@ -147,7 +151,8 @@ class DeviceBatcher:
         unmasked = [job for job in jobs if job.mask is None]
         if self.find_regions and unmasked:
             found = self.editor.find_regions([job.image for job in unmasked], [job.instruction for job in unmasked],
-                                             boxes=[job.boxes for job in unmasked])  # fmt: skip
+                                             boxes=[job.boxes for job in unmasked],
+                                             mask_from=self.mask_from)  # fmt: skip
             for job, region in zip(unmasked, found):
                 job.mask = region
         empty = [job for job in jobs if job.mask is not None and not job.mask.any()]  # found nothing (warned)
@@ -159,8 +164,11 @@ class DeviceBatcher:
         if any(job.mask is not None for job in jobs):
             if any(job.mask is None for job in jobs):
                 raise ValueError("a batch mixes edits with and without a mask: give every job a mask, or none")
-            extra["masks"] = np.stack([images.working_mask(job.mask, size, self.mask_dilation, self.mask_feather)
-                                       for job in padded])  # fmt: skip
+            # dilation and feather are the image's pixels: scaled to the working size (as Editor.edit)
+            scales = [size[0] / job.image.size[0] for job in padded]
+            extra["masks"] = np.stack([images.working_mask(job.mask, size, round(self.mask_dilation * k),
+                                                           self.mask_feather * k)
+                                       for job, k in zip(padded, scales)])  # fmt: skip
         pixels = np.stack([images.to_model_array(images.to_rgb(job.image), size) for job in padded])
         pixels = jax.device_put(pixels, self._batch)
         ids = np.asarray([sample_id(job.key) for job in padded], np.uint32)
@@ -224,11 +232,15 @@ class BatchItem(NamedTuple):
 
 def edit_folder(editor, folder: str, instruction: str, out_dir: str, *, settings: EditSettings = EditSettings(),
                 batch_size: int | None = None, overwrite: bool = False, proposer: str | None = None,
-                progress: bool = True, whole_image: bool = False) -> BatchResult:
+                progress: bool = True, whole_image: bool = False, mask_from=None, mask_dilation: int = 0,
+                mask_feather: float = 0.0) -> BatchResult:  # fmt: skip
     """Edits every image file directly in `folder` with one instruction → out_dir/<stem>.png.
 
     Outputs already there are kept (the run resumes) unless `overwrite`. proposer: a
     Deformable DETR directory for FireEdit's region proposals (see data/proposals.py).
+    Each image is edited where `mask_from` (an Editor with a region head) finds the region, else
+    where this checkpoint's region head does if it has one (unless `whole_image`), else whole;
+    mask_dilation / mask_feather grow and soften the region (pixels of each image).
     """
     if not os.path.isdir(folder):
         raise DatasetError(f"image folder {folder!r} does not exist")
@@ -236,7 +248,9 @@ def edit_folder(editor, folder: str, instruction: str, out_dir: str, *, settings
     if not paths:
         raise DatasetError(f"{folder!r} has no image files ({', '.join(IMAGE_SUFFIXES)})")
     items = [BatchItem(path, instruction, _stem(path)) for path in paths]
-    return _edit_items(editor, items, out_dir, settings, batch_size, overwrite, proposer, progress, whole_image)
+    return _edit_items(editor, items, out_dir, settings, batch_size, overwrite, proposer, progress,
+                       dict(whole_image=whole_image, mask_from=mask_from, mask_dilation=mask_dilation,
+                            mask_feather=mask_feather))  # fmt: skip
 
 
 def read_jsonl(path: str) -> list[BatchItem]:
@@ -294,15 +308,17 @@ def read_jsonl(path: str) -> list[BatchItem]:
 
 def edit_jsonl(editor, jsonl: str, out_dir: str, *, settings: EditSettings = EditSettings(),
                batch_size: int | None = None, overwrite: bool = False, proposer: str | None = None,
-               progress: bool = True, whole_image: bool = False) -> BatchResult:
+               progress: bool = True, whole_image: bool = False, mask_from=None, mask_dilation: int = 0,
+               mask_feather: float = 0.0) -> BatchResult:  # fmt: skip
     """Edits the lines of a JSONL file (see `read_jsonl`) → out_dir/<stem>.png; otherwise as `edit_folder`.
 
     A line's own "boxes" take precedence over the proposer's. A line with a "mask" or "mask_box" is
-    edited there (the image kept outside it, pixel for pixel); one without, where the checkpoint's
-    region head finds the region if it has one (unless `whole_image`), else the whole image.
+    edited there (the image kept outside it, pixel for pixel); one without, where `mask_from`'s region
+    head finds the region, else this checkpoint's if it has one (unless `whole_image`), else the whole image.
     """
     return _edit_items(editor, read_jsonl(jsonl), out_dir, settings, batch_size, overwrite, proposer, progress,
-                       whole_image)  # fmt: skip
+                       dict(whole_image=whole_image, mask_from=mask_from, mask_dilation=mask_dilation,
+                            mask_feather=mask_feather))  # fmt: skip
 
 
 def edit_turns(editor, image: str | Image.Image, instructions: Sequence[str], out_dir: str, *,
@@ -336,7 +352,8 @@ def _stem(path) -> str:
 
 
 def _edit_items(editor, items: Sequence[BatchItem], out_dir, settings, batch_size, overwrite, proposer,
-                progress, whole_image: bool = False) -> BatchResult:
+                progress, regions: dict) -> BatchResult:  # fmt: skip
+    """regions: DeviceBatcher's whole_image, mask_from, mask_dilation and mask_feather."""
     os.makedirs(out_dir, exist_ok=True)
     result = BatchResult()
     todo = []
@@ -359,7 +376,7 @@ def _edit_items(editor, items: Sequence[BatchItem], out_dir, settings, batch_siz
                 result.failed.append((item.image, str(err)))
                 bar.update(1)
 
-    batcher = DeviceBatcher(editor, settings, batch_size, propose=detector_proposer(proposer), whole_image=whole_image)
+    batcher = DeviceBatcher(editor, settings, batch_size, propose=detector_proposer(proposer), **regions)
     with progress_bar(len(todo), progress, "edit") as bar:
         for batch in batcher.run(jobs()):
             for job, output in batch:
