@@ -53,7 +53,14 @@ def test_the_loss_reads_captions_and_no_target_image(region_setup):
         return parts["clip"], parts
 
     grads, parts = jax.jit(jax.grad(clip_only, has_aux=True))(trainable)
-    assert all(np.isfinite(float(v)) for v in parts.values()) and 0 < float(parts["region_area"]) < 1
+    assert all(np.isfinite(float(v)) for v in parts.values())
+    # region_area is the mean edit probability of the predicted cells: at init, every cell near the prior (0.15)
+    _, patches = model.region.image_features(params["region"], batch["source"])
+    logits = model.region.predict(params["region"], patches, batch["region_ids"], batch["region_mask"]).logits
+    np.testing.assert_allclose(float(parts["region_area"]), float(jnp.mean(jax.nn.sigmoid(logits))), rtol=1e-5)
+    prior = config.model.learnable_region.predictor.initial_probability
+    # (the small output weights move each cell a little: 0.162 measured)
+    assert abs(float(parts["region_area"]) - prior) < 0.03, (float(parts["region_area"]), prior)
     norms = {"/".join(k): float(jnp.linalg.norm(v)) for k, v in flax.traverse_util.flatten_dict(grads).items()
              if v is not None}  # fmt: skip
     assert {k.split("/")[1] for k in norms} == {"predictor", "t5"}  # CLIP and the generator are frozen
@@ -106,25 +113,54 @@ def region_checkpoint(region_setup, tmp_path_factory):
     return directory
 
 
-def test_predicted_region_drives_the_masked_edit(region_checkpoint, monkeypatch):
-    editor = Editor.from_pretrained(str(region_checkpoint))
+@pytest.fixture(scope="module")
+def right_half_checkpoint(region_setup, tmp_path_factory):
+    """The region model set to mark the right half of any scene through its own path: the predictor reads the
+    cells' coordinates (`coordinates`), image_proj reads nothing, coordinate_proj puts 1e4·x on feature 0 and
+    −1e4·x on feature 1 (far above what the blocks add), so head_norm gives ±√(W/2) there by x's sign;
+    head_hidden passes feature 0 alone through the GELU and head_out maps it to logit 2·√32 − 5 ≈ 6.3 right of
+    the centre, −5 left of it."""
+    config, _, params = region_setup
+    config = region_config()
+    config.model.learnable_region.predictor.coordinates = True
+    params = jax.tree.map(np.array, params)
+    predictor = params["region"]["predictor"]
+    width = predictor["image_proj"]["kernel"].shape[1]
+    predictor["image_proj"] = jax.tree.map(np.zeros_like, predictor["image_proj"])
+    kernel = np.zeros((2, width), np.float32)
+    kernel[0, 0], kernel[0, 1] = 1e4, -1e4
+    predictor["coordinate_proj"] = {"kernel": kernel, "bias": np.zeros(width, np.float32)}
+    hidden = predictor["head_hidden"]
+    hidden["kernel"][:], hidden["bias"][:] = 0, 0
+    hidden["kernel"][0, 0] = 1
+    out = predictor["head_out"]
+    out["kernel"][:], out["bias"][:] = 0, -5
+    out["kernel"][0, 0] = 2
+    directory = tmp_path_factory.mktemp("right_half") / "ckpt"
+    tokenizer_dir = directory.parent / "tokenizer"
+    shapes.build_tokenizer().save_pretrained(str(tokenizer_dir))
+    checkpoint.save(str(directory), params, config, tokenizer_dir=str(tokenizer_dir))
+    return directory
+
+
+def test_predicted_region_drives_the_masked_edit(right_half_checkpoint):
+    editor = Editor.from_pretrained(str(right_half_checkpoint))
     assert editor.methods == ("ip2p", "mask", "region") and editor.default_method == "region"
-    left = np.zeros((32, 32), bool)
-    left[:, :16] = True
-    monkeypatch.setattr(editor, "_region_mask", lambda params, pixels, ids, mask, *boxes: jnp.asarray(left)[None] * 1.0)
+    right = np.zeros((32, 32), bool)
+    right[:, 16:] = True
     sample = shapes.generate(shapes.ShapesConfig(size=32), "test", 0)
-    (predicted,) = editor.predict_regions([Image.fromarray(sample["source"])], [sample["instruction"]])
-    np.testing.assert_array_equal(predicted, left)
-    out = np.asarray(editor.edit(Image.fromarray(sample["source"]), sample["instruction"], steps=2, progress=False))
-    np.testing.assert_array_equal(out[:, 16:], sample["source"][:, 16:])  # outside the predicted region: the source
-    assert np.abs(out[:, :16].astype(int) - sample["source"][:, :16]).max() > 20
+    source = Image.fromarray(sample["source"])
+    (predicted,) = editor.predict_regions([source], [sample["instruction"]])
+    np.testing.assert_array_equal(predicted, right)  # the predictor's own region, not a patched one
+    out = np.asarray(editor.edit(source, sample["instruction"], steps=2, progress=False))
+    np.testing.assert_array_equal(out[:, :16], sample["source"][:, :16])  # outside the predicted region: the source
+    assert np.abs(out[:, 16:].astype(int) - sample["source"][:, 16:]).max() > 20
     with pytest.raises(ValueError, match="predicts where to edit"):
-        editor.edit(Image.fromarray(sample["source"]), "remove the red circle", mask_box=[0, 0, 0.5, 0.5],
-                    method="region")  # fmt: skip
+        editor.edit(source, "remove the red circle", mask_box=[0, 0, 0.5, 0.5], method="region")
     # a region the user gives overrides the predicted one
-    out = np.asarray(editor.edit(Image.fromarray(sample["source"]), sample["instruction"], mask_box=[0, 0, 1, 0.5],
-                                 steps=2, progress=False))  # fmt: skip
+    out = np.asarray(editor.edit(source, sample["instruction"], mask_box=[0, 0, 1, 0.5], steps=2, progress=False))
     np.testing.assert_array_equal(out[16:], sample["source"][16:])
+    assert np.abs(out[:16].astype(int) - sample["source"][:16]).max() > 20
 
 
 def test_edit_cli_region_saves_the_mask_and_lends_it(region_checkpoint, tmp_path, capsys):
