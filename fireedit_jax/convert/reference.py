@@ -19,6 +19,7 @@ class IP2PSizes:
     unet_heads: int | tuple[int, ...] = 2
     layers_per_block: int = 1
     vae_channels: tuple[int, ...] = (32, 64)
+    vae_layers: int = 1
     text_width: int = 32
     text_layers: int = 2
     text_heads: int = 4
@@ -31,6 +32,15 @@ class IP2PSizes:
         return cls(
             unet_channels=(80, 160, 320, 320), unet_heads=8, layers_per_block=2, vae_channels=(32, 64, 128, 128),
             text_width=768, text_layers=2, text_heads=12, sample_size=32, norm_groups=16,
+        )  # fmt: skip
+
+    @classmethod
+    def sd15(cls) -> IP2PSizes:
+        """SD1.5's own sizes (UNet 320/640/1280/1280, VAE 128/256/512/512 with 2 layers, CLIP ViT-L/14
+        text at 12 layers; 64×64 latents, 512 px): full-size random models for timings."""
+        return cls(
+            unet_channels=(320, 640, 1280, 1280), unet_heads=8, layers_per_block=2, vae_channels=(128, 256, 512, 512),
+            vae_layers=2, text_width=768, text_layers=12, text_heads=12, sample_size=64, norm_groups=32,
         )  # fmt: skip
 
 
@@ -81,7 +91,7 @@ def ip2p_pipeline(sizes: IP2PSizes = IP2PSizes(), seed: int = 0, *, in_channels:
         up_block_types=("UpDecoderBlock2D",) * vae_levels,
         latent_channels=4,
         norm_num_groups=sizes.norm_groups,
-        layers_per_block=1,
+        layers_per_block=sizes.vae_layers,
     )
     tokenizer = clip_tokenizer()
     text_encoder = CLIPTextModel(
