@@ -5,6 +5,9 @@
 #   The arguments go unchanged to `fireedit-jax train` (see `fireedit-jax train --help`).
 #   Installs the repository into .venv first if .venv is missing (scripts/install.sh,
 #   then jax[$JAX_CUDA] at the installed jax version; JAX_CUDA [cuda12]).
+#   PYTHON=/path/to/python or VENV=/path/to/venv: that interpreter (or $VENV/bin/python) runs
+#   `-m fireedit_jax.cli train` with this checkout on PYTHONPATH, and nothing is installed (no
+#   network needed: e.g. a machine's own Python with its jax, as benchmarks/gpu.sh runs it).
 #   DRY_RUN=1 prints XLA_FLAGS and the command instead of running them.
 #   launch/gpu_slurm.sh runs this script once per node.
 #
@@ -19,14 +22,24 @@ esac
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 export XLA_FLAGS="--xla_gpu_enable_latency_hiding_scheduler=true${XLA_FLAGS:+ $XLA_FLAGS}"
-command=("$root/.venv/bin/fireedit-jax" train "$@")
+if [[ -n ${VENV:-} ]]; then
+  PYTHON=$VENV/bin/python
+fi
+if [[ -n ${PYTHON:-} ]]; then
+  export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
+  command=("$PYTHON" -m fireedit_jax.cli train "$@")
+else
+  command=("$root/.venv/bin/fireedit-jax" train "$@")
+fi
 
 if [[ -n ${DRY_RUN:-} ]]; then
   echo "XLA_FLAGS=$XLA_FLAGS"
   printf '%q ' "${command[@]}"; echo
   exit 0
 fi
-if [[ ! -x $root/.venv/bin/fireedit-jax ]]; then
+if [[ -n ${PYTHON:-} ]]; then
+  command -v "$PYTHON" >/dev/null || { echo "gpu_single.sh: no interpreter $PYTHON" >&2; exit 2; }
+elif [[ ! -x $root/.venv/bin/fireedit-jax ]]; then
   bash "$root/scripts/install.sh"
   # install.sh brings the CPU jaxlib; the CUDA plugin must match its version.
   jax_version=$("$root/.venv/bin/python" -c 'import jax; print(jax.__version__)')

@@ -96,6 +96,21 @@ def test_gpu_single_dry_run_passes_args_and_flags():
     assert out[1].strip() == rf"{ROOT}/.venv/bin/fireedit-jax train --config configs/tiny.py --config.name=a\ b"
 
 
+def test_gpu_single_with_an_interpreter_or_venv_installs_nothing(tmp_path):
+    # A fake interpreter records how it is called; with PYTHON (or VENV) set, the script must run it
+    # with this checkout on PYTHONPATH and never reach install.sh or pip (no network on a GPU machine).
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    fake = venv / "bin" / "python"
+    fake.write_text(f'#!/bin/sh\necho "$0 $* PYTHONPATH=$PYTHONPATH" > {tmp_path}/called\n')
+    fake.chmod(0o755)
+    for env in ({"PYTHON": str(fake)}, {"VENV": str(venv)}):
+        bash("launch/gpu_single.sh", "--config", "configs/tiny.py", env={**env, "PYTHONPATH": "/x"})
+        assert (tmp_path / "called").read_text().split() == [
+            str(fake), "-m", "fireedit_jax.cli", "train", "--config", "configs/tiny.py", f"PYTHONPATH={ROOT}:/x"]
+    assert bash("launch/gpu_single.sh", env={"PYTHON": str(tmp_path / "none")}, check=False).returncode == 2
+
+
 def test_gpu_xla_flags_known_to_installed_jaxlib():
     # XLA aborts on unknown XLA_FLAGS entries (also on CPU), so this catches renamed flags.
     flags = bash("launch/gpu_single.sh", env={"DRY_RUN": "1"}).stdout.splitlines()[0].split("=", 1)[1]
