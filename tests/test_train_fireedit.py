@@ -228,16 +228,25 @@ def test_vqa_samples_give_no_diffusion_gradient(stage, single_device_runs):
 
 def test_sharded_stage3_equals_single_device(initial_params, batches, single_device_runs):
     """Mesh data=2 × fsdp=2 × tensor=2: losses after each of the 3 steps equal the single-device
-    run's (rtol 1e-5, atol 1e-6); params too, to atol 1e-5 (measured: 1 of 9,216 UNet conv weights
-    1.25e-6 apart after 3 Adam steps, 1 of 18,432 LLaMA weights 6.7e-6 with the per-layer gathers:
-    the reduction order, which Adam's normalisation magnifies for near-zero gradients; learning
-    rate 1e-4, so a wrong update would be off by ~1e-4)."""
+    run's (rtol 1e-5, atol 1e-6); params too: all but a few elements of each leaf to 1e-5, and every
+    element within how far two runs of 3 Adam steps can drift apart (below)."""
     mesh = mesh_lib.make_mesh(dict(data=2, fsdp=2, tensor=2))
     sharded = run_stage(3, initial_params, batches, mesh)
     single = single_device_runs(3)
     for got, want in zip(sharded["metrics"], single["metrics"]):
         np.testing.assert_allclose([got["loss"], got["vlm"], got["diffusion"]],
                                    [want["loss"], want["vlm"], want["diffusion"]], rtol=1e-5, atol=1e-6)  # fmt: skip
+    # No tight elementwise tolerance holds on every machine: where an element's gradient is near zero, the
+    # summation order of the sharded reductions decides its sign and size, and Adam's m̂/√v̂ turns that into a
+    # step of up to the learning rate (measured after 3 steps: 1 of 9,216 UNet conv weights 1.25e-6 apart and 1
+    # of 18,432 LLaMA weights 6.7e-6 on one machine, 1.7e-5 on another of the same kind). What does hold:
+    # every element within twice the farthest 3 Adam steps move it (|m̂/√v̂| ≤ 1.004 for t ≤ 3 at β 0.9 / 0.999:
+    # 2 · 3 · 1.004 · lr, lr 1e-4), and all but a handful (≤ max(2, 0.1 %)) of each leaf's elements within
+    # 1e-5, a tenth of one step: a wrong update (a missing all-reduce, a wrong shard) moves most of a leaf by ~lr.
+    reach = 2 * len(sharded["history"]) * 1.004 * float(tiny_config(3).train.learning_rate)
     got, want = _flat(sharded["history"][-1]), _flat(single["history"][-1])
     for key, value in want.items():
-        np.testing.assert_allclose(got[key], value, rtol=1e-5, atol=1e-5, err_msg=key)
+        apart = np.abs(np.asarray(got[key], np.float64) - np.asarray(value, np.float64))
+        assert apart.max() <= reach, (key, float(apart.max()), reach)
+        off = int(np.sum(apart > 1e-5 + 1e-5 * np.abs(value)))
+        assert off <= max(2, value.size // 1000), (key, off, value.size, float(apart.max()))
