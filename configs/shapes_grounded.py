@@ -29,6 +29,10 @@ Variants (the argument after the colon):
   exact        the same, the generator trained under the exact masks (what a box does to it)
   alone        the region model alone (train.generator_weight 0: a head for a separate generator,
                `edit --mask-from`)
+  fireedit     FireEdit's own grounding instead of the region model: configs/shapes_mask.py's
+               fireedit (the VLM, regions, TATI, HVCA + the mask encoder), its VLM's final states
+               scoring the proposal boxes (the region tokens) and the cells (the image tokens:
+               4 × 4, 8 × 8 cells each), trained in the same step as FireEdit's losses
 """
 
 import dataclasses
@@ -44,7 +48,9 @@ SHAPES_MASK = os.path.join(os.path.dirname(os.path.abspath(__file__)), "shapes_m
 IMAGE_SIZE = 32
 WIDTH = 64  # the region model's towers and predictor
 PATCH = 4
-VARIANTS = ("region", "exact", "alone")
+VARIANTS = ("region", "exact", "alone", "fireedit")
+LLM_WIDTH = 64  # configs/shapes.py's: FireEdit's grounding reads the LLM's states
+FIREEDIT_SUBPIXEL = 8  # 4 × 4 image tokens (8 × 8 patches merged 2 × 2) → a 32 × 32 pixel grid
 
 
 def region_model() -> dict:
@@ -59,17 +65,28 @@ def region_model() -> dict:
                 predictor=dataclasses.asdict(predictor), threshold=0.5)  # fmt: skip
 
 
+def fireedit_grounding() -> dict:
+    return dataclasses.asdict(RegionPredictorConfig(
+        image_dim=LLM_WIDTH, text_dim=LLM_WIDTH, width=WIDTH, num_heads=4, mlp_hidden=2 * WIDTH, embed_dim=WIDTH,
+        num_layers=2, block_mlp=True, subpixel=FIREEDIT_SUBPIXEL, score_boxes=True, box_dim=LLM_WIDTH))  # fmt: skip
+
+
 def get_config(variant: str = "region"):
     if variant not in VARIANTS:
         raise ValueError(f"unknown configs/shapes_grounded.py variant {variant!r}; known: {', '.join(VARIANTS)}")
-    config = load_config(f"{SHAPES_MASK}:mask")
-    config.model.learnable_region = region_model()
-    config.data.region_length = 24  # the instruction's T5 tokens: <s> + at most 17 words + </s>
+    if variant == "fireedit":
+        config = load_config(f"{SHAPES_MASK}:fireedit")
+        config.model.grounding = fireedit_grounding()
+    else:
+        config = load_config(f"{SHAPES_MASK}:mask")
+        config.model.learnable_region = region_model()
+        config.data.region_length = 24  # the instruction's T5 tokens: <s> + at most 17 words + </s>
     train = config.train
     train.loss = "grounded"
     train.generator_mask = "exact" if variant == "exact" else "box"
     train.generator_mask_grow = 1
     train.generator_weight = 0.0 if variant == "alone" else 1.0
     train.region_weight = 1.0
-    train.trainable = ("^region/(clip_vision|t5|predictor)/",) if variant == "alone" else (*train.trainable, "^region/")
+    head = "^grounding/" if variant == "fireedit" else "^region/"
+    train.trainable = ("^region/(clip_vision|t5|predictor)/",) if variant == "alone" else (*train.trainable, head)
     return config
