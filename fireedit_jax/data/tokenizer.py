@@ -18,11 +18,7 @@ from __future__ import annotations
 import dataclasses
 import os
 
-NUM_IMG_TOKENS = 32
-PLACEHOLDERS = ("<image>", "<region>")
-DELIMITERS = ("<im_start>", "<im_end>")
-IMG_TOKENS = tuple(f"[IMG_{i}]" for i in range(1, NUM_IMG_TOKENS + 1))
-NEW_TOKENS = PLACEHOLDERS + DELIMITERS + IMG_TOKENS
+from fireedit_jax.vlm_tokens import NEW_TOKENS
 
 # A tokenizer directory needs one of these (tokenizer.model needs sentencepiece to load).
 _VOCAB_FILES = ("tokenizer.json", "tokenizer.model")

@@ -20,7 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fireedit_jax.data.tokenizer import NEW_TOKENS, NUM_IMG_TOKENS
+from fireedit_jax.vlm_tokens import NEW_TOKENS, NUM_IMG_TOKENS
 from fireedit_jax.models.dinov2 import DINOv2Config, DINOv2Model, patch_grid
 from fireedit_jax.models.llama import Llama, LlamaConfig
 from fireedit_jax.models.regions import RegionEncoder, RegionEncoderConfig
@@ -43,7 +43,7 @@ class VLMOutput:
 
 
 def token_id(llm: LlamaConfig, token: str) -> int:
-    """Ids of the new tokens follow the base vocabulary in `NEW_TOKENS` order (data/tokenizer.py)."""
+    """Ids of the new tokens follow the base vocabulary in `NEW_TOKENS` order (vlm_tokens.py)."""
     return llm.vocab_size + NEW_TOKENS.index(token)
 
 
