@@ -163,6 +163,9 @@ def _edit(args) -> int:
     batch = bool(args.images or args.jsonl)
     # One mask or box is one image's region: over a folder or a JSONL of other images (other sizes, other
     # scenes) it would mark the wrong place in all but one, so a batch takes a region per line instead.
+    if batch and args.mask == "auto":
+        raise ValueError("--mask auto (DiffEdit) is for one --image: batch edits take a region per --jsonl line, "
+                         "--mask-from CKPT or the checkpoint's own region head")  # fmt: skip
     if batch and (args.mask or args.mask_box):
         raise ValueError('--mask / --mask-box are one --image\'s region: a --jsonl line takes its own "mask" (a file) '
                          'or "mask_box", and --mask-from CKPT predicts the region of every image')  # fmt: skip

@@ -138,6 +138,7 @@ def test_batch_edits_take_their_region_from_another_checkpoint(grounded, grounde
         assert (out[region] != source[region]).any(), name
     capsys.readouterr()
     for extra, says in ((["--mask-box", "0.1,0.1,0.5,0.5"], "a --jsonl line takes its own"),
+                        (["--mask", "auto"], "(DiffEdit) is for one --image"),
                         (["--mask-from", str(grounded_checkpoint), "--whole-image"], "give one"),
                         (["--mask-crop", "8"], "for one single-turn edit of --image")):  # fmt: skip
         assert cli.main([*argv, *extra]) == 2
