@@ -192,16 +192,9 @@ class Editor:
             groups.setdefault((self.working_size(*img.size), regions[i] is None), []).append(i)
         for (size, whole), members in groups.items():
             pixels = np.stack([images.to_model_array(loaded[i], size) for i in members])
-            edit_masks = None
-            if not whole:  # dilation and feather are the image's pixels: scaled to the working size
-                scales = [size[0] / loaded[i].size[0] for i in members]
-                edit_masks = np.stack([images.working_mask(regions[i], size, round(mask_dilation * k), mask_feather * k)
-                                       for i, k in zip(members, scales)])  # fmt: skip
-                for i, m in zip(members, edit_masks):
-                    if images.thinner_than(m > 0, self.model.latent_factor):
-                        warnings.warn(f"the region of {instructions[i]!r} is thinner than one latent cell "
-                                      f"({self.model.latent_factor} px at the working size {size[0]} × {size[1]}): "
-                                      "it is edited as the whole cells it touches")  # fmt: skip
+            edit_masks = None if whole else self.working_masks(
+                [regions[i] for i in members], [loaded[i].size for i in members], [instructions[i] for i in members],
+                size, mask_dilation, mask_feather)  # fmt: skip
             edited = self.edit_arrays(
                 pixels, [instructions[i] for i in members], boxes=[box_list[i] for i in members], steps=steps,
                 image_guidance=image_guidance, text_guidance=text_guidance, seed=seed, scheduler=scheduler,
@@ -335,6 +328,22 @@ class Editor:
             predicted = self.region_mask_arrays(pixels, [text], [image_boxes])[0]
             out.append(images.resize_mask(predicted, image.size))
         return out
+
+    def working_masks(self, regions, sizes, instructions, size: tuple[int, int], dilation: int = 0,
+                      feather: float = 0.0) -> np.ndarray:
+        """float[B, H, W] at the working `size` from bool regions at their images' `sizes` (dilation and
+        feather are the image's pixels, scaled to the working size); a region thinner than one latent
+        cell gets a warning (it is edited as the whole cells it touches)."""
+        out = []
+        for region, (width, _), text in zip(regions, sizes, instructions):
+            scale = size[0] / width
+            mask = images.working_mask(region, size, round(dilation * scale), feather * scale)
+            if images.thinner_than(mask > 0, self.model.latent_factor):
+                warnings.warn(f"the region of {text!r} is thinner than one latent cell ({self.model.latent_factor} "
+                              f"px at the working size {size[0]} × {size[1]}): it is edited as the whole cells it "
+                              "touches")  # fmt: skip
+            out.append(mask)
+        return np.stack(out)
 
     def region_mask_arrays(self, pixels, instructions: Sequence[str], boxes=None) -> np.ndarray:
         """float[B, H, W, 3] in [-1, 1] → bool[B, H, W]: the region head's predicted regions (the

@@ -2,6 +2,7 @@
 pipeline (4- and 9-channel UNets), the mask encoder's path, the mask_edit loss, errors users get."""
 
 import dataclasses
+import json
 import warnings
 
 import jax
@@ -11,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from fireedit_jax import images
+from fireedit_jax import cli, images
 from fireedit_jax.convert import reference
 from fireedit_jax.convert.ip2p import convert_ip2p
 from fireedit_jax.data import shapes, transforms
@@ -255,8 +256,6 @@ def test_at_the_inputs_own_size_the_pixels_outside_the_mask_are_the_inputs(mask_
 def test_crop_editing_changes_nothing_outside_the_crop(mask_editor, mask_checkpoint, tmp_path):
     """A small region of a large image (1,000 × 700): the crop around it is edited at the working size and
     pasted back; outside the crop, and outside the region, the image is the input's."""
-    from fireedit_jax import cli
-
     image = Image.fromarray(np.random.default_rng(2).integers(0, 256, (700, 1000, 3), np.uint8))
     region = np.zeros((700, 1000), bool)
     region[300:340, 600:660] = True
@@ -276,7 +275,7 @@ def test_crop_editing_changes_nothing_outside_the_crop(mask_editor, mask_checkpo
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "out.png")), out)
 
 
-def test_a_mask_thinner_than_a_latent_cell_is_edited_with_a_warning(mask_editor):
+def test_a_mask_thinner_than_a_latent_cell_is_edited_with_a_warning(mask_editor, mask_checkpoint, tmp_path):
     image = Image.fromarray(np.random.default_rng(1).integers(0, 256, (200, 300, 3), np.uint8))
     line = np.zeros((200, 300), bool)
     line[100, 50:250] = True  # one pixel thick: thinner than a cell at the working size
@@ -284,6 +283,17 @@ def test_a_mask_thinner_than_a_latent_cell_is_edited_with_a_warning(mask_editor)
         out = np.asarray(mask_editor.edit(image, "make the red circle blue", mask=line, steps=2, progress=False))
     np.testing.assert_array_equal(out[~line], np.asarray(image)[~line])
     assert (out[line] != np.asarray(image)[line]).any()  # it did not vanish
+    # a batch edit's line with that mask: the same warning, the same rule
+    image.save(tmp_path / "image.png")
+    Image.fromarray(line.astype(np.uint8) * 255).save(tmp_path / "line.png")
+    (tmp_path / "edits.jsonl").write_text(json.dumps({"image": "image.png", "instruction": "make the red circle blue",
+                                                      "mask": "line.png", "output": "lined"}))  # fmt: skip
+    with pytest.warns(UserWarning, match="thinner than one latent cell"):
+        assert cli.main(["edit", "--checkpoint", str(mask_checkpoint), "--jsonl", str(tmp_path / "edits.jsonl"),
+                         "--steps", "2", "--out", str(tmp_path / "out")]) == 0  # fmt: skip
+    batch = np.asarray(Image.open(tmp_path / "out" / "lined.png"))
+    np.testing.assert_array_equal(batch[~line], np.asarray(image)[~line])
+    assert (batch[line] != np.asarray(image)[line]).any()
     block = np.zeros((200, 300), bool)
     block[50:150, 100:200] = True
     with warnings.catch_warnings():

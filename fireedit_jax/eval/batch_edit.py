@@ -164,11 +164,10 @@ class DeviceBatcher:
         if any(job.mask is not None for job in jobs):
             if any(job.mask is None for job in jobs):
                 raise ValueError("a batch mixes edits with and without a mask: give every job a mask, or none")
-            # dilation and feather are the image's pixels: scaled to the working size (as Editor.edit)
-            scales = [size[0] / job.image.size[0] for job in padded]
-            extra["masks"] = np.stack([images.working_mask(job.mask, size, round(self.mask_dilation * k),
-                                                           self.mask_feather * k)
-                                       for job, k in zip(padded, scales)])  # fmt: skip
+            masks = self.editor.working_masks([job.mask for job in jobs], [job.image.size for job in jobs],
+                                              [job.instruction for job in jobs], size, self.mask_dilation,
+                                              self.mask_feather)  # fmt: skip
+            extra["masks"] = np.concatenate([masks, np.repeat(masks[-1:], len(padded) - len(jobs), axis=0)])
         pixels = np.stack([images.to_model_array(images.to_rgb(job.image), size) for job in padded])
         pixels = jax.device_put(pixels, self._batch)
         ids = np.asarray([sample_id(job.key) for job in padded], np.uint32)
