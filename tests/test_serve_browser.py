@@ -4,8 +4,9 @@ The page runs in its own process, as a user starts it, on a demo-size FireEdit c
 (configs/shapes.py with random weights: what is tested is the page, not the edit's quality).
 Chromium is never skipped: without it the tests fail and say how to install it (.ci/run does).
 
-FIREEDIT_JAX_SCREENSHOT=docs/serve.png also writes the end-to-end test's screenshot there
-(the README's picture).
+FIREEDIT_JAX_SCREENSHOT=docs/serve.png also writes the end-to-end test's screenshot there, and
+FIREEDIT_JAX_SERVE_CHECKPOINT=outputs/demo/checkpoint serves a trained checkpoint instead, at the
+demo's 20 steps (the README's picture: a real edit, and the region its head found).
 """
 
 import io
@@ -29,7 +30,8 @@ from fireedit_jax.data import shapes
 from fireedit_jax.models.fireedit import EditModel
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STEPS = 4
+TRAINED = os.environ.get("FIREEDIT_JAX_SERVE_CHECKPOINT")  # the README's picture: a trained checkpoint
+STEPS = 20 if TRAINED else 4
 START_TIMEOUT = 300  # s: imports, checkpoint, compiling the edit loop on a busy 2-core CPU
 WINDOW = (1280, 1700)
 
@@ -66,7 +68,9 @@ def free_port() -> int:
 def server(tmp_path_factory):
     """`fireedit-jax serve` on a loopback port → its URL; stopped after the module's tests."""
     root = tmp_path_factory.mktemp("serve")
-    ckpt, port = random_demo_checkpoint(str(root)), free_port()
+    if TRAINED:  # linked in as `checkpoint`, as the random one is named
+        os.symlink(os.path.abspath(TRAINED), root / "checkpoint")
+    ckpt, port = (str(root / "checkpoint") if TRAINED else random_demo_checkpoint(str(root))), free_port()
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])),
                GRADIO_ANALYTICS_ENABLED="False", GRADIO_TEMP_DIR=str(root / "gradio"),
                JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir or "")  # fmt: skip
@@ -107,7 +111,7 @@ def browser(tmp_path_factory):
     binary, driver = shutil.which("chromium"), shutil.which("chromedriver")
     if not (binary and driver):
         pytest.fail("these tests need Debian's chromium and chromium-driver: apt-get install -y chromium "
-                    "chromium-driver (.ci/run installs them)")  # fmt: skip
+                    "chromium-driver (bash scripts/test.sh installs them as root)")  # fmt: skip
     options = webdriver.ChromeOptions()
     options.binary_location = binary
     profile = tmp_path_factory.mktemp("chromium")
@@ -251,11 +255,12 @@ def test_edit_end_to_end_in_the_browser(server, browser, tmp_path):
     wait_for(lambda: "Uploaded scene.png (32×32)" in status(browser), what="the upload")
 
     before = find(browser, "#input-image img")[0].get_attribute("src")
-    click_picture(browser, "#input-image img", 0.2, 0.6)
+    corners = np.asarray(sample["box"]) + [0.005, 0.005, -0.005, -0.005]  # the referred object's box
+    click_picture(browser, "#input-image img", *corners[:2])
     wait_for(lambda: find(browser, "#input-image img")[0].get_attribute("src") != before, what="the first corner")
-    click_picture(browser, "#input-image img", 0.5, 0.9)
+    click_picture(browser, "#input-image img", *corners[2:])
     boxes = wait_for(lambda: find(browser, "#boxes textarea")[0].get_attribute("value"), what="the box")
-    np.testing.assert_allclose([float(v) for v in boxes.split()], [0.2, 0.6, 0.5, 0.9], atol=0.01)
+    np.testing.assert_allclose([float(v) for v in boxes.split()], corners, atol=0.01)
 
     type_into(browser, "instruction", sample["instruction"])
     find(browser, "#edit")[0].click()
@@ -266,20 +271,22 @@ def test_edit_end_to_end_in_the_browser(server, browser, tmp_path):
     download = find(browser, "#result a[download]")[0].get_attribute("href")
     assert download.endswith(".png") and fetch_image(download).size == (32, 32)
     assert len(find(browser, "#history img")) == 2  # the input and turn 1
+    shot = tmp_path / "serve.png"  # the page after an edit (the README's picture)
+    browser.save_screenshot(str(shot))
+    assert Image.open(shot).width == WINDOW[0]
+    if os.environ.get("FIREEDIT_JAX_SCREENSHOT"):
+        shutil.copyfile(shot, os.environ["FIREEDIT_JAX_SCREENSHOT"])
 
     find(browser, "#edit-again")[0].click()
     wait_for(lambda: "The result is the new input" in status(browser), what="'Edit again'")
+    find(browser, "#clear-boxes")[0].click()  # the second turn without boxes
+    wait_for(lambda: not find(browser, "#boxes textarea")[0].get_attribute("value"), what="the boxes to clear")
     type_into(browser, "instruction", "remove the leftmost object")
     find(browser, "#edit")[0].click()
     wait_for(lambda: "Turn 2:" in status(browser), 120, what="the second turn")
     assert f"{STEPS}/{STEPS} denoising steps" in status(browser)
     assert len(find(browser, "#history img")) == 3
 
-    shot = tmp_path / "serve.png"
-    browser.save_screenshot(str(shot))
-    assert Image.open(shot).width == WINDOW[0]
-    if os.environ.get("FIREEDIT_JAX_SCREENSHOT"):
-        shutil.copyfile(shot, os.environ["FIREEDIT_JAX_SCREENSHOT"])
     assert requested_hosts(browser) == {server.split("/")[2]}  # the page is served whole, from loopback
 
 
