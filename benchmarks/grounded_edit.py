@@ -34,11 +34,9 @@ from fireedit_jax.pipeline import Editor
 
 
 def random_checkpoint(config_file: str, directory: str) -> str:
-    """`config_file`'s model with random weights saved as an inference checkpoint in `directory`: normal
-    draws of scale 0.02 in the parameter tree's shapes (`jax.eval_shape`), drawn by numpy: compiling the
-    model's own init costs XLA:CPU about as much as all the edit programs here together."""
-    import flax
-
+    """`config_file`'s model with random weights (`EditModel.draw_params`: compiling the model's own init
+    costs XLA:CPU about as much as all the edit programs here together), an inference checkpoint in
+    `directory`."""
     from fireedit_jax import checkpoint
     from fireedit_jax.models.fireedit import EditModel
     from fireedit_jax.train.inputs import make_tokenizer
@@ -46,9 +44,7 @@ def random_checkpoint(config_file: str, directory: str) -> str:
 
     config = load_config(config_file)
     model = EditModel.from_config(config.model)
-    rng = np.random.default_rng(0)
-    shapes = flax.linen.meta.unbox(jax.eval_shape(model.init, jax.random.key(0)))
-    params = jax.tree.map(lambda leaf: (0.02 * rng.standard_normal(leaf.shape)).astype(leaf.dtype), shapes)
+    params = model.draw_params()
     make_tokenizer(config.data.tokenizer).save_pretrained(os.path.join(directory, "tokenizer"))
     checkpoint.save(os.path.join(directory, "ckpt"), params, config, tokenizer_dir=os.path.join(directory, "tokenizer"))
     return os.path.join(directory, "ckpt")

@@ -4,7 +4,6 @@ weights) finds where to edit from the image and the instruction, and edits there
 
 import json
 
-import jax
 import numpy as np
 import pytest
 from PIL import Image
@@ -17,8 +16,7 @@ INSTRUCTION = "make the red circle blue"
 
 
 def _save(config_spec: str, directory, seed: int = 0):
-    import flax
-
+    """`config_spec`'s model with random weights (`EditModel.draw_params`) as an inference checkpoint."""
     from fireedit_jax import checkpoint
     from fireedit_jax.models.fireedit import EditModel
     from fireedit_jax.train.inputs import make_tokenizer
@@ -26,7 +24,7 @@ def _save(config_spec: str, directory, seed: int = 0):
 
     config = load_config(config_spec)
     model = EditModel.from_config(config.model)
-    params = jax.tree.map(np.asarray, flax.linen.meta.unbox(jax.jit(model.init)(jax.random.key(seed))))
+    params = model.draw_params(seed)
     make_tokenizer(config.data.tokenizer).save_pretrained(str(directory / "tokenizer"))
     checkpoint.save(str(directory / "ckpt"), params, config, tokenizer_dir=str(directory / "tokenizer"))
     return directory / "ckpt"

@@ -199,7 +199,8 @@ def test_inpainting_checkpoint_needs_a_mask(inpaint):
 
 @pytest.fixture(scope="module")
 def mask_checkpoint(tmp_path_factory):
-    """configs/shapes_mask.py's model at its init, saved as an inference checkpoint."""
+    """configs/shapes_mask.py's model with random weights (`EditModel.draw_params`), saved as an inference
+    checkpoint."""
     from fireedit_jax import checkpoint
     from fireedit_jax.models.fireedit import EditModel
     from fireedit_jax.train.inputs import make_tokenizer
@@ -207,8 +208,7 @@ def mask_checkpoint(tmp_path_factory):
 
     config = load_config("configs/shapes_mask.py")
     model = EditModel.from_config(config.model)
-    params = jax.tree.map(np.asarray, jax.jit(model.init)(jax.random.key(0)))
-    params = jax.tree.map(np.asarray, __import__("flax").linen.meta.unbox(params))
+    params = model.draw_params()
     directory = tmp_path_factory.mktemp("shapes_mask") / "ckpt"
     tokenizer_dir = directory.parent / "tokenizer"
     make_tokenizer(config.data.tokenizer).save_pretrained(str(tokenizer_dir))

@@ -19,7 +19,6 @@ import sys
 import time
 import urllib.request
 
-import flax
 import jax
 import numpy as np
 import pytest
@@ -37,24 +36,13 @@ WINDOW = (1280, 1700)
 
 
 def random_demo_checkpoint(directory) -> str:
-    """The demo's model (configs/shapes.py, full FireEdit) with small random weights and ShapeEdit's tokenizer, as
-    an inference checkpoint. Weights are drawn from the parameter shapes (no init to compile): norms' scales one,
-    biases zero, everything else N(0, 0.02²)."""
+    """The demo's model (configs/shapes.py, full FireEdit) with small random weights (`EditModel.draw_params`:
+    no init to compile) and ShapeEdit's tokenizer, as an inference checkpoint."""
     config = demo.demo_config(1, 8)
-    model = EditModel.from_config(config.model)
-    tree = flax.linen.meta.unbox(jax.eval_shape(model.init, jax.random.key(0)))
-    rng = np.random.default_rng(0)
-
-    def draw(path, leaf):
-        name = path[-1].key
-        if name in ("scale", "bias"):
-            return np.full(leaf.shape, 1.0 if name == "scale" else 0.0, leaf.dtype)
-        return (0.02 * rng.standard_normal(leaf.shape)).astype(leaf.dtype)
-
     tokenizer = os.path.join(directory, "tokenizer_files")
     shapes.build_tokenizer().save_pretrained(tokenizer)
     out = os.path.join(directory, "checkpoint")
-    checkpoint.save(out, jax.tree_util.tree_map_with_path(draw, tree), config, tokenizer)
+    checkpoint.save(out, EditModel.from_config(config.model).draw_params(), config, tokenizer)
     return out
 
 

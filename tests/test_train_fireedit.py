@@ -13,7 +13,6 @@ import io
 import os
 import re
 
-import flax
 import jax
 import numpy as np
 import pytest
@@ -125,20 +124,11 @@ def test_vlm_template_from_ids_equals_template_from_strings(tokenizers):
 
 @pytest.fixture(scope="module")
 def initial_params():
-    """Random host params of the stage-1 model's shapes (stages 2, 3 drop its "text_encoder"):
-    norm scales 1, every other leaf N(0, 0.02²). Made with numpy because compiling the jitted
-    `model.init` of every FireEdit network takes minutes on this CPU (sharded init is
-    tested in test_sharding.py); the steps tested here do not depend on the initialisers."""
-    model = EditModel.from_config(tiny_config(1).model)
-    shapes_ = flax.linen.meta.unbox(jax.eval_shape(model.init, jax.random.key(0)))
-    rng = np.random.default_rng(0)
-
-    def fill(keys, leaf):
-        if masks._path(keys).endswith("scale"):
-            return np.ones(leaf.shape, leaf.dtype)
-        return (0.02 * rng.standard_normal(leaf.shape)).astype(leaf.dtype)
-
-    return jax.tree_util.tree_map_with_path(fill, shapes_)
+    """Random host params of the stage-1 model's shapes (stages 2, 3 drop its "text_encoder"),
+    `EditModel.draw_params`: compiling the jitted `model.init` of every FireEdit network takes
+    minutes on this CPU (sharded init is tested in test_sharding.py); the steps tested here do
+    not depend on the initialisers."""
+    return EditModel.from_config(tiny_config(1).model).draw_params()
 
 
 @pytest.fixture(scope="module")
