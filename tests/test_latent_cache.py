@@ -35,7 +35,7 @@ def cached(tmp_path_factory):
     directory, the command's argv, what it printed)."""
     config = load_config("tiny")
     model = EditModel.from_config(config.model)
-    params = flax.linen.meta.unbox(jax.jit(model.init)(jax.random.key(1)))
+    params = model.draw_params(1)
     ckpt = tmp_path_factory.mktemp("ckpt")
     checkpoint.save(str(ckpt), params, config)
 

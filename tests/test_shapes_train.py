@@ -2,7 +2,6 @@
 
 import json
 
-import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -65,7 +64,7 @@ def _with_outputs(params, kernel_scale: float, bias) -> dict:
 def test_source_blend_keeps_the_source_where_its_mask_says_and_the_content_elsewhere():
     model = EditModel.from_config(demo_config(STEPS, 8, "clip_text").model)
     assert model.source_blend and model.unet.config.out_channels == 2 * 12
-    params = flax.linen.meta.unbox(jax.jit(model.init)(jax.random.key(0)))
+    params = model.draw_params()
     rng = np.random.default_rng(0)
     latents_in = jnp.asarray(rng.normal(size=(2, 16, 16, 24)), jnp.float32)  # noisy ‖ source latent
     cond = {"text": jnp.asarray(rng.normal(size=(2, model.context_length, model.context_dim)), jnp.float32)}
@@ -88,7 +87,7 @@ def test_coordinate_channels_give_the_unet_each_cells_position():
     config = demo_config(STEPS, 8, "clip_text").model
     config.source_blend, config.unet.out_channels = False, 12
     model = EditModel.from_config(config)
-    params = flax.linen.meta.unbox(jax.jit(model.init)(jax.random.key(0)))
+    params = model.draw_params()
     rng = np.random.default_rng(1)
     latents_in = jnp.asarray(rng.normal(size=(1, 16, 16, 24)), jnp.float32)
     text = jnp.asarray(rng.normal(size=(1, model.context_length, model.context_dim)), jnp.float32)
