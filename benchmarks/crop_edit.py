@@ -34,18 +34,14 @@ from fireedit_jax.pipeline import Editor
 
 
 def random_editor() -> Editor:
-    """configs/shapes_mask.py's model with random weights."""
-    import flax
-    import jax
-
+    """configs/shapes_mask.py's model with random weights (`EditModel.draw_params`)."""
     from fireedit_jax.models.fireedit import EditModel
     from fireedit_jax.train.inputs import make_tokenizer
     from fireedit_jax.train.run import load_config
 
     config = load_config("configs/shapes_mask.py")
     model = EditModel.from_config(config.model)
-    params = flax.linen.meta.unbox(jax.jit(model.init)(jax.random.key(0)))
-    return Editor(model, params, config, make_tokenizer(config.data.tokenizer))
+    return Editor(model, model.draw_params(), config, make_tokenizer(config.data.tokenizer))
 
 
 def scene(size: int, index: int, kinds: tuple[str, ...]) -> dict:

@@ -11,18 +11,28 @@ import argparse
 
 import numpy as np
 from PIL import Image
+
 from fireedit_jax.data import shapes
 from fireedit_jax.eval import shapes_metrics
 from fireedit_jax.pipeline import Editor
-parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-parser.add_argument("--checkpoint", default="outputs/demo/checkpoint")
-parser.add_argument("--samples", type=int, default=64)
-args = parser.parse_args()
-ed = Editor.from_pretrained(args.checkpoint)
-samples = [shapes.generate(shapes.ShapesConfig(size=32), "test", i) for i in range(args.samples)]
-imgs = [Image.fromarray(s["source"]) for s in samples]
-texts = [s["instruction"] for s in samples]
-for name, boxes in (("object boxes as proposals", [s["boxes"] for s in samples]), ("no proposals", [None] * len(samples))):
-    regions = np.stack(ed.find_regions(imgs, texts, boxes=boxes))
-    iou = shapes_metrics.bounding_box_iou(regions, samples)
-    print(f"{name}: box IoU {iou.mean():.3f}, region area {regions.mean():.3f}, empty {np.mean([not r.any() for r in regions]):.3f}")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", default="outputs/demo/checkpoint")
+    parser.add_argument("--samples", type=int, default=64)
+    args = parser.parse_args(argv)
+    editor = Editor.from_pretrained(args.checkpoint)
+    samples = [shapes.generate(shapes.ShapesConfig(size=32), "test", i) for i in range(args.samples)]
+    scenes = [Image.fromarray(s["source"]) for s in samples]
+    instructions = [s["instruction"] for s in samples]
+    for name, boxes in (("object boxes as proposals", [s["boxes"] for s in samples]),
+                        ("no proposals", [None] * len(samples))):  # fmt: skip
+        regions = np.stack(editor.find_regions(scenes, instructions, boxes=boxes))
+        iou = shapes_metrics.bounding_box_iou(regions, samples)
+        empty = np.mean([not region.any() for region in regions])
+        print(f"{name}: box IoU {iou.mean():.3f}, region area {regions.mean():.3f}, empty {empty:.3f}")
+
+
+if __name__ == "__main__":
+    main()
